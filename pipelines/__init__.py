@@ -1,0 +1,1 @@
+"""The streaming dataset build, its stages, transports, sink and exports."""

@@ -1,0 +1,1 @@
+"""The gRPC services and the engines and shared core they stand on."""

@@ -1,0 +1,1 @@
+"""Shared core of the services: domain types, model backends, settings."""

@@ -1,0 +1,152 @@
+"""Conversions between the engines' domain types and the protobuf contracts.
+
+The one place that knows both sides: the build's stages and the gRPC servicers
+both call these.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from unsafechain.services.core.reasoning import ReasoningSplit
+from unsafechain.services.core.types import (
+    JudgeIdentity,
+    JudgeTarget,
+    ModelRef,
+    SamplingParams,
+    Verdict,
+    VerdictLabel,
+)
+from unsafechain.v1 import case_pb2
+
+LABEL_TO_PB = {
+    VerdictLabel.SAFE: case_pb2.VERDICT_LABEL_SAFE,
+    VerdictLabel.UNSAFE: case_pb2.VERDICT_LABEL_UNSAFE,
+    VerdictLabel.ERROR: case_pb2.VERDICT_LABEL_ERROR,
+}
+LABEL_FROM_PB = {value: key for key, value in LABEL_TO_PB.items()}
+
+TARGET_TO_PB = {
+    JudgeTarget.FULL: case_pb2.JUDGE_TARGET_FULL,
+    JudgeTarget.REASONING: case_pb2.JUDGE_TARGET_REASONING,
+    JudgeTarget.ANSWER: case_pb2.JUDGE_TARGET_ANSWER,
+}
+TARGET_FROM_PB = {value: key for key, value in TARGET_TO_PB.items()}
+
+
+def timestamp(when: datetime) -> Timestamp:
+    """A protobuf timestamp for ``when``."""
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def model_ref_to_pb(ref: ModelRef | None) -> case_pb2.ModelRef:
+    """A model reference as protobuf."""
+    if ref is None:
+        return case_pb2.ModelRef()
+    return case_pb2.ModelRef(backend=ref.backend, model=ref.model, endpoint=ref.endpoint)
+
+
+def model_ref_from_pb(message: case_pb2.ModelRef) -> ModelRef | None:
+    """A model reference from protobuf; None when unset."""
+    if not message.backend and not message.model:
+        return None
+    return ModelRef(message.backend, message.model, message.endpoint)
+
+
+def identity_to_pb(identity: JudgeIdentity) -> case_pb2.JudgeIdentity:
+    """A judge identity as protobuf."""
+    return case_pb2.JudgeIdentity(
+        name=identity.name, kind=identity.kind, model=model_ref_to_pb(identity.model)
+    )
+
+
+def identity_from_pb(message: case_pb2.JudgeIdentity) -> JudgeIdentity:
+    """A judge identity from protobuf."""
+    return JudgeIdentity(message.name, message.kind, model_ref_from_pb(message.model))
+
+
+def verdict_to_pb(verdict: Verdict) -> case_pb2.Verdict:
+    """A verdict as protobuf."""
+    message = case_pb2.Verdict(
+        judge=identity_to_pb(verdict.judge),
+        target=TARGET_TO_PB[verdict.target],
+        label=LABEL_TO_PB[verdict.label],
+        categories=verdict.categories,
+        raw_output=verdict.raw_output,
+        error=verdict.error,
+    )
+    if verdict.score is not None:
+        message.score = verdict.score
+    return message
+
+
+def verdict_from_pb(message: case_pb2.Verdict) -> Verdict:
+    """A verdict from protobuf.
+
+    Raises:
+        ValueError: The label or target is unspecified.
+    """
+    if message.label not in LABEL_FROM_PB:
+        raise ValueError("verdict.label is unspecified")
+    if message.target not in TARGET_FROM_PB:
+        raise ValueError("verdict.target is unspecified")
+    return Verdict(
+        judge=identity_from_pb(message.judge),
+        target=TARGET_FROM_PB[message.target],
+        label=LABEL_FROM_PB[message.label],
+        categories=tuple(message.categories),
+        score=message.score if message.HasField("score") else None,
+        raw_output=message.raw_output,
+        error=message.error,
+    )
+
+
+def sampling_to_pb(params: SamplingParams) -> case_pb2.SamplingParams:
+    """Sampling settings as protobuf."""
+    message = case_pb2.SamplingParams(
+        num_samples=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_new_tokens=params.max_new_tokens,
+        top_logprobs=params.top_logprobs,
+        stop=params.stop,
+    )
+    if params.seed is not None:
+        message.seed = params.seed
+    return message
+
+
+def sampling_from_pb(message: case_pb2.SamplingParams) -> SamplingParams:
+    """Sampling settings from protobuf.
+
+    Raises:
+        ValueError: A setting is out of range; the message names it.
+    """
+    return SamplingParams(
+        n=message.num_samples,
+        temperature=message.temperature,
+        top_p=message.top_p,
+        max_new_tokens=message.max_new_tokens,
+        seed=message.seed if message.HasField("seed") else None,
+        top_logprobs=message.top_logprobs,
+        stop=tuple(message.stop),
+    )
+
+
+def completion_to_pb(
+    index: int, text: str, split: ReasoningSplit, finish_reason: str = ""
+) -> case_pb2.Completion:
+    """A completion, split at its think tags, as protobuf (verdicts not yet set)."""
+    return case_pb2.Completion(
+        index=index,
+        text=text,
+        reasoning=split.reasoning,
+        answer=split.answer,
+        has_think_open=split.has_open,
+        has_think_close=split.has_close,
+        finish_reason=finish_reason,
+    )

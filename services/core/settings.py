@@ -1,0 +1,122 @@
+"""Typed settings for model backends, and the one place that builds a backend from them."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from unsafechain.services.core.backends.base import ModelBackend
+from unsafechain.services.core.backends.retry import RetryPolicy
+
+
+class StrictModel(BaseModel):
+    """A settings model that rejects unknown keys, so a typo names itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetrySettings(StrictModel):
+    """Retries with exponential backoff; a server's ``Retry-After`` wins."""
+
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    initial_backoff: Annotated[float, Field(ge=0)] = 0.5
+    max_backoff: Annotated[float, Field(ge=0)] = 30.0
+
+    def policy(self) -> RetryPolicy:
+        """The equivalent :class:`RetryPolicy`."""
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            initial_backoff=self.initial_backoff,
+            max_backoff=self.max_backoff,
+        )
+
+
+class BackendSettings(StrictModel):
+    """Where a model runs.
+
+    Attributes:
+        backend: ``transformers`` (local), ``openai`` (any OpenAI-compatible server)
+            or ``tgi`` (TGI's native API).
+        model: Hub name or local path (transformers), or the served model name.
+        base_url: Server address for ``openai`` and ``tgi``.
+        api_key_env: Name of the environment variable holding the API key. The key
+            itself never appears in a config file, a log line or an error.
+        timeout: Seconds per remote call.
+        max_concurrency: Remote calls in flight at once.
+        retry: Retry policy for remote calls.
+        device: Device for local models (``auto`` picks CUDA when present).
+        dtype: Weight dtype for local models.
+        max_batch_size: Sequences per forward pass for local models.
+        max_tokens_param: ``max_tokens`` or ``max_completion_tokens`` (OpenAI's
+            reasoning models want the latter).
+    """
+
+    backend: Literal["transformers", "openai", "tgi"]
+    model: Annotated[str, Field(min_length=1)]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout: Annotated[float, Field(gt=0)] = 120.0
+    max_concurrency: Annotated[int, Field(ge=1)] = 8
+    retry: RetrySettings = RetrySettings()
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: Annotated[int, Field(ge=1)] = 16
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> BackendSettings:
+        if self.backend == "tgi" and not self.base_url:
+            raise ValueError("base_url is required for the tgi backend")
+        return self
+
+    def api_key(self) -> SecretStr | None:
+        """The API key from the environment variable named by ``api_key_env``.
+
+        Raises:
+            ValueError: The variable is named but not set.
+        """
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
+        return SecretStr(value)
+
+
+def create_backend(settings: BackendSettings) -> ModelBackend:
+    """Build the backend ``settings`` describe."""
+    if settings.backend == "transformers":
+        from unsafechain.services.core.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_batch_size=settings.max_batch_size,
+        )
+    key = settings.api_key()
+    secret = key.get_secret_value() if key else None
+    if settings.backend == "openai":
+        from unsafechain.services.core.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(
+            settings.model,
+            base_url=settings.base_url,
+            api_key=secret,
+            timeout=settings.timeout,
+            max_concurrency=settings.max_concurrency,
+            retry=settings.retry.policy(),
+            max_tokens_param=settings.max_tokens_param,
+        )
+    from unsafechain.services.core.backends.tgi_backend import TGIBackend
+
+    return TGIBackend(
+        settings.model,
+        base_url=settings.base_url,
+        api_key=secret,
+        timeout=settings.timeout,
+        max_concurrency=settings.max_concurrency,
+        retry=settings.retry.policy(),
+    )

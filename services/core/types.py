@@ -1,0 +1,171 @@
+"""Domain types shared by the engines. Plain Python: no gRPC, no protobuf."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+class Role(enum.StrEnum):
+    """The speaker of a chat message."""
+
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn of a conversation."""
+
+    role: Role
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as the ``{"role", "content"}`` mapping chat templates and APIs take."""
+        return {"role": self.role.value, "content": self.content}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling settings for one request.
+
+    Attributes:
+        n: Number of completions to sample (K).
+        temperature: 0 selects greedy decoding.
+        top_p: Nucleus sampling mass.
+        max_new_tokens: Upper bound on generated tokens per completion.
+        seed: Seed for reproducible sampling, where the backend supports one.
+        top_logprobs: Alternatives to return per generated token; 0 returns no
+            log-probabilities at all.
+        stop: Strings that end generation.
+    """
+
+    n: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    seed: int | None = None
+    top_logprobs: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding is greedy (temperature 0)."""
+        return self.temperature == 0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A request to a model: a conversation to render with the model's chat template,
+    or a prompt already rendered to text. Exactly one of the two is set."""
+
+    params: SamplingParams = field(default_factory=SamplingParams)
+    messages: tuple[Message, ...] | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a GenerationRequest needs exactly one of messages or prompt")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token with its log-probability and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One generated completion."""
+
+    text: str
+    finish_reason: str | None = None
+    tokens: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """A model as reached by a backend; never carries credentials."""
+
+    backend: str
+    model: str
+    endpoint: str = ""
+
+
+class VerdictLabel(enum.StrEnum):
+    """A judge's label. ``ERROR`` means the judge gave no usable answer; it is never
+    read as safe."""
+
+    SAFE = "safe"
+    UNSAFE = "unsafe"
+    ERROR = "error"
+
+
+class JudgeTarget(enum.StrEnum):
+    """Which part of a completion is judged."""
+
+    FULL = "full"
+    REASONING = "reasoning"
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeIdentity:
+    """Who gave a verdict: the configured name, the judge kind and its model."""
+
+    name: str
+    kind: str
+    model: ModelRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One judge's verdict on one part of one completion.
+
+    Attributes:
+        judge: Who judged.
+        target: Which part was judged.
+        label: Safe, unsafe or error.
+        categories: Violated category codes, in the judge's order.
+        score: Probability of unsafe, when the backend gave log-probabilities.
+        raw_output: The judge's output exactly as generated.
+        error: Why the label is ``ERROR``; empty otherwise.
+    """
+
+    judge: JudgeIdentity
+    target: JudgeTarget
+    label: VerdictLabel
+    categories: tuple[str, ...] = ()
+    score: float | None = None
+    raw_output: str = ""
+    error: str = ""
+
+
+def combine_labels(verdicts: Sequence[Verdict]) -> VerdictLabel:
+    """The label of a completion over several verdicts: unsafe if any says so; else
+    error if any errored; else safe. No verdicts at all is an error."""
+    labels = {verdict.label for verdict in verdicts}
+    if VerdictLabel.UNSAFE in labels:
+        return VerdictLabel.UNSAFE
+    if VerdictLabel.ERROR in labels or not labels:
+        return VerdictLabel.ERROR
+    return VerdictLabel.SAFE

@@ -1,0 +1,1 @@
+"""The generation engine: K completions per prompt from the reasoning model."""

@@ -1,0 +1,1 @@
+"""The judge engine: safety verdicts on (prompt, completion) pairs."""
