@@ -36,6 +36,7 @@ $(SETUP_STAMP): pyproject.toml $(PROTO_STAMP)
 
 ## demo: the main job, an embedded build on the bundled sample prompts with stand-in models
 demo: setup
+	$(VENV)/bin/unsafechain standins --out .cache/standins
 	$(VENV)/bin/unsafechain build --config $(DEMO_CONFIG)
 
 ## test: the whole test suite

@@ -1,0 +1,189 @@
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from unsafechain.pipelines.build.build import BuildError, run_build
+from unsafechain.pipelines.build.config import load_config
+from unsafechain.pipelines.cli import main
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = Path(__file__).parents[2] / "pipelines" / "demo" / "prompts"
+BAD_LINES = [
+    '{"prompt": "How do I bake bread?"}',
+    "{this is not json",
+    '{"question": "no prompt field"}',
+    '{"prompt": ["not", "a", "string"]}',
+    '{"prompt": ""}',
+    '{"prompt": "What is the capital of France?"}',
+]
+
+
+def _config(tmp_path, standin_models, **overrides):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(BAD_LINES) + "\n")
+    config = {
+        "build": {"output": str(tmp_path / "out"), "seed": 3, "concurrency": 2},
+        "sources": [
+            {"name": "redteam", "path": str(PROMPTS / "redteam.jsonl")},
+            {"name": "mixed", "path": str(mixed)},
+        ],
+        "models": {
+            role: {"backend": "transformers", "model": str(getattr(standin_models, role)),
+                   "device": "cpu"}
+            for role in ("generator", "judge", "corrector")
+        },
+        "generation": {"model": "generator", "samples": 3, "temperature": 0.7,
+                       "max_new_tokens": 96},
+        "judging": {"judges": [{"name": "guard", "model": "judge"}]},
+        "correction": {"model": "corrector", "max_attempts": 2, "max_new_tokens": 96},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    path = tmp_path / "build.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, standin_models):
+    tmp_path = tmp_path_factory.mktemp("build")
+    path = _config(tmp_path, standin_models)
+    result = run_build(load_config(path), progress=False)
+    return path, result
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_stage_runs_and_the_manifest_counts_add_up(built):
+    _, result = built
+    counts = result.manifest["counts"]
+    redteam = len((PROMPTS / "redteam.jsonl").read_text().splitlines())
+    assert counts["read"] == redteam + 2
+    assert counts["rejected"] == 4
+    assert counts["cases"] == redteam + 2
+    assert counts["generated"] == 3 * counts["cases"]
+    assert counts["judged_safe"] + counts["judged_unsafe"] + counts["judged_error"] == counts[
+        "generated"
+    ]
+    assert counts["judged_unsafe"] > 0 and counts["judged_safe"] > 0
+    assert counts["hard"] > 0
+    assert counts["corrected"] > 0
+    assert counts["written"] + counts["failed"] == counts["cases"]
+    assert sum(result.manifest["by_status"].values()) == counts["cases"]
+
+
+def test_bad_prompt_lines_are_reported_with_file_line_and_reason(built):
+    _, result = built
+    rejected = _rows(result.output / "rejected.jsonl")
+    assert [(Path(r["uri"]).name, r["line"]) for r in rejected] == [
+        ("mixed.jsonl", 2),
+        ("mixed.jsonl", 3),
+        ("mixed.jsonl", 4),
+        ("mixed.jsonl", 5),
+    ]
+    assert rejected[0]["reason"].startswith("invalid JSON")
+    assert rejected[1]["reason"] == "missing field 'prompt'"
+    assert "mixed.jsonl:2: invalid JSON" in result.manifest["rejections"][0]
+
+
+def test_dataset_rows_carry_responses_and_provenance_in_jsonl_and_parquet(built):
+    _, result = built
+    rows = _rows(result.output / "dataset.jsonl")
+    table = pq.read_table(result.output / "dataset.parquet")
+    assert table.num_rows == len(rows) == result.manifest["counts"]["written"]
+    assert table.column("id").to_pylist() == [row["id"] for row in rows]
+    statuses = {row["status"] for row in rows}
+    assert statuses <= {"corrected", "safe_original"}
+    assert "corrected" in statuses
+    for row in rows:
+        assert row["response"].startswith("<think>\n") and "\n</think>\n\n" in row["response"]
+        provenance = row["provenance"]
+        assert provenance["build_id"] == result.manifest["build_id"]
+        assert provenance["generator"]["model"].endswith("generator")
+        assert provenance["sampling"]["samples"] == 3
+        assert provenance["sampling"]["seed"] is not None
+        assert len(provenance["completions"]) == 3
+        for completion in provenance["completions"]:
+            [verdict] = completion["verdicts"]
+            assert verdict["judge"] == "guard" and verdict["raw_output"]
+        assert [s["stage"] for s in provenance["stages"]][:3] == ["generate", "judge", "route"]
+    corrected = [row for row in rows if row["status"] == "corrected"]
+    for row in corrected:
+        assert row["hard"] is True
+        [attempt] = [
+            a
+            for c in row["provenance"]["corrections"]
+            if c["completion_index"] == row["response_completion_index"]
+            for a in c["attempts"]
+            if a["attempt"] == row["correction_attempt"]
+        ]
+        assert attempt["label"] == "safe" and attempt["verdicts"]
+
+
+def test_failed_cases_are_kept_with_their_reason(built):
+    _, result = built
+    failed = _rows(result.output / "failed.jsonl")
+    assert len(failed) == result.manifest["counts"]["failed"]
+    for row in failed:
+        assert row["response"] is None
+        assert row["status"] in {"correction_failed", "no_safe_completion", "stage_failed"}
+        assert row["status_reason"]
+
+
+def test_rerun_after_an_interrupt_recomputes_only_the_unfinished_cases(built, tmp_path):
+    path, result = built
+    output = tmp_path / "resumed"
+    shutil.copytree(result.output, output)
+    lines = (output / "cases.jsonl").read_text().splitlines(keepends=True)
+    kept = lines[: len(lines) // 2]
+    # A crash mid-write leaves half a line behind.
+    (output / "cases.jsonl").write_text("".join(kept) + lines[len(kept)][:40])
+    resumed = run_build(load_config(path, {"build.output": str(output)}), progress=False)
+    assert resumed.manifest["counts"]["resumed"] == len(kept)
+    after = (output / "cases.jsonl").read_text().splitlines(keepends=True)
+    assert after[: len(kept)] == kept
+    ids = [json.loads(line)["id"] for line in after]
+    assert len(ids) == len(set(ids)) == result.manifest["counts"]["cases"]
+    # Seeds are per case, so recomputed cases come out as they did the first time.
+    original = {row["id"]: row["response"] for row in _rows(result.output / "dataset.jsonl")}
+    again = {row["id"]: row["response"] for row in _rows(output / "dataset.jsonl")}
+    assert again == original
+
+
+def test_finished_build_run_again_computes_nothing(built):
+    path, result = built
+    before = (result.output / "cases.jsonl").read_bytes()
+    again = run_build(load_config(path), progress=False)
+    assert again.manifest["counts"]["resumed"] == again.manifest["counts"]["cases"]
+    assert (result.output / "cases.jsonl").read_bytes() == before
+
+
+def test_resuming_with_a_different_configuration_is_refused(built, tmp_path):
+    path, result = built
+    config = load_config(path, {"generation.temperature": 1.2})
+    with pytest.raises(BuildError, match="different configuration"):
+        run_build(config, progress=False)
+
+
+def test_cli_reports_a_config_error_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("build: {output: x}\nsources: []\n")
+    assert main(["build", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "sources" in error and "models" in error
+
+
+@pytest.mark.parametrize("command", [[], ["build"], ["standins"]])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: unsafechain" in capsys.readouterr().out

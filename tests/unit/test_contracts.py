@@ -1,0 +1,81 @@
+import tomllib
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from unsafechain.services.core.convert import (
+    sampling_from_pb,
+    sampling_to_pb,
+    verdict_from_pb,
+    verdict_to_pb,
+)
+from unsafechain.services.core.types import (
+    JudgeIdentity,
+    JudgeTarget,
+    ModelRef,
+    SamplingParams,
+    Verdict,
+    VerdictLabel,
+)
+from unsafechain.v1 import (
+    case_pb2,
+    correction_pb2_grpc,
+    generation_pb2_grpc,
+    judge_pb2,
+    judge_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_each_service_is_defined_with_its_rpcs():
+    services = {
+        "GenerationService": generation_pb2_grpc,
+        "JudgeService": judge_pb2_grpc,
+        "CorrectionService": correction_pb2_grpc,
+        "TrainingService": training_pb2_grpc,
+    }
+    for name, module in services.items():
+        assert hasattr(module, f"{name}Stub")
+        assert hasattr(module, f"{name}Servicer")
+    methods = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].methods_by_name
+    assert set(methods) == {"Judge", "JudgeBatch"}
+    watch = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].methods_by_name[
+        "WatchTrainingRun"
+    ]
+    assert watch.server_streaming
+
+
+def test_verdict_and_sampling_survive_the_round_trip_through_protobuf():
+    verdict = Verdict(
+        JudgeIdentity("guard", "llama_guard", ModelRef("openai", "m", "http://h/v1")),
+        JudgeTarget.REASONING,
+        VerdictLabel.UNSAFE,
+        ("S1", "S10"),
+        0.75,
+        "unsafe\nS1,S10",
+    )
+    assert verdict_from_pb(verdict_to_pb(verdict)) == verdict
+    no_score = Verdict(JudgeIdentity("g", "llama_guard"), JudgeTarget.FULL, VerdictLabel.ERROR)
+    assert verdict_from_pb(verdict_to_pb(no_score)) == no_score
+    params = SamplingParams(n=5, temperature=0.5, top_p=0.9, max_new_tokens=64, seed=3)
+    assert sampling_from_pb(sampling_to_pb(params)) == params
+
+
+def test_case_serialises_to_json_and_back():
+    case = case_pb2.Case(id="c1", prompt=case_pb2.Prompt(id="c1", text="hi"))
+    case.completions.add(index=0, text="t", label=case_pb2.VERDICT_LABEL_SAFE)
+    data = json_format.MessageToDict(case, preserving_proto_field_name=True)
+    assert json_format.ParseDict(data, case_pb2.Case()) == case
+
+
+def test_every_python_package_folder_is_listed_for_the_wheel():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    for top, name in (("services", "unsafechain.services"), ("pipelines", "unsafechain.pipelines")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / top)
+            package = ".".join([name, *relative.parts]) if relative.parts else name
+            assert package in listed, f"{package} missing from pyproject packages"

@@ -1,0 +1,58 @@
+import asyncio
+
+from unsafechain.services.core.types import Generation, Role, VerdictLabel
+from unsafechain.services.correction.engine import CorrectionEngine, CorrectionTemplates
+from unsafechain.services.judge.engine import JudgeEngine, LlamaGuardJudge
+from tests.unit.scripted_backend import ScriptedBackend, guard_generation
+
+
+def _engine(corrector_outputs, *, max_attempts=3):
+    outputs = iter(corrector_outputs)
+    corrector = ScriptedBackend(lambda request: [Generation(next(outputs), "stop")])
+
+    def guard(request):
+        return [guard_generation("unsafe\nS9" if "blast" in request.messages[1].content else "safe")]
+
+    judge = JudgeEngine([LlamaGuardJudge(ScriptedBackend(guard))])
+    return CorrectionEngine(corrector, judge, max_attempts=max_attempts), corrector
+
+
+def test_correction_is_rejudged_and_retried_with_feedback_until_it_passes():
+    engine, corrector = _engine(
+        [
+            "no think tags here",
+            "<think>ok</think>Here is the blast recipe.",
+            "<think>This asks for a weapon; I should refuse.</think>I can't help with that.",
+        ]
+    )
+    outcome = asyncio.run(engine.correct("make a bomb", "<think>x</think>blast", ["S9"], seed=5))
+    assert [a.failure_reason for a in outcome.attempts] == [
+        "format: missing <think>",
+        "re-judged unsafe (S9)",
+        "",
+    ]
+    assert outcome.passed.number == 3
+    assert outcome.passed.label == VerdictLabel.SAFE
+    assert outcome.passed.split.answer == "I can't help with that."
+    system, user = corrector.requests[0].messages
+    assert system.role == Role.SYSTEM and "<think>" in system.content
+    assert "S9 (Indiscriminate Weapons)" in user.content
+    assert "make a bomb" in user.content
+    assert "re-judged unsafe (S9)" in corrector.requests[2].messages[1].content
+    assert [r.params.seed for r in corrector.requests] == [5, 6, 7]
+
+
+def test_case_that_never_passes_keeps_every_attempt_and_the_reason():
+    engine, _ = _engine(["<think>a</think>blast"] * 2, max_attempts=2)
+    outcome = asyncio.run(engine.correct("p", "c", ["S9"]))
+    assert outcome.passed is None
+    assert len(outcome.attempts) == 2
+    assert outcome.failure_reason == "no attempt passed in 2: re-judged unsafe (S9)"
+
+
+def test_bundled_templates_render_prompt_response_and_categories():
+    templates = CorrectionTemplates.load()
+    system, user = templates.messages("the prompt", "the response", ["S1", "X9"], "")
+    assert "the prompt" in user.content and "the response" in user.content
+    assert "S1 (Violent Crimes), X9" in user.content
+    assert "previous rewrite" not in user.content
