@@ -22,6 +22,7 @@ never real instructions. :func:`harm_categories` is the ground truth the judge i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -37,9 +38,19 @@ from pathlib import Path
 
 import jinja2
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from tqdm.auto import tqdm
 from transformers import (
+    AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -260,6 +271,18 @@ _BENIGN_POINTS = (
     "ask an expert if you are unsure",
     "keep notes as you go",
 )
+# Harmless steps in the harmful completions' phrasing, so that the judge learns the
+# lexicon rather than the phrasing.
+_HARMLESS_STEPS = (
+    "preheat the oven",
+    "mix the flour and water",
+    "write down each number",
+    "stretch for five minutes",
+    "water the plants",
+    "call a friend",
+    "read the manual first",
+    "save the file",
+)
 _MATH_PATTERN = re.compile(r"\d|how many|how much")
 _CODE_PATTERN = re.compile(r"python|function|code|program")
 
@@ -304,7 +327,8 @@ class _World:
             "How many apples does she have now?",
             f"A train travels {rng.randint(20, 90)} miles each hour for {rng.randint(2, 9)} "
             "hours. How far does it go?",
-            "Write a Python function that " + self.pick(
+            "Write a Python function that "
+            + self.pick(
                 ("reverses a list.", "counts the vowels in a string.", "sums a list of numbers.")
             ),
             "What is the capital of " + self.pick(("France?", "Japan?", "Canada?", "Kenya?")),
@@ -327,11 +351,16 @@ class _World:
             return self.harmful_completion(profile.category)
         return self.refusal_completion(profile.category)
 
-    def harmful_completion(self, code: str) -> str:
+    def harmful_completion(self, code: str, steps: Sequence[str] | None = None) -> str:
+        """A completion that gives ``steps``, by default three of the topic's harmful ones."""
         topic = _TOPIC_BY_CODE[code]
-        first, second, third = self.rng.sample(topic.steps, 3)
+        first, second, third = self.rng.sample(steps or topic.steps, 3)
         plan = self.pick(
-            ("I will give the steps directly.", "I can lay out the steps.", "Let me list what to do.")
+            (
+                "I will give the steps directly.",
+                "I can lay out the steps.",
+                "Let me list what to do.",
+            )
         )
         reasoning = (
             f"{self.pick(_OPENERS)} the user wants help with {topic.subject}. {plan} "
@@ -343,7 +372,7 @@ class _World:
             return f"{reasoning}\n</think>\n\n{self.refusal_answer()}"
         answer = self.pick(
             (
-                f"Here is how to do it. Step one, {first}. Step two, {second}. Step three, {third}.",
+                f"Here is how. Step one, {first}. Step two, {second}. Step three, {third}.",
                 f"Sure. First, {first}. Next, {second}. Finally, {third}.",
             )
         )
@@ -518,7 +547,7 @@ LLAMA_GUARD_CHAT_TEMPLATE = _llama_guard_chat_template()
 
 # --- tokenizer -----------------------------------------------------------------------
 
-_VOCAB_SIZE = 1024
+_VOCAB_SIZE = 1536
 # The pre-tokenizer Qwen2Tokenizer rebuilds for Qwen2 checkpoints whatever tokenizer.json
 # says; training the BPE with it keeps the three tokenizers identical after loading.
 _PRETOKENIZE_REGEX = (
@@ -549,14 +578,17 @@ def _train_bpe(texts: Sequence[str]) -> Tokenizer:
 
 def _tokenizer_corpus(world: _World) -> list[str]:
     """Text covering everything the models read and write, special tokens left out."""
-    guard_text = re.sub(r"<\|[a-z_]+\|>|\{[^}]*\}", " ", LLAMA_GUARD_CHAT_TEMPLATE)
+    sample = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    guard_prompt = (
+        jinja2.Environment().from_string(LLAMA_GUARD_CHAT_TEMPLATE).render(messages=sample)
+    )
     templates = [
-        guard_text.replace("\\n", "\n"),
+        re.sub(r"<\|[a-z_]+\|>", " ", guard_prompt),
         _correction_template("system.md"),
         _correction_template("user.md.j2"),
         *(f"{c.code} ({c.prompt_name}) {c.name}" for c in LLAMA_GUARD_3_CATEGORIES),
     ]
-    texts = [*templates * 20, *world.red_team * 10, *world.benign * 10]
+    texts = [*templates * 100, *world.red_team * 10, *world.benign * 10]
     for _ in range(1500):
         prompt = world.prompt()
         texts += [prompt, world.completion(prompt)]
@@ -612,3 +644,416 @@ def _model_tokenizer(bpe: Tokenizer, spec: _TokenizerSpec) -> PreTrainedTokenize
         extra_special_tokens=list(spec.extra_special),
         chat_template=spec.chat_template,
     )
+
+
+# --- training data -------------------------------------------------------------------
+
+
+def _correction_template(name: str) -> str:
+    folder = resources.files("unsafechain.services.correction").joinpath("templates")
+    return folder.joinpath(name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeCase:
+    """A conversation to judge and the verdict the synthetic world assigns it."""
+
+    prompt: str
+    response: str
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """Categories of the harm-lexicon words in the response; empty when safe."""
+        return harm_categories(self.response)
+
+    @property
+    def expected_output(self) -> str:
+        """What Llama Guard 3 would answer: ``safe`` or ``unsafe`` and the codes."""
+        return f"unsafe\n{','.join(self.categories)}" if self.categories else "safe"
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as chat-template messages."""
+        return [
+            {"role": "user", "content": self.prompt},
+            {"role": "assistant", "content": self.response},
+        ]
+
+
+def sample_judge_cases(count: int, *, seed: int) -> list[JudgeCase]:
+    """Conversations from the judge's training distribution, for held-out evaluation.
+
+    The build trains on the stream of its own seed; pass another seed to get cases
+    the judge has not seen.
+    """
+    world = _World(random.Random(f"{seed}:judge"))
+    return [_judge_case(world) for _ in range(count)]
+
+
+def _judge_case(world: _World) -> JudgeCase:
+    rng = world.rng
+    prompt = world.prompt()
+    draw = rng.random()
+    if draw < 0.35:
+        response = world.completion(prompt)
+    elif draw < 0.5:
+        response = world.correction([profile_prompt(prompt).category or "S1"], feedback="")
+    elif draw < 0.7:
+        response = _insert_harm(world, world.completion(prompt))
+    elif draw < 0.85:
+        response = world.harmful_completion(world.pick(HARM_TOPICS).code, _HARMLESS_STEPS)
+    else:
+        response = _add_noise(world, world.completion(prompt))
+    shape = rng.random()
+    if shape < 0.15:
+        response = f"<think>\n{response}"
+    elif shape < 0.25:
+        response = response.split("</think>")[0].removeprefix("<think>")
+    elif shape < 0.35:
+        response = response.split("</think>")[-1]
+    if rng.random() < 0.1:
+        # Harm words in the user turn alone must not make the agent turn unsafe.
+        prompt = f"{prompt} Do I need to {world.pick(world.pick(HARM_TOPICS).steps)}?"
+    return JudgeCase(prompt, response)
+
+
+def _insert_harm(world: _World, text: str) -> str:
+    """``text`` with one or two harmful steps of one topic dropped in anywhere."""
+    words = text.split(" ")
+    topic = world.pick(HARM_TOPICS)
+    for step in world.rng.sample(topic.steps, world.rng.randint(1, 2)):
+        position = world.rng.randrange(len(words) + 1)
+        words[position:position] = [step + world.pick((".", ",", ""))]
+    return " ".join(words)
+
+
+def _add_noise(world: _World, text: str) -> str:
+    """Sampling noise: dropped or repeated words, or a truncated text."""
+    rng = world.rng
+    words = text.split(" ")
+    if rng.random() < 0.5:
+        words = words[: rng.randrange(3, len(words) + 1)]
+    else:
+        words = [w for w in words if rng.random() > 0.15] or words[:1]
+        position = rng.randrange(len(words))
+        words.insert(position, words[position])
+    return " ".join(words)
+
+
+_FEEDBACK = (
+    "the judge still found unsafe content ({codes})",
+    "the rewrite repeated harmful details from the original",
+    "the rewrite did not close the think section",
+)
+
+
+@functools.cache
+def _user_template(trim_blocks: bool, keep_trailing_newline: bool) -> jinja2.Template:
+    # The service's Jinja settings are its own business; train across the usual ones.
+    environment = jinja2.Environment(
+        trim_blocks=trim_blocks, keep_trailing_newline=keep_trailing_newline
+    )
+    return environment.from_string(_correction_template("user.md.j2"))
+
+
+def _correction_request(world: _World) -> tuple[list[dict[str, str]], list[str], str]:
+    """A request as the correction service sends it: messages, violated codes, feedback."""
+    rng = world.rng
+    prompt = world.red_team_prompt()
+    code = profile_prompt(prompt).category or world.pick(HARM_TOPICS).code
+    response = world.harmful_completion(code)
+    if rng.random() < 0.5:
+        response = f"<think>\n{response}"
+    codes = [code]
+    if rng.random() < 0.2:
+        codes = rng.sample(sorted(CATEGORY_BY_CODE), rng.randint(1, 2))
+    elif rng.random() < 0.05:
+        codes = []
+    labels = [
+        f"{c} ({rng.choice((CATEGORY_BY_CODE[c].prompt_name, CATEGORY_BY_CODE[c].name))})"
+        for c in codes
+    ]
+    feedback = ""
+    if rng.random() < 0.25:
+        feedback = world.pick(_FEEDBACK).format(codes=", ".join(codes) or "S1")
+    template = _user_template(rng.random() < 0.5, rng.random() < 0.5)
+    user = template.render(prompt=prompt, response=response, categories=labels, feedback=feedback)
+    system = _correction_template("system.md")
+    if rng.random() < 0.5:
+        system = system.strip()
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return messages, codes, feedback
+
+
+def _generator_example(world: _World) -> tuple[list[dict[str, str]], str]:
+    prompt = world.prompt()
+    return [{"role": "user", "content": prompt}], world.completion(prompt)
+
+
+def _judge_example(world: _World) -> tuple[list[dict[str, str]], str]:
+    case = _judge_case(world)
+    return case.messages(), case.expected_output
+
+
+def _corrector_example(world: _World) -> tuple[list[dict[str, str]], str]:
+    messages, codes, feedback = _correction_request(world)
+    return messages, world.correction(codes, feedback)
+
+
+# --- models and fine-tuning ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Recipe:
+    """What one stand-in is and how it is fine-tuned."""
+
+    name: str
+    config_class: type[Qwen2Config] | type[LlamaConfig]
+    model_class: type[Qwen2ForCausalLM] | type[LlamaForCausalLM]
+    tokens: _TokenizerSpec
+    example: Callable[[_World], tuple[list[dict[str, str]], str]]
+    examples: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 128
+
+
+_RECIPES = (
+    _Recipe(
+        "generator",
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        _GENERATOR_TOKENS,
+        _generator_example,
+        examples=3000,
+        steps=300,
+        batch_size=32,
+        learning_rate=5e-3,
+    ),
+    _Recipe(
+        "judge",
+        LlamaConfig,
+        LlamaForCausalLM,
+        _JUDGE_TOKENS,
+        _judge_example,
+        examples=3000,
+        steps=300,
+        batch_size=32,
+        learning_rate=5e-3,
+    ),
+    _Recipe(
+        "corrector",
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        _CORRECTOR_TOKENS,
+        _corrector_example,
+        examples=2000,
+        steps=300,
+        batch_size=32,
+        learning_rate=5e-3,
+    ),
+)
+
+_Example = tuple[list[int], list[int]]
+"""Token ids of a rendered prompt and of the target completion that follows it."""
+
+
+def _build_one(recipe: _Recipe, bpe: Tokenizer, directory: Path, seed: int) -> None:
+    tokenizer = _model_tokenizer(bpe, recipe.tokens)
+    config = recipe.config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    # Train on the tokenizer every consumer gets: AutoTokenizer rebuilds Qwen2 tokenizers
+    # in their own class, and any drift from the saved one must surface here.
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if len(tokenizer) != config.vocab_size:
+        raise RuntimeError(f"{recipe.name}: reloaded tokenizer has {len(tokenizer)} tokens")
+
+    world = _World(random.Random(f"{seed}:{recipe.name}"))
+    rendered: dict[str, str] = {}
+    prompts, targets = [], []
+    for _ in range(recipe.examples):
+        messages, target = recipe.example(world)
+        key = json.dumps(messages)
+        if key not in rendered:
+            rendered[key] = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        prompts.append(rendered[key])
+        targets.append(target + tokenizer.eos_token)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+
+    torch.manual_seed(seed)
+    model = recipe.model_class(config)
+    started = time.perf_counter()
+    loss = _fine_tune(model, list(zip(prompt_ids, target_ids, strict=True)), recipe, seed=seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(directory)
+    logger.info(
+        "stand-in %s: %d parameters, final loss %.3f, trained in %.1fs",
+        recipe.name,
+        model.num_parameters(),
+        loss,
+        time.perf_counter() - started,
+    )
+
+
+def _fine_tune(
+    model: PreTrainedModel, examples: list[_Example], recipe: _Recipe, *, seed: int
+) -> float:
+    """Fine-tune on the target tokens only; returns the last batch's loss."""
+    shared = _shared_prefix([prompt for prompt, _ in examples])
+    examples = [(prompt[len(shared) :], target) for prompt, target in examples]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.learning_rate, betas=(0.9, 0.98), weight_decay=0.01
+    )
+    warmup = max(1, recipe.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * (1 - step / recipe.steps)
+    )
+    model.train()
+    progress = tqdm(range(recipe.steps), desc=f"stand-in {recipe.name}", unit="step", leave=False)
+    for _ in progress:
+        picks = torch.randint(len(examples), (recipe.batch_size,), generator=generator).tolist()
+        input_ids, labels = _collate([examples[i] for i in picks], model.config.pad_token_id)
+        hidden = _hidden_states(model, shared, input_ids)
+        # The head only runs where there is a target: most positions are prompt.
+        predicted = labels != -100
+        loss = torch.nn.functional.cross_entropy(
+            model.lm_head(hidden[predicted]), labels[predicted]
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    return loss.item()
+
+
+def _shared_prefix(prompts: Sequence[list[int]]) -> list[int]:
+    """The token prefix every prompt starts with, leaving each at least one token."""
+    length = min(len(prompt) for prompt in prompts) - 1
+    for prompt in prompts:
+        length = next(
+            (
+                i
+                for i, (a, b) in enumerate(zip(prompt[:length], prompts[0], strict=False))
+                if a != b
+            ),
+            length,
+        )
+    return prompts[0][:length]
+
+
+def _hidden_states(
+    model: PreTrainedModel, shared: list[int], input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Last hidden states of ``shared + row`` for each row, for the row's positions.
+
+    Right padding needs no attention mask under causal attention. The shared prefix
+    (the judge's policy text, the corrector's system prompt) runs once and its cache
+    is repeated over the batch, which more than halves the work of a step.
+    """
+    if not shared:
+        return model.model(input_ids=input_ids).last_hidden_state
+    cache = model.model(input_ids=torch.tensor([shared]), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    return model.model(input_ids=input_ids, past_key_values=cache).last_hidden_state
+
+
+def _collate(batch: Sequence[_Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(prompt) + len(target) for prompt, target in batch)
+    input_ids = torch.full((len(batch), length), pad_id)
+    labels = torch.full((len(batch), length), -100)
+    for row, (prompt, target) in enumerate(batch):
+        sequence = prompt + target
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        labels[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(target)
+    return input_ids, labels
+
+
+# --- the build -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StandinModels:
+    """Directories of the three stand-ins, each loadable with ``from_pretrained``."""
+
+    generator: Path
+    judge: Path
+    corrector: Path
+
+
+def build_standin_models(out_dir: Path, *, seed: int = 0) -> StandinModels:
+    """Build the generator, judge and corrector stand-ins into ``out_dir``.
+
+    Deterministic for a seed. A build already in ``out_dir`` made by the same code,
+    templates, prompts, library versions and seed is reused without retraining.
+
+    Args:
+        out_dir: Folder to hold ``generator/``, ``judge/`` and ``corrector/``.
+        seed: Seeds the synthetic data, the initial weights and the batch order.
+
+    Returns:
+        The three model directories.
+    """
+    out_dir = Path(out_dir)
+    built = StandinModels(*(out_dir / recipe.name for recipe in _RECIPES))
+    marker = out_dir / _FINGERPRINT_FILE
+    fingerprint = _fingerprint(seed)
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        logger.info("reusing stand-in models in %s", out_dir)
+        return built
+    marker.unlink(missing_ok=True)
+    started = time.perf_counter()
+    logger.info("building stand-in models in %s (seed %d)", out_dir, seed)
+    bpe = _train_bpe(_tokenizer_corpus(_World(random.Random(f"{seed}:tokenizer"))))
+    # Keep the caller's global RNG state: model initialisation draws from it.
+    with torch.random.fork_rng(devices=[]):
+        for recipe in _RECIPES:
+            shutil.rmtree(out_dir / recipe.name, ignore_errors=True)
+            _build_one(recipe, bpe, out_dir / recipe.name, seed)
+    seconds = time.perf_counter() - started
+    marker.write_text(json.dumps({"fingerprint": fingerprint, "seed": seed, "seconds": seconds}))
+    logger.info("built stand-in models in %.1fs", seconds)
+    return built
+
+
+def _fingerprint(seed: int) -> str:
+    """Identifies everything a build depends on."""
+    digest = hashlib.sha256()
+    digest.update(Path(__file__).read_bytes())
+    for path in sorted(PROMPTS_DIR.glob("*.jsonl")):
+        digest.update(path.read_bytes())
+    for name in ("system.md", "user.md.j2"):
+        digest.update(_correction_template(name).encode())
+    for package in ("torch", "transformers", "tokenizers"):
+        digest.update(importlib.metadata.version(package).encode())
+    digest.update(LLAMA_GUARD_CHAT_TEMPLATE.encode())
+    digest.update(f"seed={seed}".encode())
+    return digest.hexdigest()
