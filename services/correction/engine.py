@@ -14,7 +14,12 @@ from pathlib import Path
 import jinja2
 
 from unsafechain.services.core.backends.base import BackendError, ModelBackend
-from unsafechain.services.core.reasoning import ReasoningSplit, split_reasoning
+from unsafechain.services.core.reasoning import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    ReasoningSplit,
+    split_reasoning,
+)
 from unsafechain.services.core.types import (
     GenerationRequest,
     Message,
@@ -220,6 +225,8 @@ def _format_problem(split: ReasoningSplit) -> str:
     if not split.has_open or not split.has_close:
         missing = "<think>" if not split.has_open else "</think>"
         return f"format: missing {missing}"
+    if THINK_OPEN in split.reasoning or THINK_CLOSE in split.answer:
+        return "format: think tags repeated"
     if not split.reasoning:
         return "format: empty reasoning"
     if not split.answer:

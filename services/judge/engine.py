@@ -200,9 +200,17 @@ class JudgeEngine:
         """Who judges, in order."""
         return tuple(judge.identity for judge in self._judges)
 
-    def items(self, prompt: str, completion: str) -> list[JudgeItem]:
-        """The parts of ``completion`` to judge. Empty reasoning or answer parts are
-        not judged; when nothing is left, the full text is."""
+    @property
+    def targets(self) -> tuple[JudgeTarget, ...]:
+        """The parts judged when a call names none."""
+        return self._targets
+
+    def items(
+        self, prompt: str, completion: str, targets: Sequence[JudgeTarget] | None = None
+    ) -> list[JudgeItem]:
+        """The parts of ``completion`` to judge: ``targets``, or the configured ones when
+        None. Empty reasoning or answer parts are not judged; when nothing is left, the
+        full text is."""
         split = split_reasoning(completion)
         parts = {
             JudgeTarget.FULL: completion,
@@ -211,20 +219,35 @@ class JudgeEngine:
         }
         items = [
             JudgeItem(prompt, parts[target], target)
-            for target in self._targets
+            for target in (dict.fromkeys(targets) if targets else self._targets)
             if target == JudgeTarget.FULL or parts[target]
         ]
         return items or [JudgeItem(prompt, completion, JudgeTarget.FULL)]
 
     async def judge_completions(
-        self, prompt: str, completions: Sequence[str]
+        self,
+        prompt: str,
+        completions: Sequence[str],
+        *,
+        targets: Sequence[JudgeTarget] | None = None,
     ) -> list[CompletionJudgment]:
         """Judge several completions of one prompt in one batch per judge."""
-        return await self.judge_pairs([(prompt, completion) for completion in completions])
+        pairs = [(prompt, completion) for completion in completions]
+        return await self.judge_pairs(pairs, targets=targets)
 
-    async def judge_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[CompletionJudgment]:
-        """Judge (prompt, completion) pairs, batching all their parts per judge."""
-        per_pair = [self.items(prompt, completion) for prompt, completion in pairs]
+    async def judge_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        targets: Sequence[JudgeTarget] | None = None,
+    ) -> list[CompletionJudgment]:
+        """Judge (prompt, completion) pairs, batching all their parts per judge.
+
+        Args:
+            pairs: (prompt, completion) pairs.
+            targets: Parts to judge for this call; None judges the configured ones.
+        """
+        per_pair = [self.items(prompt, completion, targets) for prompt, completion in pairs]
         flat = [item for items in per_pair for item in items]
         verdicts_by_judge = [await judge.judge(flat) for judge in self._judges]
         judgments, offset = [], 0

@@ -42,6 +42,12 @@ def test_correction_is_rejudged_and_retried_with_feedback_until_it_passes():
     assert [r.params.seed for r in corrector.requests] == [5, 6, 7]
 
 
+def test_correction_with_repeated_think_tags_is_rejected_as_malformed():
+    engine, _ = _engine(["<think>\n<think>\nrefuse\n</think>\n\nNo."], max_attempts=1)
+    outcome = asyncio.run(engine.correct("p", "c", ["S9"]))
+    assert outcome.attempts[0].failure_reason == "format: think tags repeated"
+
+
 def test_case_that_never_passes_keeps_every_attempt_and_the_reason():
     engine, _ = _engine(["<think>a</think>blast"] * 2, max_attempts=2)
     outcome = asyncio.run(engine.correct("p", "c", ["S9"]))

@@ -22,13 +22,18 @@ from unsafechain.services.core.types import (
 
 logger = logging.getLogger(__name__)
 
+# Held around every local generate call; see TransformersBackend.
+_SAMPLING_LOCK = threading.Lock()
+
 
 class TransformersBackend(ModelBackend):
     """A causal LM loaded in this process.
 
-    Calls run one at a time in a worker thread, so the event loop stays free and
-    the model is never entered concurrently. ``generate_many`` batches requests
-    with the same sampling settings into one padded forward pass.
+    Calls run in a worker thread, so the event loop stays free, and one at a time
+    across every local model of the process: sampling draws from torch's global
+    random generator, so a seeded call is reproducible only if no other model
+    samples in between. ``generate_many`` batches requests with the same sampling
+    settings into one padded forward pass.
 
     Args:
         model: Hub name or local path.
@@ -57,7 +62,6 @@ class TransformersBackend(ModelBackend):
         self._tokenizer.padding_side = "left"
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._lock = threading.Lock()
         logger.info("loaded %s on %s", model, self._device)
 
     @property
@@ -98,7 +102,7 @@ class TransformersBackend(ModelBackend):
         groups: dict[SamplingParams, list[int]] = {}
         for position, request in enumerate(requests):
             groups.setdefault(request.params, []).append(position)
-        with self._lock:
+        with _SAMPLING_LOCK:
             for params, positions in groups.items():
                 per_call = max(1, self._max_batch_size // params.n)
                 for start in range(0, len(positions), per_call):
