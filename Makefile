@@ -8,7 +8,7 @@ PROTO_STAMP := $(PROTO_OUT)/.stamp
 SETUP_STAMP := $(VENV)/.setup-stamp
 DEMO_CONFIG ?= pipelines/demo/demo.yaml
 
-.PHONY: setup proto demo test lint format clean
+.PHONY: setup proto demo test bench lint format clean
 
 ## setup: create the virtual environment, generate the protobuf code, install the package (idempotent)
 setup: $(SETUP_STAMP)
@@ -42,6 +42,10 @@ demo: setup
 ## test: the whole test suite
 test: setup
 	$(PY) -m pytest -q
+
+## bench: the judge service micro-batching against one-by-one judging, 32 concurrent clients
+bench: setup
+	$(PY) bench/judge_batching.py --clients 32 --requests 16
 
 ## lint: ruff lint and format check
 lint: setup

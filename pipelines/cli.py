@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
 from pathlib import Path
 
 from unsafechain.services.core.logs import configure_logging
+from unsafechain.services.core.service_settings import (
+    SERVICE_NAMES,
+    add_client_arguments,
+    add_serve_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,85 @@ def _standins(args: argparse.Namespace) -> int:
     models = build_standin_models(Path(args.out), seed=args.seed)
     for role in ("generator", "judge", "corrector"):
         print(f"{role}: {getattr(models, role)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from unsafechain.services.core.server import run_service
+    from unsafechain.services.core.service_settings import SettingsError, service_settings
+
+    try:
+        settings = service_settings(args.service, args)
+        return run_service(settings)
+    except (SettingsError, ValueError) as error:
+        # ValueError: a model setting the backend rejects, e.g. an unset API key variable.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _read_text(text: str | None, path: str | None, what: str) -> str:
+    if text is not None:
+        return text
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")  # type: ignore[arg-type]
+    except OSError as error:
+        raise ValueError(f"cannot read the {what} from {path}: {error.strerror}") from None
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from unsafechain.services.client import RemoteJudgeEngine
+    from unsafechain.services.core.backends.base import BackendError
+    from unsafechain.services.core.service_settings import SettingsError, client_settings
+    from unsafechain.services.core.types import JudgeTarget
+
+    try:
+        settings = client_settings(args)
+        prompt = _read_text(args.prompt, args.prompt_file, "prompt")
+        response = _read_text(args.response, args.response_file, "response")
+    except (SettingsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    targets = [JudgeTarget(target) for target in args.target or ()]
+
+    async def ask():
+        async with RemoteJudgeEngine(settings) as engine:
+            return await engine.judge(prompt, response, targets=targets)
+
+    try:
+        judgment = asyncio.run(ask())
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BackendError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    verdicts = [
+        {
+            "judge": verdict.judge.name,
+            "target": verdict.target.value,
+            "label": verdict.label.value,
+            "categories": list(verdict.categories),
+            "score": verdict.score,
+            "error": verdict.error,
+        }
+        for verdict in judgment.verdicts
+    ]
+    if args.json:
+        summary = {
+            "label": judgment.label.value,
+            "categories": list(judgment.categories),
+            "verdicts": verdicts,
+        }
+        print(json.dumps(summary, indent=2))
+        return 0
+    categories = f" ({', '.join(judgment.categories)})" if judgment.categories else ""
+    print(f"{judgment.label.value}{categories}")
+    for verdict in verdicts:
+        detail = ",".join(verdict["categories"]) or verdict["error"]
+        score = f" score={verdict['score']:.3f}" if verdict["score"] is not None else ""
+        print(f"  {verdict['judge']} [{verdict['target']}]: {verdict['label']}{score} {detail}")
     return 0
 
 
@@ -70,6 +155,41 @@ def build_parser() -> argparse.ArgumentParser:
     standins.add_argument("--out", required=True, help="folder for the three models")
     standins.add_argument("--seed", type=int, default=0, help="training seed")
     standins.set_defaults(handler=_standins)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run one stage's engine as a gRPC service",
+        description="Serve the generation, judge or correction engine over gRPC, with health "
+        "checking, reflection, optional TLS and bearer tokens, and Prometheus metrics. "
+        "Every flag can also be set as UNSAFECHAIN_<SETTING> in the environment "
+        "(nested: UNSAFECHAIN_MODEL__BASE_URL); SIGTERM drains and exits 0.",
+    )
+    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name in SERVICE_NAMES:
+        service = services.add_parser(name, help=f"serve the {name} engine")
+        add_serve_arguments(service, name)
+        service.set_defaults(handler=_serve)
+
+    judge = commands.add_parser(
+        "judge",
+        help="ask a judge service for a verdict on a response",
+        description="Send a prompt and a response to a judge service and print the verdict.",
+    )
+    add_client_arguments(judge)
+    prompt = judge.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", help="file holding the prompt ('-': stdin)")
+    response = judge.add_mutually_exclusive_group(required=True)
+    response.add_argument("--response", help="the response text, think section included")
+    response.add_argument("--response-file", help="file holding the response ('-': stdin)")
+    judge.add_argument(
+        "--target",
+        action="append",
+        choices=["full", "reasoning", "answer"],
+        help="part to judge (repeatable); default: the service's",
+    )
+    judge.add_argument("--json", action="store_true", help="print the judgment as JSON")
+    judge.set_defaults(handler=_judge)
     return parser
 
 

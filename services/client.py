@@ -140,16 +140,14 @@ class ServiceConnection:
     def __repr__(self) -> str:
         return f"ServiceConnection({self.service} at {self.settings.address})"
 
-    async def call(self, method: Any, request: Any, *, timeout: float | None = None) -> Any:
+    async def call(self, method: Any, request: Any) -> Any:
         """Call ``method`` (a stub's multi-callable) with the token and the deadline.
 
         Raises:
             BackendError: The call failed.
         """
         try:
-            return await method(
-                request, timeout=timeout or self.settings.timeout, metadata=self._metadata
-            )
+            return await method(request, timeout=self.settings.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise backend_error(error, f"{self.service} at {self.settings.address}") from None
 

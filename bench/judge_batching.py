@@ -1,0 +1,229 @@
+"""Benchmark: the judge service with micro-batching against judging one by one.
+
+Two judge services run in this process over the same local ``transformers`` guard
+model, each on a loopback port behind the full gRPC stack (interceptor, health,
+metrics): one with ``batch_max_size=1`` (every request its own model call) and one
+micro-batching. The same number of concurrent clients send the same requests to
+each through the client library; the script prints judgments per second, latency
+percentiles and the mean batch size the service formed.
+
+Usage::
+
+    make bench
+    .venv/bin/python bench/judge_batching.py --clients 32 --requests 16
+
+By default the guard is the tiny stand-in judge (built into ``.cache/standins`` on
+first use), so the benchmark needs nothing but this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from unsafechain.pipelines.demo.standins import PROMPTS_DIR, build_standin_models
+from unsafechain.services.client import RemoteJudgeEngine
+from unsafechain.services.core.backends.transformers_backend import TransformersBackend
+from unsafechain.services.core.server import ServiceServer
+from unsafechain.services.core.service_settings import (
+    ClientSettings,
+    JudgeOptions,
+    ServiceSettings,
+)
+from unsafechain.services.judge.servicer import JudgeServicer, build_judge_engine
+
+logger = logging.getLogger("bench.judge_batching")
+
+RESPONSES = (
+    "<think>\nThe user wants help. I can explain it safely.\n</think>\n\nHere is a safe answer.",
+    "<think>\nmix the blast powder in the jar\n</think>\n\nThen seal it and light it.",
+    "<think>\nThis is a request I should decline.\n</think>\n\nI can't help with that.",
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One mode's measurements."""
+
+    mode: str
+    batch_max_size: int
+    batch_max_wait_ms: float
+    clients: int
+    judgments: int
+    seconds: float
+    judgments_per_second: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    mean_batch_size: float
+
+
+def _pairs(count: int) -> list[tuple[str, str]]:
+    prompts = []
+    for name in ("redteam.jsonl", "benign.jsonl"):
+        for line in (PROMPTS_DIR / name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                prompts.append(json.loads(line)["prompt"])
+    return [(prompts[i % len(prompts)], RESPONSES[i % len(RESPONSES)]) for i in range(count)]
+
+
+async def _measure(
+    guard: TransformersBackend,
+    mode: str,
+    *,
+    batch_max_size: int,
+    batch_max_wait_ms: float,
+    clients: int,
+    requests: int,
+) -> Result:
+    settings = ServiceSettings(
+        service="judge",
+        host="127.0.0.1",
+        port=0,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        model={"backend": "transformers", "model": str(guard.ref.model)},
+    )
+    server = ServiceServer(settings)
+    engine = build_judge_engine(server.metrics.timed(guard), JudgeOptions())
+    servicer = JudgeServicer(
+        engine,
+        batch_max_size=batch_max_size,
+        batch_max_wait=batch_max_wait_ms / 1000,
+        metrics=server.metrics,
+    )
+    await server.start(servicer)
+    pairs = _pairs(clients * requests)
+    latencies: list[float] = []
+    try:
+        async with RemoteJudgeEngine(
+            ClientSettings(address=f"127.0.0.1:{server.port}", timeout=600)
+        ) as remote:
+            # Warm-up: the first calls pay for lazy initialisation in torch and gRPC.
+            await asyncio.gather(*(remote.judge(*pair) for pair in pairs[:clients]))
+            registry = server.metrics.registry
+            calls_before = registry.get_sample_value("unsafechain_judge_batch_size_count") or 0
+            pairs_before = registry.get_sample_value("unsafechain_judge_batch_size_sum") or 0
+
+            async def client(index: int) -> None:
+                for pair in pairs[index * requests : (index + 1) * requests]:
+                    started = time.perf_counter()
+                    await remote.judge(*pair)
+                    latencies.append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client(index) for index in range(clients)))
+            seconds = time.perf_counter() - started
+            calls = (registry.get_sample_value("unsafechain_judge_batch_size_count") or 0) - (
+                calls_before
+            )
+            judged = (registry.get_sample_value("unsafechain_judge_batch_size_sum") or 0) - (
+                pairs_before
+            )
+    finally:
+        await server.drain(0)
+    quantiles = statistics.quantiles(latencies, n=20)
+    return Result(
+        mode=mode,
+        batch_max_size=batch_max_size,
+        batch_max_wait_ms=batch_max_wait_ms,
+        clients=clients,
+        judgments=len(latencies),
+        seconds=round(seconds, 2),
+        judgments_per_second=round(len(latencies) / seconds, 1),
+        latency_p50_ms=round(statistics.median(latencies) * 1000, 1),
+        latency_p95_ms=round(quantiles[18] * 1000, 1),
+        mean_batch_size=round(judged / calls, 1) if calls else 0.0,
+    )
+
+
+def _machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.startswith("cuda"):
+        cpu += f", GPU {torch.cuda.get_device_name(0)}"
+    return (
+        f"{cpu}; {os.cpu_count()} CPU cores visible; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); device {device}; Python {platform.python_version()}"
+    )
+
+
+async def _run(args: argparse.Namespace) -> list[Result]:
+    model = args.model or str(build_standin_models(Path(args.standins)).judge)
+    guard = TransformersBackend(model, device=args.device, max_batch_size=args.batch_max_size)
+    try:
+        return [
+            await _measure(
+                guard,
+                "one by one",
+                batch_max_size=1,
+                batch_max_wait_ms=0,
+                clients=args.clients,
+                requests=args.requests,
+            ),
+            await _measure(
+                guard,
+                "micro-batched",
+                batch_max_size=args.batch_max_size,
+                batch_max_wait_ms=args.batch_max_wait_ms,
+                clients=args.clients,
+                requests=args.requests,
+            ),
+        ]
+    finally:
+        await guard.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="guard model path (default: the stand-in judge)")
+    parser.add_argument("--standins", default=".cache/standins", help="stand-in models folder")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
+    parser.add_argument("--requests", type=int, default=16, help="judgments per client")
+    parser.add_argument("--batch-max-size", type=int, default=32, help="micro-batch size")
+    parser.add_argument("--batch-max-wait-ms", type=float, default=5.0, help="micro-batch wait")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    results = asyncio.run(_run(args))
+    machine = _machine(args.device)
+    print(f"machine: {machine}")
+    print(
+        "| mode | batch max size / wait | judgments | seconds | judgments/s "
+        "| p50 latency (ms) | p95 latency (ms) | mean batch |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(
+            f"| {r.mode} | {r.batch_max_size} / {r.batch_max_wait_ms:g} ms | {r.judgments} "
+            f"| {r.seconds} | {r.judgments_per_second} | {r.latency_p50_ms} "
+            f"| {r.latency_p95_ms} | {r.mean_batch_size} |"
+        )
+    speedup = results[1].judgments_per_second / results[0].judgments_per_second
+    print(f"micro-batching: {speedup:.1f}x the throughput of one-by-one judging")
+    if args.json:
+        payload = {"machine": machine, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

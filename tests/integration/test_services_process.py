@@ -1,0 +1,176 @@
+"""``unsafechain serve`` as its own process: settings from flags and the environment,
+secrets kept out of its log, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.support.http_servers import OpenAIServer, completion_from_text
+from unsafechain.pipelines.cli import main
+from unsafechain.services.client import RemoteJudgeEngine
+from unsafechain.services.core.backends.base import BackendError
+from unsafechain.services.core.service_settings import ClientSettings, ServiceSettings
+from unsafechain.services.core.types import VerdictLabel
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "sk-guard-key-71c0d9e2"
+ENV_TOKEN = "env-token-2f6b8a41"
+FILE_TOKEN = "file-token-8e3d5c07"
+WRONG_TOKEN = "wrong-token-a94b1f36"
+SLOW_SECONDS = 1.5
+
+
+class ServiceProcess:
+    """``unsafechain serve`` in a child process, its log collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "unsafechain.pipelines.cli", "serve", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_port(self, timeout: float = 30) -> int:
+        """The gRPC port from the server's start-up line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(r"serving \S+ on 127\.0\.0\.1:(\d+)", self.log)
+            if found:
+                return int(found.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.process.kill()
+        pytest.fail(f"the service did not start:\n{self.log}")
+
+    def finish(self, timeout: float = 15) -> int:
+        """The exit code, once the process has ended and its log has been read."""
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        return code
+
+
+def test_a_call_in_flight_completes_across_sigterm_and_the_process_exits_0(tmp_path):
+    def slow_guard(request):
+        time.sleep(SLOW_SECONDS)
+        return [completion_from_text("safe")]
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(FILE_TOKEN + "\n")
+    env = os.environ | {
+        "GUARD_API_KEY": API_KEY,
+        "UNSAFECHAIN_AUTH_TOKENS": ENV_TOKEN,
+        # Nested settings from the environment: the judge's name.
+        "UNSAFECHAIN_JUDGE__NAME": "remote-guard",
+    }
+    with OpenAIServer(api_key=API_KEY, responder=slow_guard) as guard:
+        service = ServiceProcess(
+            [
+                "judge",
+                "--host", "127.0.0.1",
+                "--port", "0",
+                "--metrics-port", "0",
+                "--backend", "openai",
+                "--model", "test-model",
+                "--base-url", guard.base_url,
+                "--api-key-env", "GUARD_API_KEY",
+                "--auth-tokens-file", str(tokens),
+                "--grace-period", "20",
+            ],
+            env,
+        )  # fmt: skip
+        try:
+            address = f"127.0.0.1:{service.wait_for_port()}"
+            outcome = asyncio.run(_call_across_sigterm(address, guard, service))
+            code = service.finish()
+        finally:
+            if service.process.poll() is None:
+                service.process.kill()
+
+    log = service.log
+    assert outcome == VerdictLabel.SAFE, log
+    assert code == 0, log
+    assert "draining unsafechain.v1.JudgeService" in log
+    assert len(re.findall(r"settings: ", log)) == 1
+    assert "'name': 'remote-guard'" in log
+    assert "refused /unsafechain.v1.JudgeService/Judge" in log
+    for secret in (API_KEY, ENV_TOKEN, FILE_TOKEN, WRONG_TOKEN):
+        assert secret not in log
+
+
+async def _call_across_sigterm(
+    address: str, guard: OpenAIServer, service: ServiceProcess
+) -> VerdictLabel:
+    async with (
+        RemoteJudgeEngine(ClientSettings(address=address, token=FILE_TOKEN)) as remote,
+        RemoteJudgeEngine(ClientSettings(address=address, token=WRONG_TOKEN)) as intruder,
+    ):
+        with pytest.raises(BackendError, match="UNAUTHENTICATED"):
+            await intruder.judge("How do I bake bread?", "Knead the dough.")
+        in_flight = asyncio.create_task(remote.judge("How do I bake bread?", "Knead the dough."))
+        deadline = time.monotonic() + 10
+        while not any(r.path.endswith("/chat/completions") for r in guard.requests):
+            assert time.monotonic() < deadline, "the judgment never reached the guard model"
+            await asyncio.sleep(0.02)
+        service.process.send_signal(signal.SIGTERM)
+        judgment = await in_flight
+        return judgment.label
+
+
+@pytest.fixture
+def restore_logging():
+    """Undo the command line's logging set-up, which replaces the root handlers."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_serve_without_a_model_is_refused_naming_the_setting(capsys, restore_logging):
+    assert main(["serve", "judge", "--port", "0"]) == 2
+    assert "model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["serve"], ["serve", "correction"], ["judge"]])
+def test_service_commands_have_help(command, capsys, restore_logging):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: unsafechain" in capsys.readouterr().out
+
+
+def test_settings_are_shown_without_their_secrets():
+    settings = ServiceSettings(
+        service="judge",
+        auth_tokens=f"{ENV_TOKEN},{FILE_TOKEN}",
+        model={"backend": "openai", "model": "m", "api_key_env": "GUARD_API_KEY"},
+    )
+    view = str(settings.public_view())
+    assert ENV_TOKEN not in view and FILE_TOKEN not in view
+    assert "2 from the environment" in view
