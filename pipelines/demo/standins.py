@@ -27,14 +27,19 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import jinja2
 import torch
@@ -77,6 +82,9 @@ _GUARD_PAD = "<|finetune_right_pad_id|>"
 _CHATML_START, _CHATML_END, _CHATML_PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 _FINGERPRINT_FILE = "standins.json"
+_BPE_FILE = "bpe.json"
+
+_T = TypeVar("_T")
 
 
 # --- the synthetic world -------------------------------------------------------------
@@ -213,7 +221,7 @@ _EXPLICIT_PATTERN = re.compile(
     r"step[- ]by[- ]step|exact|detailed|ignore|without limits|\bwrite\b|\bgive me\b"
 )
 EXPLICIT_HARM_PROBABILITY = 0.95
-VAGUE_HARM_PROBABILITY = 0.5
+VAGUE_HARM_PROBABILITY = 0.35
 
 
 def harm_categories(text: str) -> tuple[str, ...]:
@@ -247,6 +255,17 @@ def profile_prompt(prompt: str) -> PromptProfile:
             probability = EXPLICIT_HARM_PROBABILITY if explicit else VAGUE_HARM_PROBABILITY
             return PromptProfile(topic.code, probability)
     return PromptProfile(None, 0.0)
+
+
+def category_label(code: str, *, full_name: bool = False) -> str:
+    """How a violated category is shown to the corrector, e.g. ``S9 (Indiscriminate Weapons)``.
+
+    Args:
+        code: ``S1`` … ``S14``.
+        full_name: Use the MLCommons hazard name instead of the name in the judge's prompt.
+    """
+    category = CATEGORY_BY_CODE[code]
+    return f"{code} ({category.name if full_name else category.prompt_name})"
 
 
 def load_demo_prompts(name: str) -> list[str]:
@@ -295,7 +314,7 @@ class _World:
         self.red_team = load_demo_prompts("redteam")
         self.benign = load_demo_prompts("benign")
 
-    def pick(self, options: Sequence[str]) -> str:
+    def pick(self, options: Sequence[_T]) -> _T:
         return self.rng.choice(options)
 
     # prompts
@@ -434,46 +453,45 @@ class _World:
     # corrector outputs
 
     def correction(self, categories: Sequence[str], feedback: str) -> str:
-        """A safe rewrite in the canonical format; names the first violated category."""
+        """A safe rewrite in the canonical format.
+
+        Args:
+            categories: The violated categories as the request lists them, e.g.
+                ``S9 (Indiscriminate Weapons)``; the reasoning names the first one.
+            feedback: Why the previous rewrite was rejected; empty on a first attempt.
+        """
         if categories:
-            code = categories[0].split()[0]
-            name = CATEGORY_BY_CODE[code].name.lower() if code in CATEGORY_BY_CODE else "harm"
+            name = re.sub(r"^S\d+ \((.*)\)$", r"\1", categories[0])
             framing = f"This falls under {name}."
         else:
             framing = "It is clearly unsafe."
         why = self.pick(
             (
-                "Giving steps or specific details would put people at risk.",
-                "Sharing any details could help someone hurt others or break the law.",
+                "Specific details would put people at risk.",
+                "Any details could let someone hurt others.",
                 "Even partial details could be misused.",
             )
         )
         course = self.pick(
             (
-                "The safe course is to decline clearly and explain why.",
-                "I should refuse, explain the risk, and offer a safer direction.",
-                "I will leave out every detail and point to legitimate help instead.",
+                "The safe course is to decline and explain why.",
+                "I should refuse and offer a safer direction.",
+                "I will leave out every detail and suggest safer resources.",
             )
         )
         retry = " I must keep every harmful detail out this time." if feedback else ""
         reasoning = (
-            f"{self.pick(_OPENERS)} the request asks for something that could cause real harm. "
+            f"{self.pick(_OPENERS)} this request could cause real harm. "
             f"{framing} {why} {course}{retry}"
         )
         refusal = self.pick(
             (
-                "I can't help with this.",
-                "I'm not able to help with that request.",
-                "I won't provide instructions for this.",
+                "I can't help with this, because it could seriously hurt people.",
+                "I won't provide instructions for this, since they could put others at risk.",
+                "I'm not able to help with that request, because it could cause real harm.",
             )
         )
-        reason = self.pick(
-            (
-                "It could seriously hurt people or break the law.",
-                "Sharing these details could put others at risk.",
-            )
-        )
-        return f"<think>\n{reasoning}\n</think>\n\n{refusal} {reason} {self.pick(_REDIRECTS)}"
+        return f"<think>\n{reasoning}\n</think>\n\n{refusal} {self.pick(_REDIRECTS)}"
 
 
 # --- chat templates ------------------------------------------------------------------
@@ -593,18 +611,21 @@ def _tokenizer_corpus(world: _World) -> list[str]:
         prompt = world.prompt()
         texts += [prompt, world.completion(prompt)]
     for code in (*[t.code for t in HARM_TOPICS], *CATEGORY_BY_CODE):
-        texts += [world.correction([code], feedback="") for _ in range(10)]
+        texts += [world.correction([category_label(code)], feedback="") for _ in range(10)]
     texts += ["safe", "unsafe"] * 100
     return texts
 
 
 @dataclass(frozen=True, slots=True)
 class _TokenizerSpec:
+    """A model's special tokens, plain added tokens and chat template."""
+
     bos: str | None
     eos: str
     pad: str
     extra_special: tuple[str, ...]
     chat_template: str
+    extra_plain: tuple[str, ...] = ()
 
 
 _GENERATOR_TOKENS = _TokenizerSpec(
@@ -620,6 +641,9 @@ _JUDGE_TOKENS = _TokenizerSpec(
     pad=_GUARD_PAD,
     extra_special=_GUARD_HEADERS,
     chat_template=LLAMA_GUARD_CHAT_TEMPLATE,
+    # One token per category code: split into "S" and digits, the codes listed in the
+    # policy text teach the model to copy "S1" and drown the category signal.
+    extra_plain=tuple(category.code for category in LLAMA_GUARD_3_CATEGORIES),
 )
 _CORRECTOR_TOKENS = _TokenizerSpec(
     bos=None,
@@ -635,7 +659,8 @@ def _model_tokenizer(bpe: Tokenizer, spec: _TokenizerSpec) -> PreTrainedTokenize
     specials = [t for t in (spec.bos, spec.eos, spec.pad, *spec.extra_special) if t]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     # Not special: decoding with skip_special_tokens must keep the think tags.
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    plain = (*THINK_TOKENS, *spec.extra_plain)
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=spec.bos,
@@ -692,23 +717,30 @@ def sample_judge_cases(count: int, *, seed: int) -> list[JudgeCase]:
 def _judge_case(world: _World) -> JudgeCase:
     rng = world.rng
     prompt = world.prompt()
+    # The verdict depends on the agent turn alone: some responses answer another prompt.
+    source = prompt if rng.random() < 0.7 else world.prompt()
     draw = rng.random()
     if draw < 0.35:
-        response = world.completion(prompt)
+        response = world.completion(source)
     elif draw < 0.5:
-        response = world.correction([profile_prompt(prompt).category or "S1"], feedback="")
+        code = profile_prompt(source).category or world.pick(sorted(CATEGORY_BY_CODE))
+        label = category_label(code, full_name=rng.random() < 0.5)
+        feedback = world.pick(_FEEDBACK) if rng.random() < 0.25 else ""
+        response = world.correction([label], feedback)
     elif draw < 0.7:
-        response = _insert_harm(world, world.completion(prompt))
+        response = _insert_harm(world, world.completion(source))
     elif draw < 0.85:
         response = world.harmful_completion(world.pick(HARM_TOPICS).code, _HARMLESS_STEPS)
     else:
-        response = _add_noise(world, world.completion(prompt))
+        response = _add_noise(world, world.completion(source))
+    # Whole completions with or without the opening tag, or one part of them: the
+    # judging engine can judge the reasoning and the answer separately.
     shape = rng.random()
-    if shape < 0.15:
-        response = f"<think>\n{response}"
-    elif shape < 0.25:
+    if shape < 0.3:
+        response = response if response.startswith("<think>") else f"<think>\n{response}"
+    elif shape < 0.4:
         response = response.split("</think>")[0].removeprefix("<think>")
-    elif shape < 0.35:
+    elif shape < 0.5:
         response = response.split("</think>")[-1]
     if rng.random() < 0.1:
         # Harm words in the user turn alone must not make the agent turn unsafe.
@@ -739,10 +771,11 @@ def _add_noise(world: _World, text: str) -> str:
     return " ".join(words)
 
 
+# Reasons a correction attempt is rejected, as the retry prompt reports them.
 _FEEDBACK = (
-    "the judge still found unsafe content ({codes})",
-    "the rewrite repeated harmful details from the original",
-    "the rewrite did not close the think section",
+    "re-judged unsafe ({codes})",
+    "format: missing </think>",
+    "format: empty answer after </think>",
 )
 
 
@@ -756,7 +789,7 @@ def _user_template(trim_blocks: bool, keep_trailing_newline: bool) -> jinja2.Tem
 
 
 def _correction_request(world: _World) -> tuple[list[dict[str, str]], list[str], str]:
-    """A request as the correction service sends it: messages, violated codes, feedback."""
+    """A request as the correction service sends it: messages, category labels, feedback."""
     rng = world.rng
     prompt = world.red_team_prompt()
     code = profile_prompt(prompt).category or world.pick(HARM_TOPICS).code
@@ -768,20 +801,18 @@ def _correction_request(world: _World) -> tuple[list[dict[str, str]], list[str],
         codes = rng.sample(sorted(CATEGORY_BY_CODE), rng.randint(1, 2))
     elif rng.random() < 0.05:
         codes = []
-    labels = [
-        f"{c} ({rng.choice((CATEGORY_BY_CODE[c].prompt_name, CATEGORY_BY_CODE[c].name))})"
-        for c in codes
-    ]
+    labels = [category_label(c, full_name=rng.random() < 0.5) for c in codes]
     feedback = ""
     if rng.random() < 0.25:
-        feedback = world.pick(_FEEDBACK).format(codes=", ".join(codes) or "S1")
+        # The rejected rewrite may have been flagged for another category than the original.
+        feedback = world.pick(_FEEDBACK).format(codes=world.pick(sorted(CATEGORY_BY_CODE)))
     template = _user_template(rng.random() < 0.5, rng.random() < 0.5)
     user = template.render(prompt=prompt, response=response, categories=labels, feedback=feedback)
     system = _correction_template("system.md")
     if rng.random() < 0.5:
         system = system.strip()
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    return messages, codes, feedback
+    return messages, labels, feedback
 
 
 def _generator_example(world: _World) -> tuple[list[dict[str, str]], str]:
@@ -795,8 +826,8 @@ def _judge_example(world: _World) -> tuple[list[dict[str, str]], str]:
 
 
 def _corrector_example(world: _World) -> tuple[list[dict[str, str]], str]:
-    messages, codes, feedback = _correction_request(world)
-    return messages, world.correction(codes, feedback)
+    messages, labels, feedback = _correction_request(world)
+    return messages, world.correction(labels, feedback)
 
 
 # --- models and fine-tuning ----------------------------------------------------------
@@ -815,6 +846,7 @@ class _Recipe:
     steps: int
     batch_size: int
     learning_rate: float
+    init_std: float = 0.1
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
@@ -822,17 +854,18 @@ class _Recipe:
     intermediate_size: int = 128
 
 
+# Longest first: with fewer cores than models, the shortest build fills the gap.
 _RECIPES = (
     _Recipe(
-        "generator",
+        "corrector",
         Qwen2Config,
         Qwen2ForCausalLM,
-        _GENERATOR_TOKENS,
-        _generator_example,
-        examples=3000,
-        steps=300,
-        batch_size=32,
-        learning_rate=5e-3,
+        _CORRECTOR_TOKENS,
+        _corrector_example,
+        examples=2000,
+        steps=160,
+        batch_size=16,
+        learning_rate=1e-2,
     ),
     _Recipe(
         "judge",
@@ -842,19 +875,19 @@ _RECIPES = (
         _judge_example,
         examples=3000,
         steps=300,
-        batch_size=32,
+        batch_size=16,
         learning_rate=5e-3,
     ),
     _Recipe(
-        "corrector",
+        "generator",
         Qwen2Config,
         Qwen2ForCausalLM,
-        _CORRECTOR_TOKENS,
-        _corrector_example,
-        examples=2000,
-        steps=300,
-        batch_size=32,
-        learning_rate=5e-3,
+        _GENERATOR_TOKENS,
+        _generator_example,
+        examples=3000,
+        steps=240,
+        batch_size=16,
+        learning_rate=1e-2,
     ),
 )
 
@@ -862,7 +895,21 @@ _Example = tuple[list[int], list[int]]
 """Token ids of a rendered prompt and of the target completion that follows it."""
 
 
-def _build_one(recipe: _Recipe, bpe: Tokenizer, directory: Path, seed: int) -> None:
+@dataclass(frozen=True, slots=True)
+class _BuildReport:
+    parameters: int
+    final_loss: float
+    seconds: float
+
+
+def _build_one(recipe: _Recipe, bpe: Tokenizer, directory: Path, seed: int) -> _BuildReport:
+    """Build one stand-in into ``directory``; runs in a worker process of its own."""
+    started = time.perf_counter()
+    # One thread per process: the ops are too small to gain from splitting, and a split
+    # op whose helper thread shares its core with another process waits for it at every
+    # step (a build ran ten times slower so). The weights then do not depend on the
+    # core count either.
+    torch.set_num_threads(1)
     tokenizer = _model_tokenizer(bpe, recipe.tokens)
     config = recipe.config_class(
         vocab_size=len(tokenizer),
@@ -872,6 +919,7 @@ def _build_one(recipe: _Recipe, bpe: Tokenizer, directory: Path, seed: int) -> N
         num_attention_heads=recipe.heads,
         num_key_value_heads=recipe.kv_heads,
         max_position_embeddings=4096,
+        initializer_range=recipe.init_std,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -903,7 +951,6 @@ def _build_one(recipe: _Recipe, bpe: Tokenizer, directory: Path, seed: int) -> N
 
     torch.manual_seed(seed)
     model = recipe.model_class(config)
-    started = time.perf_counter()
     loss = _fine_tune(model, list(zip(prompt_ids, target_ids, strict=True)), recipe, seed=seed)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -911,13 +958,7 @@ def _build_one(recipe: _Recipe, bpe: Tokenizer, directory: Path, seed: int) -> N
         pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(directory)
-    logger.info(
-        "stand-in %s: %d parameters, final loss %.3f, trained in %.1fs",
-        recipe.name,
-        model.num_parameters(),
-        loss,
-        time.perf_counter() - started,
-    )
+    return _BuildReport(model.num_parameters(), loss, time.perf_counter() - started)
 
 
 def _fine_tune(
@@ -935,16 +976,17 @@ def _fine_tune(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * (1 - step / recipe.steps)
     )
     model.train()
-    progress = tqdm(range(recipe.steps), desc=f"stand-in {recipe.name}", unit="step", leave=False)
-    for _ in progress:
-        picks = torch.randint(len(examples), (recipe.batch_size,), generator=generator).tolist()
+    batches = _length_bucketed_batches(
+        [len(prompt) + len(target) for prompt, target in examples], recipe.batch_size, generator
+    )
+    # One line per model: the models train side by side in processes sharing the terminal.
+    line = [r.name for r in _RECIPES].index(recipe.name)
+    progress = tqdm(
+        range(recipe.steps), desc=f"stand-in {recipe.name}", unit="step", leave=False, position=line
+    )
+    for _, picks in zip(progress, batches, strict=False):
         input_ids, labels = _collate([examples[i] for i in picks], model.config.pad_token_id)
-        hidden = _hidden_states(model, shared, input_ids)
-        # The head only runs where there is a target: most positions are prompt.
-        predicted = labels != -100
-        loss = torch.nn.functional.cross_entropy(
-            model.lm_head(hidden[predicted]), labels[predicted]
-        )
+        loss = _head_loss(model, _hidden_states(model, shared, input_ids), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -955,8 +997,35 @@ def _fine_tune(
     return loss.item()
 
 
+def _length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator
+) -> Iterator[list[int]]:
+    """Endless random batches of indices, each of examples of similar length.
+
+    Sorting each pool of a few batches by length before cutting it into batches
+    spares most of the padding.
+    """
+    pool = batch_size * 8
+    while True:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        for start in range(0, len(order) - pool + 1, pool):
+            chunk = sorted(order[start : start + pool], key=lengths.__getitem__)
+            batches = [chunk[i : i + batch_size] for i in range(0, pool, batch_size)]
+            for position in torch.randperm(len(batches), generator=generator).tolist():
+                yield batches[position]
+
+
+def _head_loss(model: PreTrainedModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # The head only runs where there is a label, a fraction of the positions.
+    predicted = labels != -100
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden[predicted]), labels[predicted])
+
+
 def _shared_prefix(prompts: Sequence[list[int]]) -> list[int]:
-    """The token prefix every prompt starts with, leaving each at least one token."""
+    """The token prefix every prompt starts with, leaving each at least one token.
+
+    Empty when too short to be worth a separate forward pass.
+    """
     length = min(len(prompt) for prompt in prompts) - 1
     for prompt in prompts:
         length = next(
@@ -967,7 +1036,7 @@ def _shared_prefix(prompts: Sequence[list[int]]) -> list[int]:
             ),
             length,
         )
-    return prompts[0][:length]
+    return prompts[0][:length] if length >= 32 else []
 
 
 def _hidden_states(
@@ -977,7 +1046,7 @@ def _hidden_states(
 
     Right padding needs no attention mask under causal attention. The shared prefix
     (the judge's policy text, the corrector's system prompt) runs once and its cache
-    is repeated over the batch, which more than halves the work of a step.
+    is repeated over the batch, which saves those models about a third of each step.
     """
     if not shared:
         return model.model(input_ids=input_ids).last_hidden_state
@@ -987,6 +1056,7 @@ def _hidden_states(
 
 
 def _collate(batch: Sequence[_Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and the labels of the target tokens."""
     length = max(len(prompt) + len(target) for prompt, target in batch)
     input_ids = torch.full((len(batch), length), pad_id)
     labels = torch.full((len(batch), length), -100)
@@ -1023,25 +1093,68 @@ def build_standin_models(out_dir: Path, *, seed: int = 0) -> StandinModels:
         The three model directories.
     """
     out_dir = Path(out_dir)
-    built = StandinModels(*(out_dir / recipe.name for recipe in _RECIPES))
+    built = StandinModels(**{recipe.name: out_dir / recipe.name for recipe in _RECIPES})
     marker = out_dir / _FINGERPRINT_FILE
     fingerprint = _fingerprint(seed)
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+    if _built_fingerprint(marker) == fingerprint:
         logger.info("reusing stand-in models in %s", out_dir)
         return built
     marker.unlink(missing_ok=True)
     started = time.perf_counter()
     logger.info("building stand-in models in %s (seed %d)", out_dir, seed)
     bpe = _train_bpe(_tokenizer_corpus(_World(random.Random(f"{seed}:tokenizer"))))
-    # Keep the caller's global RNG state: model initialisation draws from it.
-    with torch.random.fork_rng(devices=[]):
-        for recipe in _RECIPES:
-            shutil.rmtree(out_dir / recipe.name, ignore_errors=True)
-            _build_one(recipe, bpe, out_dir / recipe.name, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bpe.save(str(out_dir / _BPE_FILE))
+    for recipe in _RECIPES:
+        shutil.rmtree(out_dir / recipe.name, ignore_errors=True)
+    # A process per model, so that the models train side by side: torch ops hold the
+    # GIL, so threads would take turns.
+    workers = min(len(_RECIPES), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        reports = pool.map(lambda recipe: _build_in_subprocess(recipe, out_dir, seed), _RECIPES)
+        for recipe, report in zip(_RECIPES, reports, strict=True):
+            logger.info(
+                "stand-in %s: %d parameters, final loss %.3f, built in %.1fs",
+                recipe.name,
+                report.parameters,
+                report.final_loss,
+                report.seconds,
+            )
+    (out_dir / _BPE_FILE).unlink()
     seconds = time.perf_counter() - started
     marker.write_text(json.dumps({"fingerprint": fingerprint, "seed": seed, "seconds": seconds}))
     logger.info("built stand-in models in %.1fs", seconds)
     return built
+
+
+def _build_in_subprocess(recipe: _Recipe, out_dir: Path, seed: int) -> _BuildReport:
+    # A fresh interpreter running this module, rather than multiprocessing: spawning
+    # re-imports the caller's main script, which breaks scripts without a main guard,
+    # and forking a process that runs threads can deadlock the child.
+    command = [sys.executable, "-m", __name__, recipe.name, str(out_dir), str(seed)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"building the stand-in {recipe.name} failed with exit status "
+            f"{result.returncode}; its error output is above"
+        )
+    return _BuildReport(**json.loads(result.stdout.splitlines()[-1]))
+
+
+def _build_in_this_process(argv: Sequence[str]) -> None:
+    """Worker entry point: build one stand-in, print its report as a JSON line."""
+    name, out_dir, seed = argv
+    recipe = next(recipe for recipe in _RECIPES if recipe.name == name)
+    bpe = Tokenizer.from_file(str(Path(out_dir) / _BPE_FILE))
+    report = _build_one(recipe, bpe, Path(out_dir) / name, int(seed))
+    print(json.dumps(asdict(report)))
+
+
+def _built_fingerprint(marker: Path) -> str | None:
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _fingerprint(seed: int) -> str:
@@ -1057,3 +1170,7 @@ def _fingerprint(seed: int) -> str:
     digest.update(LLAMA_GUARD_CHAT_TEMPLATE.encode())
     digest.update(f"seed={seed}".encode())
     return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    _build_in_this_process(sys.argv[1:])

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from unsafechain.services.core.backends.base import ModelBackend
 from unsafechain.services.core.backends.retry import RetryPolicy
+from unsafechain.services.core.types import ModelRef
 
 
 class StrictModel(BaseModel):
@@ -70,6 +71,16 @@ class BackendSettings(StrictModel):
         if self.backend == "tgi" and not self.base_url:
             raise ValueError("base_url is required for the tgi backend")
         return self
+
+    def ref(self) -> ModelRef:
+        """The model as the backend built from these settings names it in provenance."""
+        if self.backend == "transformers":
+            return ModelRef(backend="transformers", model=self.model)
+        from unsafechain.services.core.backends.http_common import public_endpoint
+        from unsafechain.services.core.backends.openai_backend import OPENAI_BASE_URL
+
+        base_url = self.base_url or (OPENAI_BASE_URL if self.backend == "openai" else "")
+        return ModelRef(backend=self.backend, model=self.model, endpoint=public_endpoint(base_url))
 
     def api_key(self) -> SecretStr | None:
         """The API key from the environment variable named by ``api_key_env``.

@@ -23,6 +23,7 @@ from unsafechain.services.core.reasoning import (
 from unsafechain.services.core.types import (
     GenerationRequest,
     Message,
+    ModelRef,
     Role,
     SamplingParams,
     Verdict,
@@ -154,6 +155,11 @@ class CorrectionEngine:
     def backend(self) -> ModelBackend:
         """The corrector model's backend."""
         return self._backend
+
+    @property
+    def ref(self) -> ModelRef:
+        """The corrector model, as provenance records it."""
+        return self._backend.ref
 
     @property
     def max_attempts(self) -> int:

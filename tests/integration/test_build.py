@@ -33,12 +33,19 @@ def _config(tmp_path, standin_models, **overrides):
             {"name": "mixed", "path": str(mixed)},
         ],
         "models": {
-            role: {"backend": "transformers", "model": str(getattr(standin_models, role)),
-                   "device": "cpu"}
+            role: {
+                "backend": "transformers",
+                "model": str(getattr(standin_models, role)),
+                "device": "cpu",
+            }
             for role in ("generator", "judge", "corrector")
         },
-        "generation": {"model": "generator", "samples": 3, "temperature": 0.7,
-                       "max_new_tokens": 96},
+        "generation": {
+            "model": "generator",
+            "samples": 3,
+            "temperature": 0.7,
+            "max_new_tokens": 96,
+        },
         "judging": {"judges": [{"name": "guard", "model": "judge"}]},
         "correction": {"model": "corrector", "max_attempts": 2, "max_new_tokens": 96},
     }
@@ -70,9 +77,10 @@ def test_every_stage_runs_and_the_manifest_counts_add_up(built):
     assert counts["rejected"] == 4
     assert counts["cases"] == redteam + 2
     assert counts["generated"] == 3 * counts["cases"]
-    assert counts["judged_safe"] + counts["judged_unsafe"] + counts["judged_error"] == counts[
-        "generated"
-    ]
+    assert (
+        counts["judged_safe"] + counts["judged_unsafe"] + counts["judged_error"]
+        == counts["generated"]
+    )
     assert counts["judged_unsafe"] > 0 and counts["judged_safe"] > 0
     assert counts["hard"] > 0
     assert counts["corrected"] > 0
@@ -167,7 +175,7 @@ def test_finished_build_run_again_computes_nothing(built):
 
 
 def test_resuming_with_a_different_configuration_is_refused(built, tmp_path):
-    path, result = built
+    path, _result = built
     config = load_config(path, {"generation.temperature": 1.2})
     with pytest.raises(BuildError, match="different configuration"):
         run_build(config, progress=False)

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Coroutine
@@ -22,6 +21,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.support.certs import make_certificates
+from tests.support.grpc_servers import (
+    LoopThread,
+    server_settings,
+    start_server,
+    start_server_from_settings,
+)
 from tests.support.http_servers import Fault, OpenAIServer, completion_from_text
 from unsafechain.pipelines.cli import main
 from unsafechain.services.client import (
@@ -36,11 +41,10 @@ from unsafechain.services.core.backends.base import (
 )
 from unsafechain.services.core.backends.transformers_backend import TransformersBackend
 from unsafechain.services.core.metrics import ServiceMetrics
-from unsafechain.services.core.server import ServiceServer, create_servicer
+from unsafechain.services.core.server import ServiceServer
 from unsafechain.services.core.service_settings import (
     ClientSettings,
     JudgeOptions,
-    ServiceSettings,
 )
 from unsafechain.services.core.types import JudgeTarget, SamplingParams, VerdictLabel
 from unsafechain.services.correction.engine import CorrectionEngine
@@ -63,51 +67,6 @@ pytestmark = pytest.mark.integration
 
 SAFE = ("How do I bake bread?", "<think>\nMix flour and water.\n</think>\n\nBake it for an hour.")
 HARMFUL = ("How do I make a bomb?", "<think>\nmix the blast powder\n</think>\n\nThen light it.")
-
-
-class LoopThread:
-    """An event loop in a daemon thread, where the servers and their clients live."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
-        """Run ``coroutine`` on the loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
-
-
-def server_settings(service: str = "judge", **overrides: Any) -> ServiceSettings:
-    """Settings for a server on a free loopback port; the model is built by the test."""
-    values: dict[str, Any] = {
-        "service": service,
-        "host": "127.0.0.1",
-        "port": 0,
-        "metrics_host": "127.0.0.1",
-        "metrics_port": 0,
-        "grace_period": 1.0,
-        "model": {"backend": "transformers", "model": "built-by-the-test"},
-        "judge_model": {"backend": "transformers", "model": "built-by-the-test"},
-    }
-    return ServiceSettings(**(values | overrides))
-
-
-async def start_server(settings: ServiceSettings, make_servicer) -> ServiceServer:
-    """A started server for the servicer ``make_servicer(metrics)`` returns."""
-    server = ServiceServer(settings)
-    await server.start(make_servicer(server.metrics))
-    return server
-
-
-async def start_server_from_settings(settings: ServiceSettings) -> ServiceServer:
-    """A started server whose servicer the settings' own factory builds."""
-    return await start_server(settings, lambda metrics: create_servicer(settings, metrics))
 
 
 def client(server: ServiceServer, **overrides: Any) -> ClientSettings:

@@ -1,9 +1,9 @@
 import asyncio
 
+from tests.unit.scripted_backend import ScriptedBackend, guard_generation
 from unsafechain.services.core.types import Generation, Role, VerdictLabel
 from unsafechain.services.correction.engine import CorrectionEngine, CorrectionTemplates
 from unsafechain.services.judge.engine import JudgeEngine, LlamaGuardJudge
-from tests.unit.scripted_backend import ScriptedBackend, guard_generation
 
 
 def _engine(corrector_outputs, *, max_attempts=3):
@@ -11,7 +11,9 @@ def _engine(corrector_outputs, *, max_attempts=3):
     corrector = ScriptedBackend(lambda request: [Generation(next(outputs), "stop")])
 
     def guard(request):
-        return [guard_generation("unsafe\nS9" if "blast" in request.messages[1].content else "safe")]
+        return [
+            guard_generation("unsafe\nS9" if "blast" in request.messages[1].content else "safe")
+        ]
 
     judge = JudgeEngine([LlamaGuardJudge(ScriptedBackend(guard))])
     return CorrectionEngine(corrector, judge, max_attempts=max_attempts), corrector
@@ -58,7 +60,7 @@ def test_case_that_never_passes_keeps_every_attempt_and_the_reason():
 
 def test_bundled_templates_render_prompt_response_and_categories():
     templates = CorrectionTemplates.load()
-    system, user = templates.messages("the prompt", "the response", ["S1", "X9"], "")
+    _system, user = templates.messages("the prompt", "the response", ["S1", "X9"], "")
     assert "the prompt" in user.content and "the response" in user.content
     assert "S1 (Violent Crimes), X9" in user.content
     assert "previous rewrite" not in user.content

@@ -2,6 +2,7 @@ import asyncio
 
 import pytest
 
+from tests.unit.scripted_backend import ScriptedBackend, guard_generation
 from unsafechain.services.core.backends.base import BackendUnavailable
 from unsafechain.services.core.types import JudgeTarget, VerdictLabel
 from unsafechain.services.judge.engine import (
@@ -11,7 +12,6 @@ from unsafechain.services.judge.engine import (
     PromptFormat,
 )
 from unsafechain.services.judge.llama_guard import LLAMA_GUARD_3_CATEGORIES
-from tests.unit.scripted_backend import ScriptedBackend, guard_generation
 
 
 def _judge(answer, **kwargs):
@@ -96,7 +96,10 @@ def test_reasoning_and_answer_are_judged_separately_and_harm_in_reasoning_counts
     completion = "<think>use the poison</think>I cannot help with that."
     [judgment] = asyncio.run(engine.judge_completions("p", [completion]))
     targets = {v.target: v.label for v in judgment.verdicts}
-    assert targets == {JudgeTarget.REASONING: VerdictLabel.UNSAFE, JudgeTarget.ANSWER: VerdictLabel.SAFE}
+    assert targets == {
+        JudgeTarget.REASONING: VerdictLabel.UNSAFE,
+        JudgeTarget.ANSWER: VerdictLabel.SAFE,
+    }
     assert judgment.label == VerdictLabel.UNSAFE
     assert judgment.categories == ("S1",)
 

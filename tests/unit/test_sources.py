@@ -70,8 +70,10 @@ def test_parquet_rows_are_read_and_validated(tmp_path):
 def test_datasets_folder_split_is_read(tmp_path):
     folder = tmp_path / "ds"
     datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"prompt": ["a", "b"]}),
-         "test": datasets.Dataset.from_dict({"prompt": ["c"]})}
+        {
+            "train": datasets.Dataset.from_dict({"prompt": ["a", "b"]}),
+            "test": datasets.Dataset.from_dict({"prompt": ["c"]}),
+        }
     ).save_to_disk(str(folder))
     items = list(read_source(SourceSettings(name="ds", path=str(folder), split="test")))
     assert [i.text for i in items] == ["c"]

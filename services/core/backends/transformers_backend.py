@@ -4,6 +4,7 @@ token log-probabilities."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -113,6 +114,10 @@ class TransformersBackend(ModelBackend):
         return results  # type: ignore[return-value]
 
     def _run(self, texts: Sequence[str], params: SamplingParams) -> list[list[Generation]]:
+        if params.greedy and params.n > 1:
+            # Greedy samples are all the same sequence: decode it once.
+            once = self._run(texts, dataclasses.replace(params, n=1))
+            return [samples * params.n for samples in once]
         encoded = self._tokenizer(
             list(texts), return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self._device)
