@@ -18,6 +18,10 @@ behaviour the pipeline needs:
 The harm lexicon is deliberately non-operational: placeholder phrases such as "mix
 the blast powder" that let the pipeline's judging and correction run end to end,
 never real instructions. :func:`harm_categories` is the ground truth the judge imitates.
+
+:func:`build_standin_models` trains one byte-level BPE, then each model in a worker
+process of its own (``python -m`` on this module), and caches the result by a
+fingerprint of everything the build depends on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import TypeVar
 
 import jinja2
 import torch
+import transformers
 from tokenizers import (
     AddedToken,
     Regex,
@@ -897,6 +902,8 @@ _Example = tuple[list[int], list[int]]
 
 @dataclass(frozen=True, slots=True)
 class _BuildReport:
+    """What a worker reports about the model it built."""
+
     parameters: int
     final_loss: float
     seconds: float
@@ -1144,6 +1151,8 @@ def _build_in_subprocess(recipe: _Recipe, out_dir: Path, seed: int) -> _BuildRep
 def _build_in_this_process(argv: Sequence[str]) -> None:
     """Worker entry point: build one stand-in, print its report as a JSON line."""
     name, out_dir, seed = argv
+    # This process's output is its training progress; saving needs no progress bar.
+    transformers.utils.logging.disable_progress_bar()
     recipe = next(recipe for recipe in _RECIPES if recipe.name == name)
     bpe = Tokenizer.from_file(str(Path(out_dir) / _BPE_FILE))
     report = _build_one(recipe, bpe, Path(out_dir) / name, int(seed))
