@@ -47,7 +47,7 @@ from unsafechain.services.core.types import (
 )
 from unsafechain.services.correction.engine import CorrectionOutcome
 from unsafechain.services.generation.engine import GenerationEngine
-from unsafechain.services.judge.engine import CompletionJudgment
+from unsafechain.services.judge.engine import CompletionJudge, CompletionJudgment
 from unsafechain.v1 import (
     case_pb2,
     correction_pb2,
@@ -250,7 +250,7 @@ def remote_generation_engine(
     return GenerationEngine(backend, params, system_prompt=system_prompt)
 
 
-class RemoteJudgeEngine(_ServiceClient):
+class RemoteJudgeEngine(_ServiceClient, CompletionJudge):
     """Stands in for :class:`JudgeEngine`, judging through a judge service.
 
     Args:
@@ -279,17 +279,6 @@ class RemoteJudgeEngine(_ServiceClient):
             self._stub.Judge, _judge_request(prompt, response, targets)
         )
         return judgment_from_pb(answer)
-
-    async def judge_completions(
-        self,
-        prompt: str,
-        completions: Sequence[str],
-        *,
-        targets: Sequence[JudgeTarget] | None = None,
-    ) -> list[CompletionJudgment]:
-        """Judge several completions of one prompt in one call."""
-        pairs = [(prompt, completion) for completion in completions]
-        return await self.judge_pairs(pairs, targets=targets)
 
     async def judge_pairs(
         self,

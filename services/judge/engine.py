@@ -174,7 +174,37 @@ class CompletionJudgment:
         return tuple(seen)
 
 
-class JudgeEngine:
+class CompletionJudge(abc.ABC):
+    """Judges whole completions: in process (:class:`JudgeEngine`) or through a judge
+    service; the build's stages take either."""
+
+    @property
+    @abc.abstractmethod
+    def identities(self) -> tuple[JudgeIdentity, ...]:
+        """Who judges, in order; recorded in provenance."""
+
+    @abc.abstractmethod
+    async def judge_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        targets: Sequence[JudgeTarget] | None = None,
+    ) -> list[CompletionJudgment]:
+        """Judge (prompt, completion) pairs, results in order."""
+
+    async def judge_completions(
+        self,
+        prompt: str,
+        completions: Sequence[str],
+        *,
+        targets: Sequence[JudgeTarget] | None = None,
+    ) -> list[CompletionJudgment]:
+        """Judge several completions of one prompt together."""
+        pairs = [(prompt, completion) for completion in completions]
+        return await self.judge_pairs(pairs, targets=targets)
+
+
+class JudgeEngine(CompletionJudge):
     """Judges whole completions with one or more judges over the configured parts.
 
     Harm hidden in the reasoning counts: with targets ``reasoning`` and ``answer``
@@ -223,17 +253,6 @@ class JudgeEngine:
             if target == JudgeTarget.FULL or parts[target]
         ]
         return items or [JudgeItem(prompt, completion, JudgeTarget.FULL)]
-
-    async def judge_completions(
-        self,
-        prompt: str,
-        completions: Sequence[str],
-        *,
-        targets: Sequence[JudgeTarget] | None = None,
-    ) -> list[CompletionJudgment]:
-        """Judge several completions of one prompt in one batch per judge."""
-        pairs = [(prompt, completion) for completion in completions]
-        return await self.judge_pairs(pairs, targets=targets)
 
     async def judge_pairs(
         self,

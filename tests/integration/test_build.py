@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
+from tests.support.builds import write_build_config
 from unsafechain.pipelines.build.build import BuildError, run_build
 from unsafechain.pipelines.build.config import load_config
 from unsafechain.pipelines.cli import main
@@ -23,38 +23,14 @@ BAD_LINES = [
 ]
 
 
-def _config(tmp_path, standin_models, **overrides):
+def _config(tmp_path, standin_models):
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("\n".join(BAD_LINES) + "\n")
-    config = {
-        "build": {"output": str(tmp_path / "out"), "seed": 3, "concurrency": 2},
-        "sources": [
-            {"name": "redteam", "path": str(PROMPTS / "redteam.jsonl")},
-            {"name": "mixed", "path": str(mixed)},
-        ],
-        "models": {
-            role: {
-                "backend": "transformers",
-                "model": str(getattr(standin_models, role)),
-                "device": "cpu",
-            }
-            for role in ("generator", "judge", "corrector")
-        },
-        "generation": {
-            "model": "generator",
-            "samples": 3,
-            "temperature": 0.7,
-            "max_new_tokens": 96,
-        },
-        "judging": {"judges": [{"name": "guard", "model": "judge"}]},
-        "correction": {"model": "corrector", "max_attempts": 2, "max_new_tokens": 96},
-    }
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        config[section][key] = value
-    path = tmp_path / "build.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    sources = [
+        {"name": "redteam", "path": str(PROMPTS / "redteam.jsonl")},
+        {"name": "mixed", "path": str(mixed)},
+    ]
+    return write_build_config(tmp_path, standin_models, sources)
 
 
 @pytest.fixture(scope="module")

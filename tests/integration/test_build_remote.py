@@ -4,8 +4,8 @@ dataset as the in-process build with the same seed."""
 import json
 
 import pytest
-import yaml
 
+from tests.support.builds import write_build_config
 from tests.support.grpc_servers import LoopThread, server_settings, start_server_from_settings
 from unsafechain.pipelines.build.build import run_build
 from unsafechain.pipelines.build.config import load_config
@@ -73,28 +73,9 @@ def test_remote_services_build_the_same_dataset_as_the_embedded_build(
 ):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    config = {
-        "build": {"output": str(tmp_path / "embedded"), "seed": 5, "concurrency": 2},
-        "sources": [{"name": "demo", "path": str(prompts)}],
-        "models": {
-            role: {
-                "backend": "transformers",
-                "model": str(getattr(standin_models, role)),
-                "device": "cpu",
-            }
-            for role in ("generator", "judge", "corrector")
-        },
-        "generation": {
-            "model": "generator",
-            "samples": 3,
-            "temperature": 0.7,
-            "max_new_tokens": 96,
-        },
-        "judging": {"judges": [{"name": "guard", "model": "judge"}]},
-        "correction": {"model": "corrector", "max_attempts": 2, "max_new_tokens": 96},
-    }
-    path = tmp_path / "build.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_build_config(
+        tmp_path, standin_models, [{"name": "demo", "path": str(prompts)}], seed=5
+    )
     embedded = run_build(load_config(path), progress=False)
     remote_config = load_config(
         path,

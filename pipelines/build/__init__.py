@@ -1,0 +1,1 @@
+"""The dataset build: prompt sources, stages, transports, the sink and the manifest."""

@@ -1,0 +1,279 @@
+"""The build configuration: a YAML file validated into typed, frozen settings.
+
+A wrong key or value is reported with its dotted path, e.g.
+``generation.samples: Input should be greater than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from unsafechain.services.core.service_settings import ClientSettings
+from unsafechain.services.core.settings import BackendSettings, StrictModel
+from unsafechain.services.core.types import JudgeTarget, SamplingParams
+from unsafechain.services.judge.engine import PromptFormat
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class SourceSettings(StrictModel):
+    """One prompt source.
+
+    Attributes:
+        name: Source tag carried by every prompt (the release's ``split_name``).
+        path: A JSONL or Parquet file, a ``datasets.save_to_disk`` folder, or a hub
+            dataset name (``format: hub``; needs a network).
+        format: ``auto`` decides from the path.
+        prompt_field: Column holding the prompt text.
+        split: Split to read from a ``datasets`` folder or hub dataset.
+        limit: Read at most this many valid prompts.
+    """
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    path: Annotated[str, Field(min_length=1)]
+    format: Literal["auto", "jsonl", "parquet", "datasets", "hub"] = "auto"
+    prompt_field: str = "prompt"
+    split: str = "train"
+    limit: Annotated[int, Field(ge=1)] | None = None
+
+
+class GenerationSettings(StrictModel):
+    """Sampling the reasoning model: K samples, temperature 0.6, top-p 0.95 is the
+    usual protocol; temperature 0 with K=1 is greedy."""
+
+    model: str
+    samples: Annotated[int, Field(ge=1)] = 5
+    temperature: Annotated[float, Field(ge=0)] = 0.6
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
+    system_prompt: str = ""
+
+    def params(self) -> SamplingParams:
+        """The sampling settings for one prompt's K samples."""
+        return SamplingParams(
+            n=self.samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+class JudgeSettings(StrictModel):
+    """One judge.
+
+    Attributes:
+        name: Recorded on every verdict.
+        kind: The judge implementation.
+        model: Key of the model in ``models``.
+        prompt_format: How a Llama Guard prompt is rendered.
+        threshold: Unsafe score at or above which a verdict is unsafe.
+    """
+
+    name: Annotated[str, Field(min_length=1)]
+    kind: Literal["llama_guard"] = "llama_guard"
+    model: str
+    prompt_format: PromptFormat = PromptFormat.AUTO
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+
+class JudgingSettings(StrictModel):
+    """The judges and the parts of a completion they judge."""
+
+    judges: Annotated[list[JudgeSettings], Field(min_length=1)]
+    targets: Annotated[tuple[JudgeTarget, ...], Field(min_length=1)] = (JudgeTarget.FULL,)
+
+
+class RoutingSettings(StrictModel):
+    """When a prompt is a hard case.
+
+    Attributes:
+        hard_fraction: Fraction of the K completions that must be judged unsafe
+            (default: all of them).
+    """
+
+    hard_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class CorrectionSettings(StrictModel):
+    """Correcting unsafe completions of hard cases.
+
+    Attributes:
+        model: Key of the corrector model in ``models``.
+        max_attempts: Tries per unsafe completion before giving up.
+        completions: ``all`` corrects every unsafe completion of a hard case (the
+            method); ``until_passed`` stops at the first correction that passes.
+        templates: Folder with ``system.md`` and ``user.md.j2``; default: bundled.
+    """
+
+    model: str
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    temperature: Annotated[float, Field(ge=0)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    max_new_tokens: Annotated[int, Field(ge=1)] = 2048
+    completions: Literal["all", "until_passed"] = "all"
+    templates: str | None = None
+
+    def params(self) -> SamplingParams:
+        """Sampling settings for one correction attempt."""
+        return SamplingParams(
+            n=1,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+class RunSettings(StrictModel):
+    """How the build runs.
+
+    Attributes:
+        output: Folder the dataset, the manifest and the resume state go to.
+        seed: Seed from which every case's sampling seed is derived.
+        concurrency: Cases in flight per stage.
+        queue_size: Capacity of each queue between stages (backpressure).
+    """
+
+    output: Annotated[str, Field(min_length=1)]
+    seed: int = 0
+    concurrency: Annotated[int, Field(ge=1)] = 4
+    queue_size: Annotated[int, Field(ge=1)] = 16
+
+
+class RemoteStages(StrictModel):
+    """Stages sent to gRPC services instead of the in-process engines.
+
+    A stage named here calls the service at its address; the model that stage names
+    in ``models`` says what the service runs, for provenance, and is not loaded here.
+    """
+
+    generation: ClientSettings | None = None
+    judge: ClientSettings | None = None
+    correction: ClientSettings | None = None
+
+
+class KafkaSettings(StrictModel):
+    """The Kafka transport (``unsafechain build --bus kafka`` and ``unsafechain worker``).
+
+    Attributes:
+        bootstrap_servers: Brokers to connect to first, ``host:port``.
+        topic_prefix: First part of every topic and consumer group name.
+        version: Version of the message contract, part of every topic name, so a
+            breaking change runs on new topics beside the old ones.
+        partitions: Partitions per topic: the most workers a stage can use at once.
+        replication_factor: Copies of each partition the cluster keeps.
+        max_retries: Extra tries of a message whose processing raises, before it goes
+            to the stage's dead-letter topic.
+        retry_backoff_seconds: Wait before the first retry, doubled for each further one.
+        max_poll_records: Messages a worker takes per poll, i.e. cases in flight per
+            worker (backpressure: a worker never holds more).
+        max_poll_interval_ms: Longest time a worker may take over one batch before the
+            group gives its partitions to another worker.
+        session_timeout_ms: Time without heartbeats after which a worker counts as dead.
+        heartbeat_interval_ms: Time between heartbeats.
+    """
+
+    bootstrap_servers: Annotated[tuple[str, ...], Field(min_length=1)] = ("127.0.0.1:9092",)
+    topic_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "unsafechain"
+    version: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")] = "v1"
+    partitions: Annotated[int, Field(ge=1)] = 4
+    replication_factor: Annotated[int, Field(ge=1)] = 1
+    max_retries: Annotated[int, Field(ge=0)] = 3
+    retry_backoff_seconds: Annotated[float, Field(ge=0)] = 0.5
+    max_poll_records: Annotated[int, Field(ge=1)] = 8
+    max_poll_interval_ms: Annotated[int, Field(ge=1000)] = 300_000
+    session_timeout_ms: Annotated[int, Field(ge=1000)] = 10_000
+    heartbeat_interval_ms: Annotated[int, Field(ge=100)] = 3_000
+
+
+class BuildConfig(StrictModel):
+    """The whole build."""
+
+    build: RunSettings
+    sources: Annotated[list[SourceSettings], Field(min_length=1)]
+    models: Annotated[dict[str, BackendSettings], Field(min_length=1)]
+    generation: GenerationSettings
+    judging: JudgingSettings
+    routing: RoutingSettings = RoutingSettings()
+    correction: CorrectionSettings
+    remote: RemoteStages = RemoteStages()
+    kafka: KafkaSettings = KafkaSettings()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> BuildConfig:
+        references = [("generation.model", self.generation.model)]
+        references += [
+            (f"judging.judges.{i}.model", judge.model)
+            for i, judge in enumerate(self.judging.judges)
+        ]
+        references.append(("correction.model", self.correction.model))
+        for key, name in references:
+            if name not in self.models:
+                known = ", ".join(sorted(self.models))
+                raise ValueError(f"{key}: no model named {name!r} in models (have: {known})")
+        names = [source.name for source in self.sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"sources: duplicate source name(s): {', '.join(duplicates)}")
+        judge_names = [judge.name for judge in self.judging.judges]
+        if len(set(judge_names)) != len(judge_names):
+            raise ValueError("judging.judges: judge names must be unique")
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the content of cases: a resumed build
+        must have the same one. Output folder, concurrency and transport do not count."""
+        content = self.model_dump(
+            mode="json", exclude={"build": {"output", "concurrency", "queue_size"}, "kafka": True}
+        )
+        for model in content["models"].values():
+            for key in ("timeout", "max_concurrency", "retry", "max_batch_size", "device"):
+                model.pop(key, None)
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> BuildConfig:
+    """Read and validate a build configuration.
+
+    Args:
+        path: YAML file.
+        overrides: Dotted keys to set after reading, e.g. ``{"build.output": "x"}``.
+
+    Raises:
+        ConfigError: The file is missing or invalid; the message names the key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {path}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return BuildConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {_describe(error)}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}: {message}" if key else message)
+    return "; ".join(problems)
