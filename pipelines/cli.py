@@ -26,14 +26,67 @@ def _build(args: argparse.Namespace) -> int:
 
     overrides = {"build.output": args.output} if args.output else {}
     try:
-        config = load_config(args.config, overrides)
-        result = run_build(config, progress=not args.no_progress)
+        config = load_config(args.config, overrides | _kafka_overrides(args))
+        if args.bus == "kafka":
+            from unsafechain.pipelines.build.kafka import run_kafka_build
+
+            result = run_kafka_build(config, progress=not args.no_progress)
+        else:
+            result = run_build(config, progress=not args.no_progress)
     except (ConfigError, SourceError, BuildError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     counts = result.manifest["counts"]
     print(f"dataset written to {result.output}")
     print(json.dumps(counts, indent=2))
+    return 0
+
+
+def _kafka_overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    if getattr(args, "bootstrap", None):
+        overrides["kafka.bootstrap_servers"] = args.bootstrap.split(",")
+    if getattr(args, "topic_prefix", None):
+        overrides["kafka.topic_prefix"] = args.topic_prefix
+    return overrides
+
+
+def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap",
+        help="Kafka brokers, host:port[,host:port…]; overrides kafka.bootstrap_servers",
+    )
+    parser.add_argument("--topic-prefix", help="overrides kafka.topic_prefix")
+
+
+def _topics_create(args: argparse.Namespace) -> int:
+    from unsafechain.pipelines.build.config import ConfigError, KafkaSettings, load_config
+    from unsafechain.pipelines.build.kafka import create_topics
+
+    try:
+        settings = load_config(args.config, _kafka_overrides(args)).kafka
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.partitions:
+        settings = KafkaSettings.model_validate(
+            settings.model_dump() | {"partitions": args.partitions}
+        )
+    for name in create_topics(settings):
+        print(f"created {name}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from unsafechain.pipelines.build.config import ConfigError, load_config
+    from unsafechain.pipelines.build.kafka import run_worker
+
+    try:
+        config = load_config(args.config, _kafka_overrides(args))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run_worker(config, args.stage, metrics_port=args.metrics_port)
     return 0
 
 
@@ -144,7 +197,43 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
     build.add_argument("--output", help="output folder; overrides build.output in the config")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    build.add_argument(
+        "--bus",
+        choices=["embedded", "kafka"],
+        default="embedded",
+        help="embedded: every stage in this process; kafka: publish the prompts and store "
+        "what `unsafechain worker` processes deliver",
+    )
+    _add_kafka_arguments(build)
     build.set_defaults(handler=_build)
+
+    topics = commands.add_parser("topics", help="manage the build's Kafka topics")
+    topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    create = topic_commands.add_parser(
+        "create",
+        help="create every build topic and its dead-letter topic",
+        description="Create <prefix>.<version>.<topic> and <…>.dlq for every build topic; "
+        "topics that exist are left as they are.",
+    )
+    create.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
+    create.add_argument("--partitions", type=int, help="overrides kafka.partitions")
+    _add_kafka_arguments(create)
+    create.set_defaults(handler=_topics_create)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run one build stage as a Kafka consumer group member",
+        description="Consume the stage's topic, run the stage, produce its outputs, then "
+        "commit. Start more to scale (up to the partition count); SIGTERM finishes the "
+        "batch in hand, commits and leaves the group.",
+    )
+    worker.add_argument("stage", choices=["generate", "judge", "route", "correct"])
+    worker.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics (consumer lag) on this port"
+    )
+    _add_kafka_arguments(worker)
+    worker.set_defaults(handler=_worker)
 
     standins = commands.add_parser(
         "standins",

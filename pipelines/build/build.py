@@ -41,13 +41,13 @@ from unsafechain.pipelines.build.stages import (
 )
 from unsafechain.pipelines.build.store import CaseStore
 from unsafechain.pipelines.build.transport import EmbeddedTransport
-from unsafechain.services.core.backends.base import ModelBackend
-from unsafechain.services.core.convert import identity_to_pb, model_ref_to_pb, sampling_to_pb
 from unsafechain.services.client import (
     RemoteCorrectionEngine,
     RemoteJudgeEngine,
     remote_generation_engine,
 )
+from unsafechain.services.core.backends.base import ModelBackend
+from unsafechain.services.core.convert import identity_to_pb, model_ref_to_pb, sampling_to_pb
 from unsafechain.services.core.settings import create_backend
 from unsafechain.services.core.types import JudgeIdentity
 from unsafechain.services.correction.engine import CorrectionEngine, CorrectionTemplates

@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from unsafechain.pipelines.build.build import (
     BuildError,
-    STAGE_NAMES,
     BuildResult,
     Engines,
     build_provenance,
@@ -196,6 +195,9 @@ class MessageRunner:
         handle: Processes one case and returns what to produce.
         give_up: The outputs for a case that is dead-lettered, e.g. the case marked
             failed for the sink; none by default.
+        dead_letter: Whether a message that still fails after the retries goes to the
+            dead-letter topic; if not, the error stops the runner before the commit
+            (the sink: a case it cannot store must not be skipped).
         concurrency: Cases of a batch processed at once.
         loop: The event loop the handler's engines belong to.
         lag: Where to publish the consumer lag.
@@ -209,6 +211,7 @@ class MessageRunner:
         handle: Handler,
         *,
         give_up: Callable[[case_pb2.Case, str], Emitted] | None = None,
+        dead_letter: bool = True,
         concurrency: int = 4,
         loop: asyncio.AbstractEventLoop,
         lag: ConsumerLag | None = None,
@@ -218,6 +221,7 @@ class MessageRunner:
         self._stage = stage
         self._handle = handle
         self._give_up = give_up
+        self._uses_dead_letters = dead_letter
         self._semaphore_size = concurrency
         self._loop = loop
         self._lag = lag or ConsumerLag()
@@ -305,6 +309,8 @@ class MessageRunner:
                     "case %s: %s attempt %d failed: %s", case.id, self._stage, attempt, reason
                 )
                 if attempt > settings.max_retries:
+                    if not self._uses_dead_letters:
+                        raise
                     return DeadLetter(reason, attempt, decode(record.value))
                 await asyncio.sleep(settings.retry_backoff_seconds * 2 ** (attempt - 1))
         raise AssertionError("unreachable: the last attempt returns")
@@ -461,7 +467,9 @@ def _sink_until_stored(config, start, loop: asyncio.AbstractEventLoop, progress:
                 bar.update()
             return []
 
-        runner = MessageRunner(config.kafka, RECORDS, SINK, handle, loop=loop, concurrency=1)
+        runner = MessageRunner(
+            config.kafka, RECORDS, SINK, handle, dead_letter=False, loop=loop, concurrency=1
+        )
         # The models are loaded here only to name them in each case's provenance.
         engines = loop.run_until_complete(_engines(config))
         try:

@@ -36,5 +36,5 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "filelock", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

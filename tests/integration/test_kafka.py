@@ -18,6 +18,7 @@ import pytest
 import yaml
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from tests.support.builds import write_build_config
 from tests.support.kafka_broker import (
     FAST_GROUP_SETTINGS,
     free_port,
@@ -25,10 +26,9 @@ from tests.support.kafka_broker import (
     tansu_binary,
     tansu_broker,
 )
-from unsafechain.pipelines.build.build import run_build
+from unsafechain.pipelines.build.build import STAGE_NAMES, run_build
 from unsafechain.pipelines.build.config import KafkaSettings, load_config
 from unsafechain.pipelines.build.kafka import (
-    STAGE_NAMES,
     ConsumerLag,
     MessageRunner,
     create_topics,
@@ -59,25 +59,14 @@ def _config(tmp_path: Path, standin_models, bootstrap: str, prefix: str, prompts
     lines = (PROMPTS / "redteam.jsonl").read_text().splitlines()
     lines += (PROMPTS / "benign.jsonl").read_text().splitlines()
     source = tmp_path / "prompts.jsonl"
-    # Red-team and benign prompts interleaved, so both routes are taken.
+    # Half red-team, half benign prompts, so both routes are taken.
     source.write_text("\n".join(lines[: prompts // 2] + lines[-(prompts - prompts // 2) :]) + "\n")
-    config = {
-        "build": {"output": str(tmp_path / "out"), "seed": 5, "concurrency": 2},
-        "sources": [{"name": "mixed", "path": str(source)}],
-        "models": {
-            role: {
-                "backend": "transformers",
-                "model": str(getattr(standin_models, role)),
-                "device": "cpu",
-            }
-            for role in ("generator", "judge", "corrector")
-        },
-        "generation": {"model": "generator", "samples": 2, "max_new_tokens": 24},
-        "judging": {"judges": [{"name": "guard", "model": "judge"}]},
-        "correction": {"model": "corrector", "max_attempts": 1, "max_new_tokens": 24},
-        "kafka": kafka_section(bootstrap, prefix),
-    }
-    path = tmp_path / "build.yaml"
+    path = write_build_config(tmp_path, standin_models, [{"name": "mixed", "path": str(source)}])
+    config = yaml.safe_load(path.read_text())
+    # Short samples keep nine processes on two cores within the time budget.
+    config["generation"] |= {"samples": 2, "max_new_tokens": 24}
+    config["correction"] |= {"max_attempts": 1, "max_new_tokens": 24}
+    config["kafka"] = kafka_section(bootstrap, prefix)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -144,7 +133,7 @@ def _outcomes(output: Path) -> dict[str, tuple]:
 
 
 def _read_topic(bootstrap: str, topic: str, partitions: int) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], consumer_timeout_ms=3000)
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], consumer_timeout_ms=1500)
     consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
     consumer.seek_to_beginning()
     messages = list(consumer)
