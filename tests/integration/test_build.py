@@ -1,3 +1,4 @@
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 from tests.support.builds import write_build_config
 from unsafechain.pipelines.build.build import BuildError, run_build
 from unsafechain.pipelines.build.config import load_config
-from unsafechain.pipelines.cli import main
+from unsafechain.pipelines.cli import build_parser, main
 
 pytestmark = pytest.mark.integration
 
@@ -165,9 +166,20 @@ def test_cli_reports_a_config_error_naming_the_key(tmp_path, capsys):
     assert "sources" in error and "models" in error
 
 
-@pytest.mark.parametrize("command", [[], ["build"], ["standins"]])
-def test_every_subcommand_has_help(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([*command, "--help"])
-    assert exit_info.value.code == 0
-    assert "usage: unsafechain" in capsys.readouterr().out
+def _subcommands(parser, prefix=()):
+    """Every command path of the CLI, e.g. ("serve", "judge")."""
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                yield from _subcommands(subparser, (*prefix, name))
+
+
+def test_every_subcommand_has_help(capsys):
+    commands = list(_subcommands(build_parser()))
+    assert {("build",), ("standins",), ("serve", "judge"), ("judge",), ("worker",)} <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0, command
+        assert "usage: unsafechain" in capsys.readouterr().out
