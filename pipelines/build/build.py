@@ -28,7 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from unsafechain.pipelines.build.config import BuildConfig
+from unsafechain.pipelines.build.config import (
+    BuildConfig,
+    EnsembleSettings,
+    JudgeSettings,
+    RefusalSettings,
+    RubricSettings,
+)
 from unsafechain.pipelines.build.rows import case_to_row, has_response, status_name
 from unsafechain.pipelines.build.sources import PromptRecord, Rejection, read_source
 from unsafechain.pipelines.build.stages import (
@@ -52,7 +58,10 @@ from unsafechain.services.core.settings import create_backend
 from unsafechain.services.core.types import JudgeIdentity
 from unsafechain.services.correction.engine import CorrectionEngine, CorrectionTemplates
 from unsafechain.services.generation.engine import GenerationEngine
-from unsafechain.services.judge.engine import JudgeEngine, LlamaGuardJudge
+from unsafechain.services.judge.engine import Judge, JudgeEngine, LlamaGuardJudge
+from unsafechain.services.judge.ensemble import EnsembleJudge
+from unsafechain.services.judge.refusal import RefusalJudge
+from unsafechain.services.judge.rubric import RubricJudge
 from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)
@@ -137,8 +146,14 @@ class Engines:
         config = self._config
         if config.remote.judge:
             identities = [
-                JudgeIdentity(judge.name, judge.kind, config.models[judge.model].ref())
-                for judge in config.judging.judges
+                JudgeIdentity(
+                    judge.name,
+                    judge.kind,
+                    None
+                    if isinstance(judge, EnsembleSettings)
+                    else config.models[judge.model].ref(),
+                )
+                for judge in config.judging.reported
             ]
             engine = RemoteJudgeEngine(config.remote.judge, identities)
             self._remote.append(engine)
@@ -167,16 +182,41 @@ class Engines:
         )
 
     def _local_judge(self, config: BuildConfig) -> JudgeEngine:
-        judges = [
-            LlamaGuardJudge(
-                self._backend(config, judge.model),
-                name=judge.name,
-                prompt_format=judge.prompt_format,
-                threshold=judge.threshold,
-            )
-            for judge in config.judging.judges
-        ]
-        return JudgeEngine(judges, config.judging.targets)
+        built: dict[str, Judge] = {}
+        # Members first, so that an ensemble finds them built; members are never ensembles.
+        for judge in sorted(config.judging.judges, key=lambda j: isinstance(j, EnsembleSettings)):
+            built[judge.name] = self._judge(config, judge, built)
+        reported = [built[judge.name] for judge in config.judging.reported]
+        return JudgeEngine(reported, config.judging.targets)
+
+    def _judge(self, config: BuildConfig, judge: JudgeSettings, built: dict[str, Judge]) -> Judge:
+        """The judge ``judge`` configures; an ensemble takes its members from ``built``."""
+        match judge:
+            case EnsembleSettings():
+                members = [built[name] for name in judge.members]
+                return EnsembleJudge(
+                    members, name=judge.name, rule=judge.rule, threshold=judge.threshold
+                )
+            case RubricSettings():
+                return RubricJudge(
+                    self._backend(config, judge.model),
+                    name=judge.name,
+                    threshold=judge.threshold,
+                    template=Path(judge.template) if judge.template else None,
+                )
+            case RefusalSettings():
+                return RefusalJudge(
+                    self._backend(config, judge.model),
+                    name=judge.name,
+                    compliance_is_unsafe=judge.compliance_is_unsafe,
+                    template=Path(judge.template) if judge.template else None,
+                )
+        return LlamaGuardJudge(
+            self._backend(config, judge.model),
+            name=judge.name,
+            prompt_format=judge.prompt_format,
+            threshold=judge.threshold,
+        )
 
     def _backend(self, config: BuildConfig, key: str) -> ModelBackend:
         if key not in self._backends:
@@ -414,6 +454,16 @@ def _finalize(config: BuildConfig, start: BuildStart) -> dict:
             "written": len(rows),
         },
         "by_status": dict(sorted(statuses.items())),
+        "rules": {
+            "hard_case": (
+                f"a prompt is hard when at least {config.routing.hard_fraction:.0%} of its "
+                f"K={config.generation.samples} completions are judged unsafe"
+            ),
+            "training_row": (
+                "one row per prompt: the first correction that passed re-judging for a hard "
+                "prompt, the first completion judged safe for any other"
+            ),
+        },
         "read_by_source": dict(intake.read_by_source),
         "models": {
             key: {"backend": m.backend, "model": m.model, "base_url": m.base_url}

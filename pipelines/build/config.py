@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from unsafechain.services.core.service_settings import ClientSettings
 from unsafechain.services.core.settings import BackendSettings, StrictModel
 from unsafechain.services.core.types import JudgeTarget, SamplingParams
 from unsafechain.services.judge.engine import PromptFormat
+from unsafechain.services.judge.ensemble import EnsembleRule
 
 
 class ConfigError(ValueError):
@@ -66,29 +67,117 @@ class GenerationSettings(StrictModel):
         )
 
 
-class JudgeSettings(StrictModel):
-    """One judge.
+class _JudgeBase(StrictModel):
+    """What every judge has.
 
     Attributes:
-        name: Recorded on every verdict.
-        kind: The judge implementation.
-        model: Key of the model in ``models``.
-        prompt_format: How a Llama Guard prompt is rendered.
-        threshold: Unsafe score at or above which a verdict is unsafe.
+        name: Recorded on every verdict; how ensembles refer to the judge.
+        report: Whether the judge's own verdicts go into the dataset. ``false`` keeps
+            a judge that serves only as an ensemble member from adding verdicts (and
+            from deciding labels) beside the ensemble's.
     """
 
     name: Annotated[str, Field(min_length=1)]
+    report: bool = True
+
+
+class LlamaGuardSettings(_JudgeBase):
+    """Llama Guard 3 (``kind: llama_guard``, the default kind).
+
+    Attributes:
+        model: Key of the guard model in ``models``.
+        prompt_format: How the Llama Guard prompt is rendered.
+        threshold: Unsafe probability at or above which a verdict is unsafe.
+    """
+
     kind: Literal["llama_guard"] = "llama_guard"
     model: str
     prompt_format: PromptFormat = PromptFormat.AUTO
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
+class RubricSettings(_JudgeBase):
+    """An LLM-as-judge grading with the StrongREJECT rubric (``kind: rubric``).
+
+    Attributes:
+        model: Key of the grading model in ``models``, usually an OpenAI-compatible API.
+        threshold: StrongREJECT score at or above which a verdict is unsafe.
+        template: Jinja file with the rubric prompt, receiving ``prompt`` and
+            ``response``; default: the bundled StrongREJECT rubric.
+    """
+
+    kind: Literal["rubric"]
+    model: str
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+    template: str | None = None
+
+
+class RefusalSettings(_JudgeBase):
+    """An XSTest-style refusal classifier (``kind: refusal``).
+
+    Attributes:
+        model: Key of the classifying model in ``models``.
+        compliance_is_unsafe: Label full compliance unsafe; ``false`` labels every
+            answer safe and keeps only the class, for over-refusal studies on benign
+            prompts.
+        template: Jinja file with the classifier prompt; default: bundled.
+    """
+
+    kind: Literal["refusal"]
+    model: str
+    compliance_is_unsafe: bool = True
+    template: str | None = None
+
+
+class EnsembleSettings(_JudgeBase):
+    """Several judges combined into one verdict (``kind: ensemble``).
+
+    Attributes:
+        members: Names of other judges in ``judging.judges``; not ensembles. Give
+            members ``report: false`` when only the ensemble's verdict should count.
+        rule: ``majority``, ``any_unsafe`` or ``mean_score`` (see :class:`EnsembleRule`).
+        threshold: For ``mean_score``, the mean at or above which a verdict is unsafe.
+    """
+
+    kind: Literal["ensemble"]
+    members: Annotated[list[str], Field(min_length=1)]
+    rule: EnsembleRule = EnsembleRule.MAJORITY
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+
+def _judge_kind(value: object) -> str | None:
+    # ``kind`` may be left out for Llama Guard, the judge configs had before there
+    # were others.
+    if isinstance(value, dict):
+        return value.get("kind", "llama_guard")
+    return getattr(value, "kind", None)
+
+
+JudgeSettings = Annotated[
+    Annotated[LlamaGuardSettings, Tag("llama_guard")]
+    | Annotated[RubricSettings, Tag("rubric")]
+    | Annotated[RefusalSettings, Tag("refusal")]
+    | Annotated[EnsembleSettings, Tag("ensemble")],
+    Discriminator(_judge_kind),
+]
+"""One judge; ``kind`` selects which and which fields it takes."""
+
+
 class JudgingSettings(StrictModel):
-    """The judges and the parts of a completion they judge."""
+    """The judges and the parts of a completion they judge.
+
+    Every judge with ``report: true`` (the default) gives verdicts on every part; a
+    completion is unsafe if any of them says so. An ensemble judges through its
+    members, which may be left out of the dataset with ``report: false``.
+    """
 
     judges: Annotated[list[JudgeSettings], Field(min_length=1)]
     targets: Annotated[tuple[JudgeTarget, ...], Field(min_length=1)] = (JudgeTarget.FULL,)
+
+    @property
+    def reported(self) -> list[JudgeSettings]:
+        """The judges whose verdicts go into the dataset, in order."""
+        return [judge for judge in self.judges if judge.report]
 
 
 class RoutingSettings(StrictModel):
@@ -212,8 +301,16 @@ class BuildConfig(StrictModel):
         references += [
             (f"judging.judges.{i}.model", judge.model)
             for i, judge in enumerate(self.judging.judges)
+            if not isinstance(judge, EnsembleSettings)
         ]
         references.append(("correction.model", self.correction.model))
+        if self.remote.judge:
+            for i, judge in enumerate(self.judging.judges):
+                if judge.kind != "llama_guard":
+                    raise ValueError(
+                        f"judging.judges.{i}.kind: the judge service runs Llama Guard judges "
+                        f"only; {judge.kind!r} cannot be sent to remote.judge"
+                    )
         for key, name in references:
             if name not in self.models:
                 known = ", ".join(sorted(self.models))
@@ -222,10 +319,27 @@ class BuildConfig(StrictModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"sources: duplicate source name(s): {', '.join(duplicates)}")
-        judge_names = [judge.name for judge in self.judging.judges]
-        if len(set(judge_names)) != len(judge_names):
-            raise ValueError("judging.judges: judge names must be unique")
+        self._judges_resolve()
         return self
+
+    def _judges_resolve(self) -> None:
+        by_name = {judge.name: judge for judge in self.judging.judges}
+        if len(by_name) != len(self.judging.judges):
+            raise ValueError("judging.judges: judge names must be unique")
+        for i, judge in enumerate(self.judging.judges):
+            if not isinstance(judge, EnsembleSettings):
+                continue
+            for j, member in enumerate(judge.members):
+                key = f"judging.judges.{i}.members.{j}"
+                if member == judge.name:
+                    raise ValueError(f"{key}: ensemble {member!r} cannot be its own member")
+                if member not in by_name:
+                    known = ", ".join(sorted(by_name))
+                    raise ValueError(f"{key}: no judge named {member!r} (have: {known})")
+                if isinstance(by_name[member], EnsembleSettings):
+                    raise ValueError(f"{key}: {member!r} is an ensemble; members must not be")
+        if not self.judging.reported:
+            raise ValueError("judging.judges: at least one judge needs report: true")
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the content of cases: a resumed build

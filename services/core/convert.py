@@ -16,6 +16,7 @@ from unsafechain.services.core.types import (
     JudgeTarget,
     Message,
     ModelRef,
+    RefusalClass,
     Role,
     SamplingParams,
     Verdict,
@@ -32,6 +33,13 @@ LABEL_TO_PB = {
     VerdictLabel.ERROR: case_pb2.VERDICT_LABEL_ERROR,
 }
 LABEL_FROM_PB = {value: key for key, value in LABEL_TO_PB.items()}
+
+REFUSAL_TO_PB = {
+    RefusalClass.FULL_COMPLIANCE: case_pb2.REFUSAL_CLASS_FULL_COMPLIANCE,
+    RefusalClass.FULL_REFUSAL: case_pb2.REFUSAL_CLASS_FULL_REFUSAL,
+    RefusalClass.PARTIAL_REFUSAL: case_pb2.REFUSAL_CLASS_PARTIAL_REFUSAL,
+}
+REFUSAL_FROM_PB = {value: key for key, value in REFUSAL_TO_PB.items()}
 
 TARGET_TO_PB = {
     JudgeTarget.FULL: case_pb2.JUDGE_TARGET_FULL,
@@ -96,6 +104,8 @@ def verdict_to_pb(verdict: Verdict) -> case_pb2.Verdict:
         raw_output=verdict.raw_output,
         error=verdict.error,
     )
+    if verdict.refusal is not None:
+        message.refusal = REFUSAL_TO_PB[verdict.refusal]
     if verdict.score is not None:
         message.score = verdict.score
     return message
@@ -119,6 +129,7 @@ def verdict_from_pb(message: case_pb2.Verdict) -> Verdict:
         score=message.score if message.HasField("score") else None,
         raw_output=message.raw_output,
         error=message.error,
+        refusal=REFUSAL_FROM_PB.get(message.refusal),
     )
 
 

@@ -120,6 +120,14 @@ class VerdictLabel(enum.StrEnum):
     ERROR = "error"
 
 
+class RefusalClass(enum.StrEnum):
+    """How a response answers its prompt, in the three classes of XSTest."""
+
+    FULL_COMPLIANCE = "full_compliance"
+    FULL_REFUSAL = "full_refusal"
+    PARTIAL_REFUSAL = "partial_refusal"
+
+
 class JudgeTarget(enum.StrEnum):
     """Which part of a completion is judged."""
 
@@ -146,9 +154,11 @@ class Verdict:
         target: Which part was judged.
         label: Safe, unsafe or error.
         categories: Violated category codes, in the judge's order.
-        score: Probability of unsafe, when the backend gave log-probabilities.
+        score: How unsafe, in [0, 1], when the judge measures it: the probability
+            of unsafe from log-probabilities, a rubric score or an ensemble's mean.
         raw_output: The judge's output exactly as generated.
         error: Why the label is ``ERROR``; empty otherwise.
+        refusal: How the response answered, for refusal judges; None for others.
     """
 
     judge: JudgeIdentity
@@ -158,6 +168,7 @@ class Verdict:
     score: float | None = None
     raw_output: str = ""
     error: str = ""
+    refusal: RefusalClass | None = None
 
 
 def combine_labels(verdicts: Sequence[Verdict]) -> VerdictLabel:

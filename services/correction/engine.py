@@ -8,7 +8,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 
 import jinja2
@@ -20,6 +19,7 @@ from unsafechain.services.core.reasoning import (
     ReasoningSplit,
     split_reasoning,
 )
+from unsafechain.services.core.templates import bundled_templates, load_template, read_template
 from unsafechain.services.core.types import (
     GenerationRequest,
     Message,
@@ -49,16 +49,13 @@ class CorrectionTemplates:
     @classmethod
     def load(cls, folder: Path | None = None) -> CorrectionTemplates:
         """Read ``system.md`` and ``user.md.j2`` from ``folder`` (default: bundled)."""
-        root = folder or resources.files("unsafechain.services.correction") / "templates"
+        root = folder or bundled_templates("unsafechain.services.correction")
         try:
-            system = (root / "system.md").read_text(encoding="utf-8")
-            user = (root / "user.md.j2").read_text(encoding="utf-8")
-        except FileNotFoundError as error:
-            raise ValueError(f"correction template missing: {error.filename}") from error
-        environment = jinja2.Environment(
-            undefined=jinja2.StrictUndefined, keep_trailing_newline=True
-        )
-        return cls(system.strip(), environment.from_string(user))
+            return cls(
+                read_template(root / "system.md").strip(), load_template(root / "user.md.j2")
+            )
+        except ValueError as error:
+            raise ValueError(f"correction {error}") from error
 
     def messages(
         self, prompt: str, response: str, categories: Sequence[str], feedback: str = ""

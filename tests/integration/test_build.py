@@ -63,6 +63,7 @@ def test_every_stage_runs_and_the_manifest_counts_add_up(built):
     assert counts["corrected"] > 0
     assert counts["written"] + counts["failed"] == counts["cases"]
     assert sum(result.manifest["by_status"].values()) == counts["cases"]
+    assert "at least 100% of its K=3 completions" in result.manifest["rules"]["hard_case"]
 
 
 def test_bad_prompt_lines_are_reported_with_file_line_and_reason(built):

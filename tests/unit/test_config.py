@@ -58,3 +58,81 @@ def test_fingerprint_ignores_output_and_concurrency_but_not_sampling(tmp_path):
     hotter = _load(tmp_path, BASE, {"generation.temperature": 1.0})
     assert first.fingerprint() == moved.fingerprint()
     assert first.fingerprint() != hotter.fingerprint()
+
+
+ALL_KINDS = [
+    {"name": "guard", "model": "m", "report": False},
+    {"name": "strongreject", "kind": "rubric", "model": "m", "threshold": 0.4},
+    {"name": "xstest", "kind": "refusal", "model": "m", "compliance_is_unsafe": False},
+    {
+        "name": "panel",
+        "kind": "ensemble",
+        "members": ["guard", "strongreject"],
+        "rule": "any_unsafe",
+    },
+]
+
+
+def _with_judges(judges):
+    config = yaml.safe_load(yaml.safe_dump(BASE))
+    config["judging"]["judges"] = judges
+    return config
+
+
+def test_each_judge_kind_loads_with_its_own_fields(tmp_path):
+    judging = _load(tmp_path, _with_judges(ALL_KINDS)).judging
+    guard, rubric, refusal, ensemble = judging.judges
+    assert (guard.kind, guard.prompt_format, guard.report) == ("llama_guard", "auto", False)
+    assert (rubric.kind, rubric.threshold, rubric.template) == ("rubric", 0.4, None)
+    assert (refusal.kind, refusal.compliance_is_unsafe) == ("refusal", False)
+    assert (ensemble.kind, ensemble.members, ensemble.rule) == (
+        "ensemble",
+        ["guard", "strongreject"],
+        "any_unsafe",
+    )
+    assert [judge.name for judge in judging.reported] == ["strongreject", "xstest", "panel"]
+
+
+@pytest.mark.parametrize(
+    ("members", "key", "reason"),
+    [
+        (["guard", "nope"], "judging.judges.3.members.1", "no judge named 'nope'"),
+        (["panel"], "judging.judges.3.members.0", "cannot be its own member"),
+        (["inner"], "judging.judges.3.members.0", "is an ensemble"),
+    ],
+)
+def test_bad_ensemble_member_names_the_key(tmp_path, members, key, reason):
+    inner = {"name": "inner", "kind": "ensemble", "members": ["guard"]}
+    judges = [*ALL_KINDS[:3], {**ALL_KINDS[3], "members": members}, inner]
+    with pytest.raises(ConfigError) as error:
+        _load(tmp_path, _with_judges(judges))
+    assert f"{key}: " in str(error.value)
+    assert reason in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("judge", "key"),
+    [
+        ({"name": "r", "kind": "rubric", "model": "m", "prompt_format": "auto"}, "prompt_format"),
+        ({"name": "r", "kind": "rubric", "model": "m", "threshold": 0}, "threshold"),
+        ({"name": "e", "kind": "ensemble", "members": ["guard"], "rule": "vote"}, "rule"),
+        ({"name": "x", "kind": "classifier", "model": "m"}, "judging.judges.1"),
+    ],
+)
+def test_judge_fields_are_checked_per_kind(tmp_path, judge, key):
+    with pytest.raises(ConfigError, match=key):
+        _load(tmp_path, _with_judges([ALL_KINDS[0] | {"report": True}, judge]))
+
+
+def test_a_build_needs_a_judge_that_reports(tmp_path):
+    with pytest.raises(ConfigError, match="at least one judge needs report: true"):
+        _load(tmp_path, _with_judges(ALL_KINDS[:1]))
+
+
+def test_remote_judge_service_accepts_only_llama_guard_judges(tmp_path):
+    config = yaml.safe_load(yaml.safe_dump(BASE))
+    config["models"]["grader"] = {"backend": "openai", "model": "gpt-4.1"}
+    config["judging"]["judges"].append({"name": "sr", "kind": "rubric", "model": "grader"})
+    config["remote"] = {"judge": {"address": "judge:50051"}}
+    with pytest.raises(ConfigError, match=r"judging\.judges\.1\.kind: the judge service"):
+        _load(tmp_path, config)

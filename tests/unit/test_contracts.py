@@ -13,6 +13,7 @@ from unsafechain.services.core.types import (
     JudgeIdentity,
     JudgeTarget,
     ModelRef,
+    RefusalClass,
     SamplingParams,
     Verdict,
     VerdictLabel,
@@ -60,6 +61,13 @@ def test_verdict_and_sampling_survive_the_round_trip_through_protobuf():
     assert verdict_from_pb(verdict_to_pb(verdict)) == verdict
     no_score = Verdict(JudgeIdentity("g", "llama_guard"), JudgeTarget.FULL, VerdictLabel.ERROR)
     assert verdict_from_pb(verdict_to_pb(no_score)) == no_score
+    refused = Verdict(
+        JudgeIdentity("xstest", "refusal"),
+        JudgeTarget.ANSWER,
+        VerdictLabel.SAFE,
+        refusal=RefusalClass.PARTIAL_REFUSAL,
+    )
+    assert verdict_from_pb(verdict_to_pb(refused)) == refused
     params = SamplingParams(n=5, temperature=0.5, top_p=0.9, max_new_tokens=64, seed=3)
     assert sampling_from_pb(sampling_to_pb(params)) == params
 
