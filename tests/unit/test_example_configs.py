@@ -1,0 +1,14 @@
+from pathlib import Path
+
+import pytest
+
+from unsafechain.pipelines.build.config import load_config
+
+ROOT = Path(__file__).parents[2]
+CONFIGS = [ROOT / "pipelines" / "demo" / "demo.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_shipped_configurations_are_valid(path):
+    config = load_config(path)
+    assert config.generation.params().n >= 1
