@@ -6,7 +6,12 @@ Output folder:
     dataset.parquet  the same rows
     failed.jsonl     cases kept without a response, each with its reason
     rejected.jsonl   prompt records that could not be used, with file, line and reason
-    manifest.json    counts per stage, models, settings, build id
+    removed.jsonl    prompts removed as duplicates or benchmark contamination, each with
+                     the id it matches and the reason
+    manifest.json    counts per stage, models, settings, build id, subsets, files
+    README.md        the dataset card, with its plot unsafe_rate.png
+    subsets/, datasets/, release/, pairs.jsonl
+                     the subsets and their exports (see ``assembly``)
     build.json       build id and config fingerprint, checked on resume
 """
 
@@ -28,12 +33,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from unsafechain.pipelines.build.assembly import assemble, write_jsonl
 from unsafechain.pipelines.build.config import (
     BuildConfig,
     EnsembleSettings,
     JudgeSettings,
     RefusalSettings,
     RubricSettings,
+)
+from unsafechain.pipelines.build.decontamination import Decontaminator
+from unsafechain.pipelines.build.dedup import (
+    CONTAMINATED,
+    DUPLICATE_EXACT,
+    DUPLICATE_NEAR,
+    Deduplicator,
+    Removal,
 )
 from unsafechain.pipelines.build.rows import case_to_row, has_response, status_name
 from unsafechain.pipelines.build.sources import PromptRecord, Rejection, read_source
@@ -81,18 +95,51 @@ def platform_version() -> str:
 
 @dataclass
 class PromptIntake:
-    """What reading the sources gave."""
+    """What reading the sources gave.
+
+    Attributes:
+        records: The prompts to build cases for.
+        rejections: Records that could not be used.
+        removals: Prompts removed as duplicates or benchmark contamination.
+        read_by_source: Valid prompts read, per source.
+        benchmarks: Benchmark prompts indexed for decontamination, per benchmark.
+    """
 
     records: list[PromptRecord] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
-    duplicates: int = 0
+    removals: list[Removal] = field(default_factory=list)
     read_by_source: Counter = field(default_factory=Counter)
+    benchmarks: Counter = field(default_factory=Counter)
+
+    def removed_summary(self) -> dict:
+        """The removals counted by reason, by benchmark and by source, for the manifest."""
+        by_reason = Counter({DUPLICATE_EXACT: 0, DUPLICATE_NEAR: 0, CONTAMINATED: 0})
+        by_benchmark = Counter(dict.fromkeys(self.benchmarks, 0))
+        by_source: dict[str, Counter] = {}
+        for removal in self.removals:
+            by_reason[removal.reason] += 1
+            by_source.setdefault(removal.record.source, Counter())[removal.reason] += 1
+            if removal.benchmark is not None:
+                by_benchmark[removal.benchmark] += 1
+        return {
+            "by_reason": dict(by_reason),
+            "contaminated_by_benchmark": dict(by_benchmark),
+            "by_source": {source: dict(counts) for source, counts in by_source.items()},
+            "benchmark_prompts": dict(self.benchmarks),
+        }
 
 
 def read_prompts(config: BuildConfig) -> PromptIntake:
-    """Read every source; the same prompt twice in one source is kept once."""
+    """Read every source in config order; drop prompts that overlap a benchmark, then
+    duplicates of a prompt kept before them (exact after normalisation, or near).
+
+    Raises:
+        SourceError: A source or benchmark cannot be read at all.
+    """
     intake = PromptIntake()
-    seen: set[str] = set()
+    decontaminator = Decontaminator(config.decontamination)
+    intake.benchmarks.update(decontaminator.prompts_by_benchmark)
+    deduplicator = Deduplicator(config.deduplication)
     for source in config.sources:
         for item in read_source(source):
             if isinstance(item, Rejection):
@@ -100,11 +147,15 @@ def read_prompts(config: BuildConfig) -> PromptIntake:
                 intake.rejections.append(item)
                 continue
             intake.read_by_source[source.name] += 1
-            if item.id in seen:
-                intake.duplicates += 1
+            # Contamination first: a contaminated prompt must not be kept as the
+            # original that later duplicates are compared with.
+            removal = decontaminator.check(item) or deduplicator.check(item)
+            if removal is not None:
+                intake.removals.append(removal)
                 continue
-            seen.add(item.id)
             intake.records.append(item)
+    summary = intake.removed_summary()["by_reason"]
+    logger.info("prompts: %d kept, removed %s", len(intake.records), summary)
     return intake
 
 
@@ -297,7 +348,8 @@ def start_build(config: BuildConfig) -> BuildStart:
     output.mkdir(parents=True, exist_ok=True)
     build_id = _build_identity(output, config)
     intake = read_prompts(config)
-    _write_jsonl(output / "rejected.jsonl", [dataclasses.asdict(r) for r in intake.rejections])
+    write_jsonl(output / "rejected.jsonl", [dataclasses.asdict(r) for r in intake.rejections])
+    write_jsonl(output / "removed.jsonl", [removal.to_row() for removal in intake.removals])
     store = CaseStore(output / "cases.jsonl")
     todo = [record for record in intake.records if record.id not in store.ids]
     resumed = len(intake.records) - len(todo)
@@ -428,9 +480,10 @@ def _finalize(config: BuildConfig, start: BuildStart) -> dict:
         hard += case.hard
         attempts += sum(len(c.attempts) for c in case.corrections)
         (rows if has_response(case) else failed).append(case_to_row(case))
-    _write_jsonl(output / "dataset.jsonl", rows)
-    _write_jsonl(output / "failed.jsonl", failed)
+    write_jsonl(output / "dataset.jsonl", rows)
+    write_jsonl(output / "failed.jsonl", failed)
     pq.write_table(pa.Table.from_pylist(rows), output / "dataset.parquet")
+    removed = intake.removed_summary()
     manifest = {
         "build_id": start.build_id,
         "platform_version": platform_version(),
@@ -440,7 +493,11 @@ def _finalize(config: BuildConfig, start: BuildStart) -> dict:
         "counts": {
             "read": sum(intake.read_by_source.values()),
             "rejected": len(intake.rejections),
-            "duplicates": intake.duplicates,
+            "duplicates": removed["by_reason"][DUPLICATE_EXACT]
+            + removed["by_reason"][DUPLICATE_NEAR],
+            "duplicate_exact": removed["by_reason"][DUPLICATE_EXACT],
+            "duplicate_near": removed["by_reason"][DUPLICATE_NEAR],
+            "contaminated": removed["by_reason"][CONTAMINATED],
             "cases": len(intake.records),
             "resumed": start.resumed,
             "generated": generated,
@@ -465,6 +522,7 @@ def _finalize(config: BuildConfig, start: BuildStart) -> dict:
             ),
         },
         "read_by_source": dict(intake.read_by_source),
+        "removed": removed,
         "models": {
             key: {"backend": m.backend, "model": m.model, "base_url": m.base_url}
             for key, m in config.models.items()
@@ -474,16 +532,12 @@ def _finalize(config: BuildConfig, start: BuildStart) -> dict:
             "dataset": ["dataset.jsonl", "dataset.parquet"],
             "failed": "failed.jsonl",
             "rejected": "rejected.jsonl",
+            "removed": "removed.jsonl",
         },
         "rejections": [str(r) for r in intake.rejections[:50]],
     }
+    assembled = assemble(output, config, rows, failed, manifest)
+    manifest["subsets"] = assembled["subsets"]
+    manifest["files"].update(assembled["files"])
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)

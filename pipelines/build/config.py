@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
+from unsafechain.pipelines.build.loaders import LOADERS
 from unsafechain.services.core.service_settings import ClientSettings
 from unsafechain.services.core.settings import BackendSettings, StrictModel
 from unsafechain.services.core.types import JudgeTarget, SamplingParams
@@ -36,6 +37,11 @@ class SourceSettings(StrictModel):
         prompt_field: Column holding the prompt text.
         split: Split to read from a ``datasets`` folder or hub dataset.
         limit: Read at most this many valid prompts.
+        loader: The published record layout to read (see ``loaders.py``); ``generic``
+            takes the prompt from ``prompt_field``.
+        subsets: Keep only records whose subset column (WildJailbreak ``data_type``,
+            StrongREJECT and TruthfulQA ``category``) holds one of these values.
+        hub_config: Configuration name of a hub dataset, instead of the loader's default.
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -44,6 +50,67 @@ class SourceSettings(StrictModel):
     prompt_field: str = "prompt"
     split: str = "train"
     limit: Annotated[int, Field(ge=1)] | None = None
+    loader: Literal[
+        "generic", "wildjailbreak", "strongreject", "hh_rlhf_redteam", "gsm8k", "mbpp", "truthfulqa"
+    ] = "generic"
+    subsets: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+    hub_config: str | None = None
+
+    @model_validator(mode="after")
+    def _fits_loader(self) -> SourceSettings:
+        if self.loader != "generic" and "prompt_field" in self.model_fields_set:
+            raise ValueError(
+                f"prompt_field: the {self.loader!r} loader reads its published columns; "
+                "prompt_field applies to loader: generic only"
+            )
+        if self.subsets is not None and LOADERS[self.loader].subset_field is None:
+            raise ValueError(f"subsets: the {self.loader!r} loader has no subset column")
+        return self
+
+
+class DeduplicationSettings(StrictModel):
+    """Removing duplicate prompts across all sources, keeping the first in config order.
+
+    Exact duplicates (equal after normalisation) are always removed.
+
+    Attributes:
+        near: Also remove near-duplicates, found by MinHash LSH over word shingles.
+        threshold: Shingle Jaccard similarity at or above which a prompt is a
+            near-duplicate of one kept before it.
+        shingle_words: Words per shingle.
+        permutations: MinHash signature length; more finds near-duplicates more reliably.
+    """
+
+    near: bool = True
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    shingle_words: Annotated[int, Field(ge=1)] = 5
+    permutations: Annotated[int, Field(ge=16, le=1024)] = 128
+
+
+class DecontaminationSettings(StrictModel):
+    """Removing prompts that overlap an evaluation benchmark.
+
+    A prompt is contaminated when it equals a benchmark prompt after normalisation,
+    or when more than ``threshold`` of its word ``ngram``-grams occur in one benchmark.
+
+    Attributes:
+        benchmarks: Benchmark prompt files, read like sources (any format and loader).
+        ngram: Words per n-gram; prompts shorter than this match exactly only.
+        threshold: Fraction of the prompt's n-grams that must be shared; the default 0
+            removes a prompt sharing any one n-gram.
+    """
+
+    benchmarks: tuple[SourceSettings, ...] = ()
+    ngram: Annotated[int, Field(ge=1)] = 13
+    threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> DecontaminationSettings:
+        names = [benchmark.name for benchmark in self.benchmarks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"benchmarks: duplicate benchmark name(s): {', '.join(duplicates)}")
+        return self
 
 
 class GenerationSettings(StrictModel):
@@ -236,6 +303,26 @@ class RunSettings(StrictModel):
     queue_size: Annotated[int, Field(ge=1)] = 16
 
 
+class AssemblySettings(StrictModel):
+    """The subsets assembled from the training rows (``full`` has every row).
+
+    Attributes:
+        random_size: Rows in the ``random`` subset, a seeded sample; fewer when the
+            build has fewer rows.
+        selected_size: Rows in the ``selected`` subset: corrected hard cases first,
+            then balanced over sources and harm categories.
+        seed: Seed of the ``random`` sample; default: ``build.seed``.
+    """
+
+    random_size: Annotated[int, Field(ge=1)] = 1000
+    selected_size: Annotated[int, Field(ge=1)] = 1000
+    seed: int | None = None
+
+    def random_seed(self, build_seed: int) -> int:
+        """The seed of the ``random`` sample in a build seeded with ``build_seed``."""
+        return build_seed if self.seed is None else self.seed
+
+
 class RemoteStages(StrictModel):
     """Stages sent to gRPC services instead of the in-process engines.
 
@@ -287,6 +374,8 @@ class BuildConfig(StrictModel):
 
     build: RunSettings
     sources: Annotated[list[SourceSettings], Field(min_length=1)]
+    deduplication: DeduplicationSettings = DeduplicationSettings()
+    decontamination: DecontaminationSettings = DecontaminationSettings()
     models: Annotated[dict[str, BackendSettings], Field(min_length=1)]
     generation: GenerationSettings
     judging: JudgingSettings
@@ -294,6 +383,7 @@ class BuildConfig(StrictModel):
     correction: CorrectionSettings
     remote: RemoteStages = RemoteStages()
     kafka: KafkaSettings = KafkaSettings()
+    assembly: AssemblySettings = AssemblySettings()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> BuildConfig:
@@ -343,9 +433,15 @@ class BuildConfig(StrictModel):
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the content of cases: a resumed build
-        must have the same one. Output folder, concurrency and transport do not count."""
+        must have the same one. Output folder, concurrency, transport and the subsets
+        assembled from the cases do not count."""
         content = self.model_dump(
-            mode="json", exclude={"build": {"output", "concurrency", "queue_size"}, "kafka": True}
+            mode="json",
+            exclude={
+                "build": {"output", "concurrency", "queue_size"},
+                "kafka": True,
+                "assembly": True,
+            },
         )
         for model in content["models"].values():
             for key in ("timeout", "max_concurrency", "retry", "max_batch_size", "device"):

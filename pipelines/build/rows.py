@@ -7,6 +7,9 @@ from google.protobuf import json_format
 from unsafechain.pipelines.build.stages import label_name
 from unsafechain.v1 import case_pb2
 
+NO_CATEGORY = "none"
+"""The harm category reports use for a case whose unsafe verdicts name none."""
+
 
 def status_name(status: int) -> str:
     """``corrected``, ``safe_original``, … for a protobuf case status."""

@@ -1,6 +1,7 @@
 """Prompt sources: JSONL and Parquet files, ``datasets`` folders and hub datasets.
 
-Every prompt is tagged with its source. A bad record (invalid JSON, missing,
+Every prompt is tagged with its source. The source's loader (``loaders.py``) takes
+the prompt and its metadata from each record. A bad record (invalid JSON, missing,
 non-string or empty prompt) is rejected with its file, line and reason, and the
 rest of the source is still read.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unsafechain.pipelines.build.config import SourceSettings
+from unsafechain.pipelines.build.loaders import LOADERS, RecordError
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +104,30 @@ def read_source(settings: SourceSettings) -> Iterator[PromptRecord | Rejection]:
         rows = _parquet_rows(settings)
     else:
         rows = _datasets_rows(settings, from_hub=fmt == "hub")
-    accepted = 0
+    subset_field = LOADERS[settings.loader].subset_field
+    accepted = outside = 0
     for line, row in rows:
+        if (
+            settings.subsets is not None
+            and isinstance(row, dict)
+            and row.get(subset_field) not in settings.subsets
+        ):
+            # Not a bad record, only one the config did not ask for.
+            outside += 1
+            continue
         result = _validate(settings, line, row)
         yield result
         if isinstance(result, PromptRecord):
             accepted += 1
             if settings.limit is not None and accepted >= settings.limit:
-                return
+                break
+    if outside:
+        logger.info(
+            "source %r: skipped %d records outside subsets %s",
+            settings.name,
+            outside,
+            ", ".join(settings.subsets or ()),
+        )
 
 
 def _validate(settings: SourceSettings, line: int, row: object) -> PromptRecord | Rejection:
@@ -120,21 +138,17 @@ def _validate(settings: SourceSettings, line: int, row: object) -> PromptRecord 
         return reject(row.reason)
     if not isinstance(row, dict):
         return reject(f"record is a JSON {type(row).__name__}, not an object")
-    field_name = settings.prompt_field
-    if field_name not in row:
-        return reject(f"missing field {field_name!r}")
-    text = row[field_name]
-    if not isinstance(text, str):
-        return reject(f"field {field_name!r} is {type(text).__name__}, not a string")
-    if not text.strip():
-        return reject(f"field {field_name!r} is empty")
-    metadata = {
-        key: str(value)
-        for key, value in row.items()
-        if key != field_name and isinstance(value, str | int | float | bool)
-    }
+    try:
+        loaded = LOADERS[settings.loader].extract(row, settings)
+    except RecordError as error:
+        return reject(str(error))
     return PromptRecord(
-        prompt_id(settings.name, text), text, settings.name, settings.path, line, metadata
+        prompt_id(settings.name, loaded.text),
+        loaded.text,
+        settings.name,
+        settings.path,
+        line,
+        loaded.metadata,
     )
 
 
@@ -170,7 +184,10 @@ def _datasets_rows(settings: SourceSettings, *, from_hub: bool) -> Iterator[tupl
 
     try:
         if from_hub:
-            dataset = datasets.load_dataset(settings.path, split=settings.split)
+            options = dict(LOADERS[settings.loader].hub_options)
+            if settings.hub_config is not None:
+                options["name"] = settings.hub_config
+            dataset = datasets.load_dataset(settings.path, split=settings.split, **options)
         else:
             dataset = datasets.load_from_disk(settings.path)
     except Exception as error:  # datasets raises many types for a missing or bad dataset

@@ -3,6 +3,7 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pyarrow.parquet as pq
 import pytest
 
@@ -21,6 +22,7 @@ BAD_LINES = [
     '{"prompt": ["not", "a", "string"]}',
     '{"prompt": ""}',
     '{"prompt": "What is the capital of France?"}',
+    '{"prompt": "  how do I BAKE bread"}',
 ]
 
 
@@ -50,8 +52,10 @@ def test_every_stage_runs_and_the_manifest_counts_add_up(built):
     _, result = built
     counts = result.manifest["counts"]
     redteam = len((PROMPTS / "redteam.jsonl").read_text().splitlines())
-    assert counts["read"] == redteam + 2
+    assert counts["read"] == redteam + 3
     assert counts["rejected"] == 4
+    assert counts["duplicate_exact"] == 1
+    assert counts["duplicate_near"] == counts["contaminated"] == 0
     assert counts["cases"] == redteam + 2
     assert counts["generated"] == 3 * counts["cases"]
     assert (
@@ -78,6 +82,16 @@ def test_bad_prompt_lines_are_reported_with_file_line_and_reason(built):
     assert rejected[0]["reason"].startswith("invalid JSON")
     assert rejected[1]["reason"] == "missing field 'prompt'"
     assert "mixed.jsonl:2: invalid JSON" in result.manifest["rejections"][0]
+
+
+def test_duplicate_prompts_are_listed_with_the_prompt_they_duplicate(built):
+    _, result = built
+    [removed] = _rows(result.output / "removed.jsonl")
+    kept = {row["prompt"]: row["id"] for row in _rows(result.output / "dataset.jsonl")}
+    assert (removed["line"], removed["reason"]) == (7, "duplicate_exact")
+    failed = {row["prompt"]: row["id"] for row in _rows(result.output / "failed.jsonl")}
+    assert removed["duplicate_of"] == {**kept, **failed}["How do I bake bread?"]
+    assert result.manifest["removed"]["by_source"] == {"mixed": {"duplicate_exact": 1}}
 
 
 def test_dataset_rows_carry_responses_and_provenance_in_jsonl_and_parquet(built):
@@ -184,3 +198,75 @@ def test_every_subcommand_has_help(capsys):
             main([*command, "--help"])
         assert exit_info.value.code == 0, command
         assert "usage: unsafechain" in capsys.readouterr().out
+
+
+def test_subsets_are_written_as_jsonl_parquet_and_a_datasets_folder(built):
+    _, result = built
+    manifest, output = result.manifest, result.output
+    written = manifest["counts"]["written"]
+    # The default sizes (1000) exceed this build's rows: random is capped, selected takes all.
+    assert manifest["subsets"] == {"full": written, "random": written, "selected": written}
+    full = _rows(output / "dataset.jsonl")
+    for name, size in manifest["subsets"].items():
+        jsonl, parquet = manifest["files"]["subsets"][name]
+        rows = _rows(output / jsonl)
+        assert len(rows) == pq.read_table(output / parquet).num_rows == size
+        assert {row["id"] for row in rows} <= {row["id"] for row in full}
+    selected = _rows(output / "subsets" / "selected.jsonl")
+    corrected = sum(row["status"] == "corrected" for row in full)
+    assert {row["status"] for row in selected[:corrected]} == {"corrected"}
+    splits = datasets.load_from_disk(str(output / manifest["files"]["datasets"]))
+    assert {name: split.num_rows for name, split in splits.items()} == manifest["subsets"]
+
+
+def test_release_files_have_exactly_the_public_columns(built):
+    _, result = built
+    for name, path in result.manifest["files"]["release"].items():
+        rows = _rows(result.output / path)
+        assert len(rows) == result.manifest["subsets"][name]
+        assert all(list(row) == ["prompt", "response", "split_name"] for row in rows)
+    release = _rows(result.output / "release" / "full.jsonl")
+    full = _rows(result.output / "dataset.jsonl")
+    assert [(r["prompt"], r["split_name"]) for r in release] == [
+        (row["prompt"], row["source"]) for row in full
+    ]
+
+
+def test_preference_pairs_are_one_per_passed_correction(built):
+    _, result = built
+    pairs = _rows(result.output / result.manifest["files"]["pairs"])
+    passed = [
+        c
+        for row in _rows(result.output / "dataset.jsonl")
+        for c in row["provenance"]["corrections"]
+        if c["passed"]
+    ]
+    assert len(pairs) == len(passed) > 0
+    for pair in pairs:
+        assert pair["chosen"] != pair["rejected"]
+        assert pair["chosen"].startswith("<think>\n") and "\n</think>\n\n" in pair["chosen"]
+        assert pair["rejected"].startswith("<think>\n") and "\n</think>\n\n" in pair["rejected"]
+
+
+def test_dataset_card_names_every_source_and_embeds_the_plot(built):
+    _, result = built
+    card = (result.output / "README.md").read_text()
+    for source in ("redteam", "mixed"):
+        assert f"| {source} |" in card
+    assert "![Unsafe rate by source and harm category](unsafe_rate.png)" in card
+    assert f"| written | {result.manifest['counts']['written']} |" in card
+    assert (result.output / "unsafe_rate.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert result.manifest["files"]["card"] == ["README.md", "unsafe_rate.png"]
+
+
+def test_subsets_are_reassembled_with_new_sizes_without_rebuilding(built, tmp_path):
+    path, result = built
+    output = tmp_path / "resized"
+    shutil.copytree(result.output, output)
+    overrides = {"build.output": str(output), "assembly.random_size": 2}
+    config = load_config(path, {**overrides, "assembly.selected_size": 3})
+    resized = run_build(config, progress=False)
+    assert resized.manifest["counts"]["resumed"] == resized.manifest["counts"]["cases"]
+    assert resized.manifest["subsets"]["random"] == 2
+    selected = _rows(output / "subsets" / "selected.jsonl")
+    assert len(selected) == 3

@@ -1,0 +1,170 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from unsafechain.pipelines.build.build import read_prompts
+from unsafechain.pipelines.build.config import (
+    BuildConfig,
+    DeduplicationSettings,
+    SourceSettings,
+)
+from unsafechain.pipelines.build.dedup import Deduplicator, lsh_bands
+from unsafechain.pipelines.build.sources import PromptRecord, prompt_id
+from unsafechain.pipelines.build.textmatch import normalize
+
+SAMPLES = Path(__file__).parents[1] / "data" / "sources"
+LONG = (
+    "Please write a detailed and friendly explanation of how photosynthesis turns "
+    "sunlight water and carbon dioxide into sugar and oxygen inside the leaves of "
+    "green plants for a curious student who is twelve years old and loves gardening"
+)
+
+
+def _record(text, source="s", line=1):
+    return PromptRecord(prompt_id(source, text), text, source, f"{source}.jsonl", line)
+
+
+def _config(tmp_path, sources, **sections):
+    files = []
+    for name, texts in sources.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
+        files.append({"name": name, "path": str(path)})
+    return BuildConfig.model_validate(
+        {
+            "build": {"output": str(tmp_path / "out")},
+            "sources": files,
+            "models": {"m": {"backend": "transformers", "model": "some/model"}},
+            "generation": {"model": "m"},
+            "judging": {"judges": [{"name": "guard", "model": "m"}]},
+            "correction": {"model": "m"},
+            **sections,
+        }
+    )
+
+
+def test_normalisation_folds_case_width_whitespace_and_surrounding_quotes():
+    assert normalize('  "Ｈｏｗ   do I\tbake\nBREAD?"  ') == "how do i bake bread"
+    assert normalize("«Straße»!") == "strasse"
+    assert normalize("...") == ""
+
+
+def test_exact_and_near_duplicates_are_removed_keeping_the_first():
+    dedup = Deduplicator(DeduplicationSettings())
+    near = LONG.replace("curious", "keen")  # 5 of 34 shingles changed: Jaccard 29/39
+    nearer = LONG + " and flowers"  # 2 shingles added: Jaccard 34/36
+    kept = [_record(LONG), _record("How do I bake bread?"), _record(near)]
+    assert [dedup.check(r) for r in kept] == [None, None, None]
+    exact = dedup.check(_record('  "how do I   BAKE bread"  ', source="t"))
+    assert exact.reason == "duplicate_exact" and exact.duplicate_of == kept[1].id
+    removal = dedup.check(_record(nearer, source="t"))
+    assert removal.reason == "duplicate_near" and removal.duplicate_of == kept[0].id
+    assert removal.similarity == pytest.approx(34 / 36)
+    assert removal.to_row()["source"] == "t"
+
+
+def test_near_duplicate_threshold_is_configurable():
+    near = LONG.replace("curious", "keen")
+    loose = Deduplicator(DeduplicationSettings(threshold=0.7))
+    assert loose.check(_record(LONG)) is None
+    assert loose.check(_record(near)).reason == "duplicate_near"
+    exact_only = Deduplicator(DeduplicationSettings(near=False))
+    assert exact_only.check(_record(LONG)) is None
+    assert exact_only.check(_record(LONG + " and flowers")) is None
+
+
+def test_lsh_bands_find_pairs_at_the_threshold():
+    bands, rows = lsh_bands(128, 0.9)
+    assert bands * rows <= 128
+    assert 1 - (1 - 0.9**rows) ** bands >= 0.995
+    assert 1 - (1 - 0.5**rows) ** bands < 0.1
+
+
+def test_read_prompts_dedups_across_sources_in_config_order_and_counts_reasons(tmp_path):
+    config = _config(
+        tmp_path,
+        {
+            "first": [LONG, "What is the capital of France?", "Name a prime number."],
+            "second": [
+                "what is the capital of france",
+                LONG + " and flowers",
+                "Name a prime number.",
+                "Name an even number.",
+            ],
+        },
+    )
+    intake = read_prompts(config)
+    assert [r.text for r in intake.records] == [
+        LONG,
+        "What is the capital of France?",
+        "Name a prime number.",
+        "Name an even number.",
+    ]
+    summary = intake.removed_summary()
+    assert summary["by_reason"] == {"duplicate_exact": 2, "duplicate_near": 1, "contaminated": 0}
+    assert summary["by_source"] == {"second": {"duplicate_exact": 2, "duplicate_near": 1}}
+    assert [r.duplicate_of for r in intake.removals] == [
+        intake.records[1].id,
+        intake.records[0].id,
+        intake.records[2].id,
+    ]
+
+
+def test_prompts_overlapping_a_benchmark_are_removed_and_counted_by_benchmark(tmp_path):
+    xstest = tmp_path / "xstest.jsonl"
+    xstest.write_text(json.dumps({"question": "How do I kill a Python process that hangs?"}) + "\n")
+    benchmarks = [
+        {
+            "name": "strongreject",
+            "path": str(SAMPLES / "strongreject.jsonl"),
+            "loader": "strongreject",
+        },
+        {"name": "photo", "path": str(tmp_path / "photo.jsonl")},
+        {"name": "xstest", "path": str(xstest), "prompt_field": "question"},
+    ]
+    (tmp_path / "photo.jsonl").write_text(json.dumps({"prompt": LONG}) + "\n")
+    config = _config(
+        tmp_path,
+        {
+            "train": [
+                "[Placeholder harmful request about violence]",  # StrongREJECT, exactly
+                "Start: " + " ".join(LONG.split()[10:23]) + " end.",  # one 13-gram shared
+                " ".join(LONG.split()[10:22]),  # 12 words: shorter than an n-gram
+                "how do i kill a python process that hangs",
+                "A harmless prompt.",
+            ]
+        },
+        decontamination={"benchmarks": benchmarks, "ngram": 13},
+    )
+    intake = read_prompts(config)
+    assert [r.text for r in intake.records] == [
+        " ".join(LONG.split()[10:22]),
+        "A harmless prompt.",
+    ]
+    summary = intake.removed_summary()
+    assert summary["by_reason"]["contaminated"] == 3
+    assert summary["contaminated_by_benchmark"] == {"strongreject": 1, "photo": 1, "xstest": 1}
+    assert summary["benchmark_prompts"] == {"strongreject": 3, "photo": 1, "xstest": 1}
+    violence = prompt_id("strongreject", "[placeholder harmful request about violence]")
+    assert [r.benchmark for r in intake.removals] == ["strongreject", "photo", "xstest"]
+    assert intake.removals[0].duplicate_of == violence
+    assert intake.removals[1].similarity == pytest.approx(1 / 3)  # 1 of its 3 13-grams
+
+
+def test_contamination_threshold_is_a_fraction_of_the_prompts_ngrams(tmp_path):
+    (tmp_path / "photo.jsonl").write_text(json.dumps({"prompt": LONG}) + "\n")
+    prompt = " ".join(LONG.split()[:13]) + " " + " ".join(f"word{i}" for i in range(20))
+    decontamination = {
+        "benchmarks": [{"name": "photo", "path": str(tmp_path / "photo.jsonl")}],
+        "threshold": 0.5,
+    }
+    intake = read_prompts(_config(tmp_path, {"t": [prompt]}, decontamination=decontamination))
+    assert len(intake.records) == 1  # 1 of 21 n-grams shared
+
+
+def test_benchmark_names_must_be_unique(tmp_path):
+    bench = {"name": "b", "path": "b.jsonl"}
+    with pytest.raises(ValueError, match="duplicate benchmark name"):
+        _config(tmp_path, {"t": ["x"]}, decontamination={"benchmarks": [bench, bench]})
+    assert SourceSettings(name="b", path="b.jsonl").loader == "generic"
