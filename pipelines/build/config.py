@@ -16,7 +16,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from unsafechain.pipelines.build.loaders import LOADERS
 from unsafechain.services.core.service_settings import ClientSettings
-from unsafechain.services.core.settings import BackendSettings, StrictModel
+from unsafechain.services.core.settings import BackendSettings, SamplingSettings, StrictModel
 from unsafechain.services.core.types import JudgeTarget, SamplingParams
 from unsafechain.services.judge.engine import PromptFormat
 from unsafechain.services.judge.ensemble import EnsembleRule
@@ -113,25 +113,13 @@ class DecontaminationSettings(StrictModel):
         return self
 
 
-class GenerationSettings(StrictModel):
+class GenerationSettings(SamplingSettings):
     """Sampling the reasoning model: K samples, temperature 0.6, top-p 0.95 is the
     usual protocol; temperature 0 with K=1 is greedy."""
 
     model: str
     samples: Annotated[int, Field(ge=1)] = 5
-    temperature: Annotated[float, Field(ge=0)] = 0.6
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
-    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
     system_prompt: str = ""
-
-    def params(self) -> SamplingParams:
-        """The sampling settings for one prompt's K samples."""
-        return SamplingParams(
-            n=self.samples,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-        )
 
 
 class _JudgeBase(StrictModel):

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from unsafechain.services.core.settings import BackendSettings, StrictModel
+from unsafechain.services.core.settings import BackendSettings, SamplingSettings, StrictModel
 from unsafechain.services.core.types import JudgeTarget, SamplingParams
 from unsafechain.services.judge.engine import PromptFormat
 
@@ -33,29 +33,8 @@ class SettingsError(ValueError):
     """Settings are missing or invalid; the message names each offending key."""
 
 
-class GenerationOptions(StrictModel):
-    """Sampling for generate requests that carry no sampling settings of their own.
-
-    Attributes:
-        samples: Completions per request (K).
-        temperature: 0 is greedy decoding.
-        top_p: Nucleus sampling mass.
-        max_new_tokens: Upper bound on generated tokens per completion.
-    """
-
-    samples: Annotated[int, Field(ge=1)] = 1
-    temperature: Annotated[float, Field(ge=0)] = 0.6
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
-    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
-
-    def params(self) -> SamplingParams:
-        """The default sampling settings."""
-        return SamplingParams(
-            n=self.samples,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-        )
+class GenerationOptions(SamplingSettings):
+    """Sampling for generate requests that carry no sampling settings of their own."""
 
 
 class JudgeOptions(StrictModel):
