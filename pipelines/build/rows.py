@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf import json_format
 
 from unsafechain.pipelines.build.stages import label_name
+from unsafechain.services.core.convert import unsafe_categories
 from unsafechain.v1 import case_pb2
 
 NO_CATEGORY = "none"
@@ -47,11 +48,7 @@ def case_to_row(case: case_pb2.Case) -> dict:
     provenance = case.provenance
     sampling = provenance.sampling
     categories = dict.fromkeys(
-        code
-        for completion in case.completions
-        for verdict in completion.verdicts
-        if verdict.label == case_pb2.VERDICT_LABEL_UNSAFE
-        for code in verdict.categories
+        code for completion in case.completions for code in unsafe_categories(completion)
     )
     usable = has_response(case)
     return {

@@ -16,8 +16,8 @@ from unsafechain.services.core.backends.base import BackendError
 from unsafechain.services.core.convert import (
     LABEL_TO_PB,
     completion_to_pb,
-    model_ref_to_pb,
-    timestamp,
+    correction_to_pb,
+    unsafe_categories,
     verdict_to_pb,
 )
 from unsafechain.services.core.reasoning import format_reasoning
@@ -181,39 +181,14 @@ class CorrectStage(Stage):
     async def process(self, case: case_pb2.Case) -> Emitted:
         del case.corrections[:]
         unsafe = [c for c in case.completions if c.label == case_pb2.VERDICT_LABEL_UNSAFE]
-        corrector = model_ref_to_pb(self._engine.ref)
         for completion in unsafe:
-            categories = list(
-                dict.fromkeys(
-                    code
-                    for verdict in completion.verdicts
-                    if verdict.label == case_pb2.VERDICT_LABEL_UNSAFE
-                    for code in verdict.categories
-                )
-            )
             outcome = await self._engine.correct(
                 case.prompt.text,
                 format_reasoning(completion.reasoning, completion.answer),
-                categories,
+                unsafe_categories(completion),
                 seed=case_seed(self._seed, case.id, f"correct-{completion.index}"),
             )
-            correction = case.corrections.add(
-                completion_index=completion.index,
-                passed=outcome.passed is not None,
-                failure_reason=outcome.failure_reason,
-                corrector=corrector,
-            )
-            for attempt in outcome.attempts:
-                correction.attempts.add(
-                    attempt=attempt.number,
-                    text=attempt.text,
-                    reasoning=attempt.split.reasoning,
-                    answer=attempt.split.answer,
-                    verdicts=[verdict_to_pb(v) for v in attempt.verdicts],
-                    label=LABEL_TO_PB[attempt.label],
-                    failure_reason=attempt.failure_reason,
-                    finished_at=timestamp(attempt.finished_at),
-                )
+            case.corrections.append(correction_to_pb(outcome, completion.index, self._engine.ref))
             if outcome.passed and self._until_passed:
                 break
         passed = [c for c in case.corrections if c.passed]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from unsafechain.services.core.backends.base import BackendError, ModelBackend
 from unsafechain.services.core.reasoning import split_reasoning
 from unsafechain.services.core.types import (
+    Generation,
     GenerationRequest,
     JudgeIdentity,
     JudgeTarget,
@@ -52,6 +53,58 @@ class Judge(abc.ABC):
         """Raise when the judge's backend cannot serve requests."""
 
 
+class ModelJudge(Judge):
+    """A judge whose verdict on an item comes from one greedy generation of a model.
+
+    Subclasses say how an item becomes a request and how the answer becomes a
+    verdict; the batching and the handling of an unreachable backend live here.
+
+    Args:
+        backend: The judging model.
+        name: Configured name, recorded on verdicts.
+    """
+
+    kind: str
+
+    def __init__(self, backend: ModelBackend, *, name: str):
+        self._backend = backend
+        self._identity = JudgeIdentity(name=name, kind=self.kind, model=backend.ref)
+
+    @property
+    def identity(self) -> JudgeIdentity:
+        return self._identity
+
+    @abc.abstractmethod
+    def request(self, item: JudgeItem) -> GenerationRequest:
+        """The model request that judges ``item``."""
+
+    @abc.abstractmethod
+    def verdict(self, item: JudgeItem, generation: Generation) -> Verdict:
+        """The verdict the model's answer on ``item`` gives."""
+
+    def error(self, item: JudgeItem, reason: str, raw: str = "") -> Verdict:
+        """An ``ERROR`` verdict on ``item`` saying why."""
+        return Verdict(
+            self._identity, item.target, VerdictLabel.ERROR, raw_output=raw, error=reason
+        )
+
+    async def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        if not items:
+            return []
+        try:
+            outputs = await self._backend.generate_many([self.request(item) for item in items])
+        except BackendError as error:
+            logger.warning("judge %s unreachable: %s", self._identity.name, error)
+            return [self.error(item, f"judge backend failed: {error}") for item in items]
+        return [
+            self.verdict(item, generations[0])
+            for item, generations in zip(items, outputs, strict=True)
+        ]
+
+    async def check(self) -> None:
+        await self._backend.check()
+
+
 class PromptFormat(enum.StrEnum):
     """How a Llama Guard prompt is rendered."""
 
@@ -60,7 +113,7 @@ class PromptFormat(enum.StrEnum):
     PUBLISHED = "published"
 
 
-class LlamaGuardJudge(Judge):
+class LlamaGuardJudge(ModelJudge):
     """Llama Guard 3, prompted and parsed exactly as the model expects.
 
     Args:
@@ -98,7 +151,7 @@ class LlamaGuardJudge(Judge):
         if prompt_format == PromptFormat.AUTO:
             use_template = backend.has_chat_template and not custom
             prompt_format = PromptFormat.CHAT_TEMPLATE if use_template else PromptFormat.PUBLISHED
-        self._backend = backend
+        super().__init__(backend, name=name)
         self._format = prompt_format
         self._categories = tuple(categories)
         self._codes = [category.code for category in self._categories]
@@ -106,11 +159,6 @@ class LlamaGuardJudge(Judge):
         self._params = SamplingParams(
             n=1, temperature=0.0, max_new_tokens=max_new_tokens, top_logprobs=top_logprobs
         )
-        self._identity = JudgeIdentity(name=name, kind=self.kind, model=backend.ref)
-
-    @property
-    def identity(self) -> JudgeIdentity:
-        return self._identity
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -125,22 +173,10 @@ class LlamaGuardJudge(Judge):
         prompt = llama_guard.render_prompt(conversation, self._categories)
         return GenerationRequest(prompt=prompt, params=self._params)
 
-    async def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        if not items:
-            return []
-        try:
-            outputs = await self._backend.generate_many([self.request(item) for item in items])
-        except BackendError as error:
-            logger.warning("judge %s unreachable: %s", self._identity.name, error)
-            return [self._error(item, f"judge backend failed: {error}") for item in items]
-        return [
-            self._verdict(item, generations[0].text, generations[0].tokens)
-            for item, generations in zip(items, outputs, strict=True)
-        ]
-
-    def _verdict(self, item: JudgeItem, raw: str, tokens) -> Verdict:
+    def verdict(self, item: JudgeItem, generation: Generation) -> Verdict:
+        raw = generation.text
         parsed = llama_guard.parse_output(raw, self._codes)
-        score = llama_guard.unsafe_probability(tokens)
+        score = llama_guard.unsafe_probability(generation.tokens)
         if parsed.unsafe is None:
             return Verdict(
                 self._identity, item.target, VerdictLabel.ERROR, (), score, raw, parsed.error
@@ -149,12 +185,6 @@ class LlamaGuardJudge(Judge):
         label = VerdictLabel.UNSAFE if unsafe else VerdictLabel.SAFE
         categories = parsed.categories if unsafe else ()
         return Verdict(self._identity, item.target, label, categories, score, raw)
-
-    def _error(self, item: JudgeItem, reason: str) -> Verdict:
-        return Verdict(self._identity, item.target, VerdictLabel.ERROR, error=reason)
-
-    async def check(self) -> None:
-        await self._backend.check()
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,7 +71,7 @@ class RefusalJudge(PromptedJudge):
         )
         self._compliance_is_unsafe = compliance_is_unsafe
 
-    def verdict(self, item: JudgeItem, raw: str) -> Verdict:
+    def read(self, item: JudgeItem, raw: str) -> Verdict:
         refusal = parse_refusal(raw)
         if not isinstance(refusal, RefusalClass):
             return self.error(item, refusal, raw)

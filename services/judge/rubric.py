@@ -93,7 +93,7 @@ class RubricJudge(PromptedJudge):
         )
         self._threshold = threshold
 
-    def verdict(self, item: JudgeItem, raw: str) -> Verdict:
+    def read(self, item: JudgeItem, raw: str) -> Verdict:
         scores = parse_rubric(raw)
         if isinstance(scores, str):
             return self.error(item, scores, raw)
