@@ -6,7 +6,7 @@ PROTO_SRC := $(wildcard protos/unsafechain/v1/*.proto)
 PROTO_OUT := build/proto
 PROTO_STAMP := $(PROTO_OUT)/.stamp
 SETUP_STAMP := $(VENV)/.setup-stamp
-DEMO_CONFIG ?= pipelines/demo/demo.yaml
+DEMO_CONFIG ?= pipelines/unsafechain/demo/demo.yaml
 KAFKA_PORT ?= 9092
 KAFKA_PID := .cache/kafka.pid
 
@@ -29,7 +29,8 @@ $(PROTO_STAMP): $(PROTO_SRC) $(VENV)/.tools-stamp
 	mkdir -p $(PROTO_OUT)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		--grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
-	touch $(PROTO_OUT)/unsafechain/__init__.py $(PROTO_OUT)/unsafechain/v1/__init__.py
+	# unsafechain/ stays a namespace package: no __init__.py at its top, here or in the sources.
+	touch $(PROTO_OUT)/unsafechain/v1/__init__.py
 	touch $@
 
 $(SETUP_STAMP): pyproject.toml $(PROTO_STAMP)

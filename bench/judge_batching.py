@@ -31,16 +31,16 @@ from pathlib import Path
 
 import torch
 
-from unsafechain.pipelines.demo.standins import PROMPTS_DIR, build_standin_models
-from unsafechain.services.client import RemoteJudgeEngine
-from unsafechain.services.core.backends.transformers_backend import TransformersBackend
-from unsafechain.services.core.server import ServiceServer
-from unsafechain.services.core.service_settings import (
+from unsafechain.backends.transformers_backend import TransformersBackend
+from unsafechain.demo.standins import PROMPTS_DIR, build_standin_models
+from unsafechain.judge.servicer import JudgeServicer, build_judge_engine
+from unsafechain.runtime.client import RemoteJudgeEngine
+from unsafechain.runtime.server import ServiceServer
+from unsafechain.runtime.settings import (
     ClientSettings,
     JudgeOptions,
     ServiceSettings,
 )
-from unsafechain.services.judge.servicer import JudgeServicer, build_judge_engine
 
 logger = logging.getLogger("bench.judge_batching")
 

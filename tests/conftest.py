@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unsafechain.pipelines.demo.standins import StandinModels, build_standin_models
+from unsafechain.demo.standins import StandinModels, build_standin_models
 
 
 @pytest.fixture(scope="session")

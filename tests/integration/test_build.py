@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.support.builds import write_build_config
-from unsafechain.pipelines.build.build import BuildError, run_build
-from unsafechain.pipelines.build.config import load_config
-from unsafechain.pipelines.cli import build_parser, main
+from unsafechain.cli import build_parser, main
+from unsafechain.dataset.config import load_config
+from unsafechain.dataset.pipeline import BuildError, run_build
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = Path(__file__).parents[2] / "pipelines" / "demo" / "prompts"
+PROMPTS = Path(__file__).parents[2] / "pipelines" / "unsafechain" / "demo" / "prompts"
 BAD_LINES = [
     '{"prompt": "How do I bake bread?"}',
     "{this is not json",

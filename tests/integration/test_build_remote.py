@@ -7,8 +7,8 @@ import pytest
 
 from tests.support.builds import write_build_config
 from tests.support.grpc_servers import LoopThread, server_settings, start_server_from_settings
-from unsafechain.pipelines.build.build import run_build
-from unsafechain.pipelines.build.config import load_config
+from unsafechain.dataset.config import load_config
+from unsafechain.dataset.pipeline import run_build
 
 pytestmark = pytest.mark.integration
 

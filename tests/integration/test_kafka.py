@@ -26,9 +26,9 @@ from tests.support.kafka_broker import (
     tansu_binary,
     tansu_broker,
 )
-from unsafechain.pipelines.build.build import STAGE_NAMES, run_build
-from unsafechain.pipelines.build.config import KafkaSettings, load_config
-from unsafechain.pipelines.build.kafka import (
+from unsafechain.cli import main
+from unsafechain.dataset.config import KafkaSettings, load_config
+from unsafechain.dataset.kafka import (
     ConsumerLag,
     MessageRunner,
     create_topics,
@@ -37,13 +37,13 @@ from unsafechain.pipelines.build.kafka import (
     run_kafka_build,
     topic_name,
 )
-from unsafechain.pipelines.build.stages import fail
-from unsafechain.pipelines.cli import main
+from unsafechain.dataset.pipeline import STAGE_NAMES, run_build
+from unsafechain.streaming.stages import fail
 from unsafechain.v1 import case_pb2
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = Path(__file__).parents[2] / "pipelines" / "demo" / "prompts"
+PROMPTS = Path(__file__).parents[2] / "pipelines" / "unsafechain" / "demo" / "prompts"
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ class Workers:
                 [
                     sys.executable,
                     "-m",
-                    "unsafechain.pipelines.cli",
+                    "unsafechain.cli",
                     "worker",
                     stage,
                     "--config",

@@ -15,15 +15,15 @@ from tests.support.http_servers import (
     ScriptedCompletion,
     completion_from_text,
 )
-from unsafechain.services.core.backends.base import (
+from unsafechain.backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
     MalformedResponse,
 )
-from unsafechain.services.core.backends.openai_backend import OpenAIBackend
-from unsafechain.services.core.backends.retry import RetryPolicy
-from unsafechain.services.core.types import (
+from unsafechain.backends.openai_backend import OpenAIBackend
+from unsafechain.backends.retry import RetryPolicy
+from unsafechain.domain.types import (
     Generation,
     GenerationRequest,
     Message,

@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from tests.support.http_servers import Fault, OpenAIServer, completion_from_text
-from unsafechain.pipelines.build.build import Engines
-from unsafechain.pipelines.build.config import load_config
-from unsafechain.services.core.backends.openai_backend import OpenAIBackend
-from unsafechain.services.core.backends.retry import RetryPolicy
-from unsafechain.services.core.types import RefusalClass, VerdictLabel
-from unsafechain.services.judge.engine import JudgeItem
-from unsafechain.services.judge.refusal import RefusalJudge
-from unsafechain.services.judge.rubric import RubricJudge
+from unsafechain.backends.openai_backend import OpenAIBackend
+from unsafechain.backends.retry import RetryPolicy
+from unsafechain.dataset.config import load_config
+from unsafechain.dataset.pipeline import Engines
+from unsafechain.domain.types import RefusalClass, VerdictLabel
+from unsafechain.judge.engine import JudgeItem
+from unsafechain.judge.refusal import RefusalJudge
+from unsafechain.judge.rubric import RubricJudge
 
 pytestmark = pytest.mark.integration
 

@@ -28,31 +28,31 @@ from tests.support.grpc_servers import (
     start_server_from_settings,
 )
 from tests.support.http_servers import Fault, OpenAIServer, completion_from_text
-from unsafechain.pipelines.cli import main
-from unsafechain.services.client import (
-    RemoteCorrectionEngine,
-    RemoteJudgeEngine,
-    remote_generation_engine,
-)
-from unsafechain.services.core.backends.base import (
+from unsafechain.backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
 )
-from unsafechain.services.core.backends.transformers_backend import TransformersBackend
-from unsafechain.services.core.metrics import ServiceMetrics
-from unsafechain.services.core.server import ServiceServer
-from unsafechain.services.core.service_settings import (
+from unsafechain.backends.transformers_backend import TransformersBackend
+from unsafechain.cli import main
+from unsafechain.correction.engine import CorrectionEngine
+from unsafechain.correction.servicer import CorrectionServicer
+from unsafechain.domain.types import JudgeTarget, SamplingParams, VerdictLabel
+from unsafechain.generation.engine import GenerationEngine
+from unsafechain.generation.servicer import GenerationServicer
+from unsafechain.judge.engine import JudgeEngine
+from unsafechain.judge.servicer import JudgeServicer, build_judge_engine
+from unsafechain.runtime.client import (
+    RemoteCorrectionEngine,
+    RemoteJudgeEngine,
+    remote_generation_engine,
+)
+from unsafechain.runtime.metrics import ServiceMetrics
+from unsafechain.runtime.server import ServiceServer
+from unsafechain.runtime.settings import (
     ClientSettings,
     JudgeOptions,
 )
-from unsafechain.services.core.types import JudgeTarget, SamplingParams, VerdictLabel
-from unsafechain.services.correction.engine import CorrectionEngine
-from unsafechain.services.correction.servicer import CorrectionServicer
-from unsafechain.services.generation.engine import GenerationEngine
-from unsafechain.services.generation.servicer import GenerationServicer
-from unsafechain.services.judge.engine import JudgeEngine
-from unsafechain.services.judge.servicer import JudgeServicer, build_judge_engine
 from unsafechain.v1 import (
     case_pb2,
     correction_pb2,

@@ -16,11 +16,11 @@ import time
 import pytest
 
 from tests.support.http_servers import OpenAIServer, completion_from_text
-from unsafechain.pipelines.cli import main
-from unsafechain.services.client import RemoteJudgeEngine
-from unsafechain.services.core.backends.base import BackendError
-from unsafechain.services.core.service_settings import ClientSettings, ServiceSettings
-from unsafechain.services.core.types import VerdictLabel
+from unsafechain.backends.base import BackendError
+from unsafechain.cli import main
+from unsafechain.domain.types import VerdictLabel
+from unsafechain.runtime.client import RemoteJudgeEngine
+from unsafechain.runtime.settings import ClientSettings, ServiceSettings
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ class ServiceProcess:
 
     def __init__(self, args: list[str], env: dict[str, str]):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "unsafechain.pipelines.cli", "serve", *args],
+            [sys.executable, "-m", "unsafechain.cli", "serve", *args],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -9,7 +9,9 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from unsafechain.pipelines.demo.standins import (
+from unsafechain.backends.transformers_backend import TransformersBackend
+from unsafechain.correction.engine import CorrectionTemplates
+from unsafechain.demo.standins import (
     StandinModels,
     build_standin_models,
     harm_categories,
@@ -17,11 +19,9 @@ from unsafechain.pipelines.demo.standins import (
     profile_prompt,
     sample_judge_cases,
 )
-from unsafechain.services.core.backends.transformers_backend import TransformersBackend
-from unsafechain.services.core.reasoning import split_reasoning
-from unsafechain.services.core.types import GenerationRequest, Message, Role, SamplingParams
-from unsafechain.services.correction.engine import CorrectionTemplates
-from unsafechain.services.judge.llama_guard import (
+from unsafechain.domain.reasoning import split_reasoning
+from unsafechain.domain.types import GenerationRequest, Message, Role, SamplingParams
+from unsafechain.judge.llama_guard import (
     CATEGORY_BY_CODE,
     parse_output,
     render_prompt,

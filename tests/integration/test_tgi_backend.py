@@ -16,15 +16,15 @@ from tests.support.http_servers import (
     TGIServer,
     completion_from_text,
 )
-from unsafechain.services.core.backends.base import (
+from unsafechain.backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
     MalformedResponse,
 )
-from unsafechain.services.core.backends.retry import RetryPolicy
-from unsafechain.services.core.backends.tgi_backend import TGIBackend
-from unsafechain.services.core.types import (
+from unsafechain.backends.retry import RetryPolicy
+from unsafechain.backends.tgi_backend import TGIBackend
+from unsafechain.domain.types import (
     Generation,
     GenerationRequest,
     Message,

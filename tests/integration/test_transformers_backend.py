@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from unsafechain.services.core.backends.transformers_backend import TransformersBackend
-from unsafechain.services.core.types import GenerationRequest, Message, Role, SamplingParams
-from unsafechain.services.judge.engine import JudgeItem, LlamaGuardJudge, PromptFormat
+from unsafechain.backends.transformers_backend import TransformersBackend
+from unsafechain.domain.types import GenerationRequest, Message, Role, SamplingParams
+from unsafechain.judge.engine import JudgeItem, LlamaGuardJudge, PromptFormat
 
 pytestmark = pytest.mark.integration
 

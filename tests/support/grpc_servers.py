@@ -8,8 +8,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from unsafechain.services.core.server import ServiceServer, create_servicer
-from unsafechain.services.core.service_settings import ServiceSettings
+from unsafechain.runtime.server import ServiceServer, create_servicer
+from unsafechain.runtime.settings import ServiceSettings
 
 
 class LoopThread:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from unsafechain.services.core.backends.base import ModelBackend
-from unsafechain.services.core.types import Generation, GenerationRequest, ModelRef, TokenLogprob
+from unsafechain.backends.base import ModelBackend
+from unsafechain.domain.types import Generation, GenerationRequest, ModelRef, TokenLogprob
 
 
 def guard_generation(text: str, unsafe_probability: float | None = None) -> Generation:

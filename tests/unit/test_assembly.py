@@ -1,6 +1,6 @@
 from collections import Counter
 
-from unsafechain.pipelines.build.assembly import (
+from unsafechain.dataset.assembly import (
     make_subsets,
     preference_pairs,
     primary_category,
@@ -8,8 +8,8 @@ from unsafechain.pipelines.build.assembly import (
     release_row,
     selected_subset,
 )
-from unsafechain.pipelines.build.card import rates_by
-from unsafechain.pipelines.build.config import AssemblySettings
+from unsafechain.dataset.card import rates_by
+from unsafechain.dataset.config import AssemblySettings
 
 
 def _completion(index, label, reasoning="r", answer="a"):

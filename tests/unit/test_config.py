@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from unsafechain.pipelines.build.config import ConfigError, load_config
+from unsafechain.dataset.config import ConfigError, load_config
 
 BASE = {
     "build": {"output": "out"},

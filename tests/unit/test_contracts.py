@@ -1,15 +1,14 @@
-import tomllib
 from pathlib import Path
 
 from google.protobuf import json_format
 
-from unsafechain.services.core.convert import (
+from unsafechain.domain.convert import (
     sampling_from_pb,
     sampling_to_pb,
     verdict_from_pb,
     verdict_to_pb,
 )
-from unsafechain.services.core.types import (
+from unsafechain.domain.types import (
     JudgeIdentity,
     JudgeTarget,
     ModelRef,
@@ -77,13 +76,3 @@ def test_case_serialises_to_json_and_back():
     case.completions.add(index=0, text="t", label=case_pb2.VERDICT_LABEL_SAFE)
     data = json_format.MessageToDict(case, preserving_proto_field_name=True)
     assert json_format.ParseDict(data, case_pb2.Case()) == case
-
-
-def test_every_python_package_folder_is_listed_for_the_wheel():
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(config["packages"])
-    for top, name in (("services", "unsafechain.services"), ("pipelines", "unsafechain.pipelines")):
-        for init in (ROOT / top).rglob("__init__.py"):
-            relative = init.parent.relative_to(ROOT / top)
-            package = ".".join([name, *relative.parts]) if relative.parts else name
-            assert package in listed, f"{package} missing from pyproject packages"

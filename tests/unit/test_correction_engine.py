@@ -1,9 +1,9 @@
 import asyncio
 
 from tests.unit.scripted_backend import ScriptedBackend, guard_generation
-from unsafechain.services.core.types import Generation, Role, VerdictLabel
-from unsafechain.services.correction.engine import CorrectionEngine, CorrectionTemplates
-from unsafechain.services.judge.engine import JudgeEngine, LlamaGuardJudge
+from unsafechain.correction.engine import CorrectionEngine, CorrectionTemplates
+from unsafechain.domain.types import Generation, Role, VerdictLabel
+from unsafechain.judge.engine import JudgeEngine, LlamaGuardJudge
 
 
 def _engine(corrector_outputs, *, max_attempts=3):

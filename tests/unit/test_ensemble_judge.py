@@ -4,10 +4,10 @@ import json
 import pytest
 
 from tests.unit.scripted_backend import ScriptedBackend, guard_generation
-from unsafechain.services.core.backends.base import BackendUnavailable
-from unsafechain.services.core.types import JudgeTarget, VerdictLabel
-from unsafechain.services.judge.engine import JudgeEngine, JudgeItem, LlamaGuardJudge
-from unsafechain.services.judge.ensemble import EnsembleJudge, EnsembleRule
+from unsafechain.backends.base import BackendUnavailable
+from unsafechain.domain.types import JudgeTarget, VerdictLabel
+from unsafechain.judge.engine import JudgeEngine, JudgeItem, LlamaGuardJudge
+from unsafechain.judge.ensemble import EnsembleJudge, EnsembleRule
 
 SAFE, UNSAFE, ERROR = VerdictLabel.SAFE, VerdictLabel.UNSAFE, VerdictLabel.ERROR
 

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from unsafechain.pipelines.build.config import load_config
+from unsafechain.dataset.config import load_config
 
 ROOT = Path(__file__).parents[2]
-CONFIGS = [ROOT / "pipelines" / "demo" / "demo.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
+DEMO = ROOT / "pipelines" / "unsafechain" / "demo" / "demo.yaml"
+CONFIGS = [DEMO, *sorted((ROOT / "configs").glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from unsafechain.services.core.backends.base import MalformedResponse
-from unsafechain.services.core.backends.http_common import parse_chat_completion
+from unsafechain.backends.base import MalformedResponse
+from unsafechain.backends.http_common import parse_chat_completion
 
 
 def _body(*messages):

@@ -3,15 +3,15 @@ import asyncio
 import pytest
 
 from tests.unit.scripted_backend import ScriptedBackend, guard_generation
-from unsafechain.services.core.backends.base import BackendUnavailable
-from unsafechain.services.core.types import JudgeTarget, VerdictLabel
-from unsafechain.services.judge.engine import (
+from unsafechain.backends.base import BackendUnavailable
+from unsafechain.domain.types import JudgeTarget, VerdictLabel
+from unsafechain.judge.engine import (
     JudgeEngine,
     JudgeItem,
     LlamaGuardJudge,
     PromptFormat,
 )
-from unsafechain.services.judge.llama_guard import LLAMA_GUARD_3_CATEGORIES
+from unsafechain.judge.llama_guard import LLAMA_GUARD_3_CATEGORIES
 
 
 def _judge(answer, **kwargs):

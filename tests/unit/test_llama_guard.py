@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from unsafechain.services.core.types import Message, Role, TokenLogprob
-from unsafechain.services.judge.llama_guard import (
+from unsafechain.domain.types import Message, Role, TokenLogprob
+from unsafechain.judge.llama_guard import (
     LLAMA_GUARD_3_CATEGORIES,
     parse_output,
     render_prompt,

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from unsafechain.pipelines.build.config import SourceSettings
-from unsafechain.pipelines.build.sources import PromptRecord, Rejection, read_source
+from unsafechain.dataset.config import SourceSettings
+from unsafechain.intake.sources import PromptRecord, Rejection, read_source
 
 SAMPLES = Path(__file__).parents[1] / "data" / "sources"
 

@@ -3,15 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from unsafechain.pipelines.build.build import read_prompts
-from unsafechain.pipelines.build.config import (
+from unsafechain.dataset.config import (
     BuildConfig,
     DeduplicationSettings,
     SourceSettings,
 )
-from unsafechain.pipelines.build.dedup import Deduplicator, lsh_bands
-from unsafechain.pipelines.build.sources import PromptRecord, prompt_id
-from unsafechain.pipelines.build.textmatch import normalize
+from unsafechain.dataset.pipeline import read_prompts
+from unsafechain.intake.dedup import Deduplicator, lsh_bands
+from unsafechain.intake.sources import PromptRecord, prompt_id
+from unsafechain.intake.textmatch import normalize
 
 SAMPLES = Path(__file__).parents[1] / "data" / "sources"
 LONG = (

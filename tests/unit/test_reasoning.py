@@ -1,6 +1,6 @@
 import pytest
 
-from unsafechain.services.core.reasoning import format_reasoning, split_reasoning
+from unsafechain.domain.reasoning import format_reasoning, split_reasoning
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ from email.utils import format_datetime
 
 import pytest
 
-from unsafechain.services.core.backends.base import BackendError, BackendUnavailable
-from unsafechain.services.core.backends.retry import (
+from unsafechain.backends.base import BackendError, BackendUnavailable
+from unsafechain.backends.retry import (
     RetryPolicy,
     call_with_retries,
     parse_retry_after,

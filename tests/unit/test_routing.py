@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from unsafechain.pipelines.build.stages import RECORDS, TO_CORRECT, RouteStage
+from unsafechain.streaming.stages import RECORDS, TO_CORRECT, RouteStage
 from unsafechain.v1 import case_pb2
 
 SAFE, UNSAFE, ERROR = (

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unsafechain.pipelines.build.config import SourceSettings
-from unsafechain.pipelines.build.sources import (
+from unsafechain.dataset.config import SourceSettings
+from unsafechain.intake.sources import (
     PromptRecord,
     Rejection,
     SourceError,

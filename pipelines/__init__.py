@@ -1,1 +1,0 @@
-"""The streaming dataset build, its stages, transports, sink and exports."""

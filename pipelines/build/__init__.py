@@ -1,1 +1,0 @@
-"""The dataset build: prompt sources, stages, transports, the sink and the manifest."""

@@ -1,0 +1,293 @@
+"""The ``unsafechain`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from unsafechain.runtime.logs import configure_logging
+from unsafechain.runtime.settings import (
+    SERVICE_NAMES,
+    add_client_arguments,
+    add_serve_arguments,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from unsafechain.dataset.config import ConfigError, load_config
+    from unsafechain.dataset.pipeline import BuildError, run_build
+    from unsafechain.intake.sources import SourceError
+
+    overrides = {"build.output": args.output} if args.output else {}
+    try:
+        config = load_config(args.config, overrides | _kafka_overrides(args))
+        if args.bus == "kafka":
+            from unsafechain.dataset.kafka import run_kafka_build
+
+            result = run_kafka_build(config, progress=not args.no_progress)
+        else:
+            result = run_build(config, progress=not args.no_progress)
+    except (ConfigError, SourceError, BuildError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    counts = result.manifest["counts"]
+    print(f"dataset written to {result.output}")
+    print(json.dumps(counts, indent=2))
+    return 0
+
+
+def _kafka_overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    if getattr(args, "bootstrap", None):
+        overrides["kafka.bootstrap_servers"] = args.bootstrap.split(",")
+    if getattr(args, "topic_prefix", None):
+        overrides["kafka.topic_prefix"] = args.topic_prefix
+    return overrides
+
+
+def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap",
+        help="Kafka brokers, host:port[,host:port…]; overrides kafka.bootstrap_servers",
+    )
+    parser.add_argument("--topic-prefix", help="overrides kafka.topic_prefix")
+
+
+def _topics_create(args: argparse.Namespace) -> int:
+    from unsafechain.dataset.config import ConfigError, KafkaSettings, load_config
+    from unsafechain.dataset.kafka import create_topics
+
+    try:
+        settings = load_config(args.config, _kafka_overrides(args)).kafka
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.partitions:
+        settings = KafkaSettings.model_validate(
+            settings.model_dump() | {"partitions": args.partitions}
+        )
+    for name in create_topics(settings):
+        print(f"created {name}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from unsafechain.dataset.config import ConfigError, load_config
+    from unsafechain.dataset.kafka import run_worker
+
+    try:
+        config = load_config(args.config, _kafka_overrides(args))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run_worker(config, args.stage, metrics_port=args.metrics_port)
+    return 0
+
+
+def _standins(args: argparse.Namespace) -> int:
+    from unsafechain.demo.standins import build_standin_models
+
+    models = build_standin_models(Path(args.out), seed=args.seed)
+    for role in ("generator", "judge", "corrector"):
+        print(f"{role}: {getattr(models, role)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from unsafechain.runtime.server import run_service
+    from unsafechain.runtime.settings import SettingsError, service_settings
+
+    try:
+        settings = service_settings(args.service, args)
+        return run_service(settings)
+    except (SettingsError, ValueError) as error:
+        # ValueError: a model setting the backend rejects, e.g. an unset API key variable.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _read_text(text: str | None, path: str | None, what: str) -> str:
+    if text is not None:
+        return text
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")  # type: ignore[arg-type]
+    except OSError as error:
+        raise ValueError(f"cannot read the {what} from {path}: {error.strerror}") from None
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from unsafechain.backends.base import BackendError
+    from unsafechain.domain.types import JudgeTarget
+    from unsafechain.runtime.client import RemoteJudgeEngine
+    from unsafechain.runtime.settings import SettingsError, client_settings
+
+    try:
+        settings = client_settings(args)
+        prompt = _read_text(args.prompt, args.prompt_file, "prompt")
+        response = _read_text(args.response, args.response_file, "response")
+    except (SettingsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    targets = [JudgeTarget(target) for target in args.target or ()]
+
+    async def ask():
+        async with RemoteJudgeEngine(settings) as engine:
+            return await engine.judge(prompt, response, targets=targets)
+
+    try:
+        judgment = asyncio.run(ask())
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BackendError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    verdicts = [
+        {
+            "judge": verdict.judge.name,
+            "target": verdict.target.value,
+            "label": verdict.label.value,
+            "categories": list(verdict.categories),
+            "score": verdict.score,
+            "error": verdict.error,
+        }
+        for verdict in judgment.verdicts
+    ]
+    if args.json:
+        summary = {
+            "label": judgment.label.value,
+            "categories": list(judgment.categories),
+            "verdicts": verdicts,
+        }
+        print(json.dumps(summary, indent=2))
+        return 0
+    categories = f" ({', '.join(judgment.categories)})" if judgment.categories else ""
+    print(f"{judgment.label.value}{categories}")
+    for verdict in verdicts:
+        detail = ",".join(verdict["categories"]) or verdict["error"]
+        score = f" score={verdict['score']:.3f}" if verdict["score"] is not None else ""
+        print(f"  {verdict['judge']} [{verdict['target']}]: {verdict['label']}{score} {detail}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="unsafechain",
+        description="Build correction-based safety-alignment datasets for reasoning models.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser(
+        "build",
+        help="run a dataset build in this process",
+        description="Generate K completions per prompt, judge them, correct the hard cases "
+        "and write the dataset. Run again on the same output to resume.",
+    )
+    build.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
+    build.add_argument("--output", help="output folder; overrides build.output in the config")
+    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    build.add_argument(
+        "--bus",
+        choices=["embedded", "kafka"],
+        default="embedded",
+        help="embedded: every stage in this process; kafka: publish the prompts and store "
+        "what `unsafechain worker` processes deliver",
+    )
+    _add_kafka_arguments(build)
+    build.set_defaults(handler=_build)
+
+    topics = commands.add_parser("topics", help="manage the build's Kafka topics")
+    topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    create = topic_commands.add_parser(
+        "create",
+        help="create every build topic and its dead-letter topic",
+        description="Create <prefix>.<version>.<topic> and <…>.dlq for every build topic; "
+        "topics that exist are left as they are.",
+    )
+    create.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
+    create.add_argument("--partitions", type=int, help="overrides kafka.partitions")
+    _add_kafka_arguments(create)
+    create.set_defaults(handler=_topics_create)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run one build stage as a Kafka consumer group member",
+        description="Consume the stage's topic, run the stage, produce its outputs, then "
+        "commit. Start more to scale (up to the partition count); SIGTERM finishes the "
+        "batch in hand, commits and leaves the group.",
+    )
+    worker.add_argument("stage", choices=["generate", "judge", "route", "correct"])
+    worker.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics (consumer lag) on this port"
+    )
+    _add_kafka_arguments(worker)
+    worker.set_defaults(handler=_worker)
+
+    standins = commands.add_parser(
+        "standins",
+        help="create the tiny stand-in models the demo and tests use",
+        description="Train tiny generator, judge and corrector models on the spot (seconds "
+        "on a CPU). They stand in for real models where none can be downloaded.",
+    )
+    standins.add_argument("--out", required=True, help="folder for the three models")
+    standins.add_argument("--seed", type=int, default=0, help="training seed")
+    standins.set_defaults(handler=_standins)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run one stage's engine as a gRPC service",
+        description="Serve the generation, judge or correction engine over gRPC, with health "
+        "checking, reflection, optional TLS and bearer tokens, and Prometheus metrics. "
+        "Every flag can also be set as UNSAFECHAIN_<SETTING> in the environment "
+        "(nested: UNSAFECHAIN_MODEL__BASE_URL); SIGTERM drains and exits 0.",
+    )
+    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name in SERVICE_NAMES:
+        service = services.add_parser(name, help=f"serve the {name} engine")
+        add_serve_arguments(service, name)
+        service.set_defaults(handler=_serve)
+
+    judge = commands.add_parser(
+        "judge",
+        help="ask a judge service for a verdict on a response",
+        description="Send a prompt and a response to a judge service and print the verdict.",
+    )
+    add_client_arguments(judge)
+    prompt = judge.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", help="file holding the prompt ('-': stdin)")
+    response = judge.add_mutually_exclusive_group(required=True)
+    response.add_argument("--response", help="the response text, think section included")
+    response.add_argument("--response-file", help="file holding the response ('-': stdin)")
+    judge.add_argument(
+        "--target",
+        action="append",
+        choices=["full", "reasoning", "answer"],
+        help="part to judge (repeatable); default: the service's",
+    )
+    judge.add_argument("--json", action="store_true", help="print the judgment as JSON")
+    judge.set_defaults(handler=_judge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, json_lines=args.log_json)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prompt intake: sources, published loaders, deduplication and decontamination."""

@@ -1,0 +1,202 @@
+"""Prompt sources: JSONL and Parquet files, ``datasets`` folders and hub datasets.
+
+Every prompt is tagged with its source. The source's loader (``loaders.py``) takes
+the prompt and its metadata from each record. A bad record (invalid JSON, missing,
+non-string or empty prompt) is rejected with its file, line and reason, and the
+rest of the source is still read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unsafechain.dataset.config import SourceSettings
+from unsafechain.intake.loaders import LOADERS, RecordError
+
+logger = logging.getLogger(__name__)
+
+
+class SourceError(ValueError):
+    """A whole source cannot be read (missing file, unreadable format)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRecord:
+    """A valid prompt read from a source.
+
+    Attributes:
+        id: Stable id from the source name and the prompt text.
+        text: The prompt.
+        source: The source's name.
+        uri: File, folder or hub name it was read from.
+        line: 1-based line or row number.
+        metadata: The record's other scalar fields, as strings.
+    """
+
+    id: str
+    text: str
+    source: str
+    uri: str
+    line: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record that could not be used, and why."""
+
+    source: str
+    uri: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.uri}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    reason: str
+
+
+def prompt_id(source: str, text: str) -> str:
+    """The stable id of a prompt: the same source and text always give the same id."""
+    return hashlib.sha256(f"{source}\x00{text}".encode()).hexdigest()[:20]
+
+
+def detect_format(settings: SourceSettings) -> str:
+    """The source's format, deciding ``auto`` from the path."""
+    if settings.format != "auto":
+        return settings.format
+    path = Path(settings.path)
+    if path.is_dir():
+        return "datasets"
+    if path.suffix in {".jsonl", ".json", ".ndjson"}:
+        return "jsonl"
+    if path.suffix in {".parquet", ".pq"}:
+        return "parquet"
+    if not path.exists() and "/" in settings.path and not settings.path.startswith((".", "/")):
+        return "hub"
+    raise SourceError(
+        f"source {settings.name!r}: cannot tell the format of {settings.path!r} "
+        "(expected .jsonl, .parquet, a datasets folder, or set format)"
+    )
+
+
+def read_source(settings: SourceSettings) -> Iterator[PromptRecord | Rejection]:
+    """Read one source, yielding valid prompts and rejections in file order.
+
+    Raises:
+        SourceError: The source as a whole cannot be read.
+    """
+    fmt = detect_format(settings)
+    if fmt != "hub" and not Path(settings.path).exists():
+        raise SourceError(f"source {settings.name!r}: {settings.path} does not exist")
+    rows: Iterable[tuple[int, object]]
+    if fmt == "jsonl":
+        rows = _jsonl_rows(Path(settings.path))
+    elif fmt == "parquet":
+        rows = _parquet_rows(settings)
+    else:
+        rows = _datasets_rows(settings, from_hub=fmt == "hub")
+    subset_field = LOADERS[settings.loader].subset_field
+    accepted = outside = 0
+    for line, row in rows:
+        if (
+            settings.subsets is not None
+            and isinstance(row, dict)
+            and row.get(subset_field) not in settings.subsets
+        ):
+            # Not a bad record, only one the config did not ask for.
+            outside += 1
+            continue
+        result = _validate(settings, line, row)
+        yield result
+        if isinstance(result, PromptRecord):
+            accepted += 1
+            if settings.limit is not None and accepted >= settings.limit:
+                break
+    if outside:
+        logger.info(
+            "source %r: skipped %d records outside subsets %s",
+            settings.name,
+            outside,
+            ", ".join(settings.subsets or ()),
+        )
+
+
+def _validate(settings: SourceSettings, line: int, row: object) -> PromptRecord | Rejection:
+    def reject(reason: str) -> Rejection:
+        return Rejection(settings.name, settings.path, line, reason)
+
+    if isinstance(row, _Unreadable):
+        return reject(row.reason)
+    if not isinstance(row, dict):
+        return reject(f"record is a JSON {type(row).__name__}, not an object")
+    try:
+        loaded = LOADERS[settings.loader].extract(row, settings)
+    except RecordError as error:
+        return reject(str(error))
+    return PromptRecord(
+        prompt_id(settings.name, loaded.text),
+        loaded.text,
+        settings.name,
+        settings.path,
+        line,
+        loaded.metadata,
+    )
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield line_number, json.loads(raw)
+            except UnicodeDecodeError as error:
+                yield line_number, _Unreadable(f"not UTF-8: {error}")
+            except json.JSONDecodeError as error:
+                yield line_number, _Unreadable(f"invalid JSON: {error.msg} at column {error.colno}")
+
+
+def _parquet_rows(settings: SourceSettings) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(settings.path)
+    except Exception as error:  # pyarrow raises several types for unreadable files
+        raise SourceError(f"source {settings.name!r}: {settings.path}: {error}") from error
+    row_number = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            row_number += 1
+            yield row_number, row
+
+
+def _datasets_rows(settings: SourceSettings, *, from_hub: bool) -> Iterator[tuple[int, object]]:
+    import datasets
+
+    try:
+        if from_hub:
+            options = dict(LOADERS[settings.loader].hub_options)
+            if settings.hub_config is not None:
+                options["name"] = settings.hub_config
+            dataset = datasets.load_dataset(settings.path, split=settings.split, **options)
+        else:
+            dataset = datasets.load_from_disk(settings.path)
+    except Exception as error:  # datasets raises many types for a missing or bad dataset
+        raise SourceError(f"source {settings.name!r}: {settings.path}: {error}") from error
+    if isinstance(dataset, datasets.DatasetDict):
+        if settings.split not in dataset:
+            raise SourceError(
+                f"source {settings.name!r}: split {settings.split!r} not in "
+                f"{settings.path} (have: {', '.join(dataset)})"
+            )
+        dataset = dataset[settings.split]
+    yield from enumerate(dataset, start=1)

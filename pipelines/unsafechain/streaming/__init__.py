@@ -1,0 +1,1 @@
+"""The streaming runtime every pipeline runs on: stages, transports, the case store."""

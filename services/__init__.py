@@ -1,1 +1,0 @@
-"""The gRPC services and the engines and shared core they stand on."""

@@ -1,1 +1,0 @@
-"""Shared core of the services: domain types, model backends, settings."""

@@ -1,0 +1,285 @@
+"""Model backend for any OpenAI-compatible server: OpenAI, vLLM, SGLang, TGI's Messages API."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Literal, TypeVar
+
+import openai
+import pydantic
+
+from unsafechain.backends.base import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    MalformedResponse,
+    ModelBackend,
+)
+from unsafechain.backends.http_common import (
+    BoundedCalls,
+    error_for_status,
+    gather_all,
+    parse_chat_completion,
+    public_endpoint,
+    redact,
+    sorted_choices,
+    validate_body,
+)
+from unsafechain.backends.retry import (
+    RetryPolicy,
+)
+from unsafechain.domain.types import (
+    Generation,
+    GenerationRequest,
+    Message,
+    ModelRef,
+    SamplingParams,
+    TokenLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SchemaT = TypeVar("SchemaT", bound=pydantic.BaseModel)
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+# Servers started without authentication (vLLM, SGLang, TGI) ignore the bearer token,
+# but the SDK refuses to run without one, and given ``None`` it would read
+# OPENAI_API_KEY from the environment and send that key to whatever server we name.
+_NO_API_KEY = "EMPTY"
+
+# Request timeout, conflict and rate limiting are worth retrying, as are server errors.
+_RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+_DETAIL_LIMIT = 500
+
+
+class _CompletionLogprobs(pydantic.BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float] | None] | None = None
+
+
+class _CompletionChoice(pydantic.BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: _CompletionLogprobs | None = None
+
+
+class _Completion(pydantic.BaseModel):
+    choices: list[_CompletionChoice]
+
+
+class _ModelEntry(pydantic.BaseModel):
+    id: str
+
+
+class _ModelList(pydantic.BaseModel):
+    data: list[_ModelEntry]
+
+
+def _completion_tokens(choice: _CompletionChoice, where: str) -> tuple[TokenLogprob, ...]:
+    logprobs = choice.logprobs
+    if logprobs is None:
+        raise MalformedResponse(f"{where} answered no logprobs although they were asked for")
+    tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
+    if not len(logprobs.tokens) == len(logprobs.token_logprobs) == len(tops):
+        raise MalformedResponse(f"{where} answered logprob lists of different lengths")
+    return tuple(
+        TokenLogprob(
+            token=token,
+            logprob=logprob,
+            # The legacy API gives alternatives as an unordered mapping; order them
+            # best first like the chat API does.
+            top=tuple(sorted((top or {}).items(), key=lambda item: item[1], reverse=True)),
+        )
+        for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=True)
+    )
+
+
+# ---------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------
+
+
+class OpenAIBackend(ModelBackend):
+    """A model served behind the OpenAI API, through :class:`openai.AsyncOpenAI`.
+
+    Conversations go to ``/chat/completions``, where the server applies the model's
+    chat template; raw prompts go to the legacy ``/completions`` endpoint.
+
+    Args:
+        model: The model name the server knows.
+        base_url: The API root including ``/v1``; ``None`` selects OpenAI itself.
+        api_key: The bearer token, ``None`` for servers without authentication. It is
+            never logged nor put into errors or ``repr``.
+        timeout: Seconds one HTTP call may take.
+        max_concurrency: Most calls in flight at once.
+        retry: How retryable failures are retried; ``None`` takes
+            :class:`RetryPolicy`'s defaults.
+        max_tokens_param: The request field bounding the output: ``"max_tokens"``, or
+            ``"max_completion_tokens"`` for OpenAI's reasoning models, which reject
+            the former.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_concurrency: int = 16,
+        retry: RetryPolicy | None = None,
+        max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens",
+    ):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        if max_tokens_param not in ("max_tokens", "max_completion_tokens"):
+            raise ValueError(f"unknown max_tokens_param {max_tokens_param!r}")
+        base_url = base_url or OPENAI_BASE_URL
+        self._ref = ModelRef(backend="openai", model=model, endpoint=public_endpoint(base_url))
+        self._where = f"{model} at {self._ref.endpoint}"
+        self._api_key = api_key
+        self._timeout = timeout
+        self._max_tokens_param = max_tokens_param
+        self._calls = BoundedCalls(max_concurrency, retry or RetryPolicy())
+        # Retries are ours (call_with_retries), so that Retry-After, backoff and the
+        # attempt budget behave the same for every backend.
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key or _NO_API_KEY, base_url=base_url, timeout=timeout, max_retries=0
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self._ref.model!r}, endpoint={self._ref.endpoint!r})"
+
+    @property
+    def ref(self) -> ModelRef:
+        """The model and the endpoint without credentials."""
+        return self._ref
+
+    async def generate(self, request: GenerationRequest) -> list[Generation]:
+        """Sample ``request.params.n`` completions in one API call.
+
+        Raises:
+            BackendTimeout: The server did not answer in time, on every attempt.
+            BackendUnavailable: The server was unreachable, overloaded or rate
+                limited, on every attempt.
+            MalformedResponse: The answer does not follow the API.
+            BackendError: The server rejected the request (bad key, bad parameters).
+        """
+        if request.messages is not None:
+            messages = request.messages
+            return await self._calls.run(
+                lambda: self._chat(messages, request.params), description="chat completion"
+            )
+        prompt = request.prompt or ""
+        return await self._calls.run(
+            lambda: self._complete(prompt, request.params), description="completion"
+        )
+
+    async def generate_many(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
+        """Run the requests concurrently, within ``max_concurrency``."""
+        return await gather_all(self.generate(request) for request in requests)
+
+    async def check(self) -> None:
+        """List the server's models and make sure ours is among them.
+
+        Raises:
+            BackendUnavailable: The server cannot be reached or is failing.
+            BackendError: The server does not serve the model, or rejects the key.
+        """
+        with self._translate_errors():
+            raw = await self._client.models.with_raw_response.list()
+        served = validate_body(_ModelList, raw.content, where=self._where, api="models API")
+        names = sorted(entry.id for entry in served.data)
+        if self._ref.model not in names:
+            shown = ", ".join(names[:10]) + (", …" if len(names) > 10 else "")
+            raise BackendError(
+                f"{self._where}: the server does not serve the model (it serves {shown})"
+            )
+        logger.debug("%s is up", self._where)
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections."""
+        await self._client.close()
+
+    async def _chat(
+        self, messages: tuple[Message, ...], params: SamplingParams
+    ) -> list[Generation]:
+        k = params.top_logprobs
+        with self._translate_errors():
+            raw = await self._client.chat.completions.with_raw_response.create(
+                model=self._ref.model,
+                messages=[message.as_dict() for message in messages],
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=params.seed if params.seed is not None else openai.omit,
+                stop=list(params.stop) if params.stop else openai.omit,
+                logprobs=True if k else openai.omit,
+                top_logprobs=k if k else openai.omit,
+                **{self._max_tokens_param: params.max_new_tokens},
+            )
+        return parse_chat_completion(raw.content, n=params.n, logprobs=k > 0, where=self._where)
+
+    async def _complete(self, prompt: str, params: SamplingParams) -> list[Generation]:
+        k = params.top_logprobs
+        with self._translate_errors():
+            raw = await self._client.completions.with_raw_response.create(
+                model=self._ref.model,
+                prompt=prompt,
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=params.seed if params.seed is not None else openai.omit,
+                stop=list(params.stop) if params.stop else openai.omit,
+                logprobs=k if k else openai.omit,
+            )
+        completion = validate_body(
+            _Completion, raw.content, where=self._where, api="completions API"
+        )
+        return [
+            Generation(
+                text=choice.text,
+                finish_reason=choice.finish_reason,
+                tokens=_completion_tokens(choice, self._where) if k else None,
+            )
+            for choice in sorted_choices(completion.choices, params.n, self._where)
+        ]
+
+    @contextlib.contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        """Turn the SDK's exceptions into backend errors."""
+        try:
+            yield
+        except openai.APITimeoutError as error:
+            raise BackendTimeout(
+                f"no answer from {self._where} within {self._timeout:g}s"
+            ) from error
+        except openai.APIConnectionError as error:
+            reason = redact(str(error.__cause__ or error), self._api_key)
+            raise BackendUnavailable(f"cannot reach {self._where}: {reason}") from error
+        except openai.APIStatusError as error:
+            raise self._status_error(error) from error
+
+    def _status_error(self, error: openai.APIStatusError) -> BackendError:
+        body = error.body
+        detail = body.get("message") if isinstance(body, dict) else None
+        if not isinstance(detail, str):
+            detail = str(body) if body is not None else ""
+        # OpenAI answers 429 also when the account's quota is spent; waiting does not help.
+        retryable = False if error.code == "insufficient_quota" else None
+        return error_for_status(
+            error.status_code,
+            error.response.headers,
+            detail,
+            where=self._where,
+            secret=self._api_key,
+            retryable=retryable,
+        )

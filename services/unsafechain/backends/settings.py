@@ -1,0 +1,158 @@
+"""Typed settings for model backends, and the one place that builds a backend from them."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from unsafechain.backends.base import ModelBackend
+from unsafechain.backends.retry import RetryPolicy
+from unsafechain.domain.types import ModelRef, SamplingParams
+
+
+class StrictModel(BaseModel):
+    """A settings model that rejects unknown keys, so a typo names itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingSettings(StrictModel):
+    """Sampling K completions per prompt.
+
+    Attributes:
+        samples: Completions per prompt (K).
+        temperature: 0 is greedy decoding.
+        top_p: Nucleus sampling mass.
+        max_new_tokens: Upper bound on generated tokens per completion.
+    """
+
+    samples: Annotated[int, Field(ge=1)] = 1
+    temperature: Annotated[float, Field(ge=0)] = 0.6
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
+
+    def params(self) -> SamplingParams:
+        """The sampling settings for one prompt's K samples."""
+        return SamplingParams(
+            n=self.samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+class RetrySettings(StrictModel):
+    """Retries with exponential backoff; a server's ``Retry-After`` wins."""
+
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    initial_backoff: Annotated[float, Field(ge=0)] = 0.5
+    max_backoff: Annotated[float, Field(ge=0)] = 30.0
+
+    def policy(self) -> RetryPolicy:
+        """The equivalent :class:`RetryPolicy`."""
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            initial_backoff=self.initial_backoff,
+            max_backoff=self.max_backoff,
+        )
+
+
+class BackendSettings(StrictModel):
+    """Where a model runs.
+
+    Attributes:
+        backend: ``transformers`` (local), ``openai`` (any OpenAI-compatible server)
+            or ``tgi`` (TGI's native API).
+        model: Hub name or local path (transformers), or the served model name.
+        base_url: Server address for ``openai`` and ``tgi``.
+        api_key_env: Name of the environment variable holding the API key. The key
+            itself never appears in a config file, a log line or an error.
+        timeout: Seconds per remote call.
+        max_concurrency: Remote calls in flight at once.
+        retry: Retry policy for remote calls.
+        device: Device for local models (``auto`` picks CUDA when present).
+        dtype: Weight dtype for local models.
+        max_batch_size: Sequences per forward pass for local models.
+        max_tokens_param: ``max_tokens`` or ``max_completion_tokens`` (OpenAI's
+            reasoning models want the latter).
+    """
+
+    backend: Literal["transformers", "openai", "tgi"]
+    model: Annotated[str, Field(min_length=1)]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout: Annotated[float, Field(gt=0)] = 120.0
+    max_concurrency: Annotated[int, Field(ge=1)] = 8
+    retry: RetrySettings = RetrySettings()
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: Annotated[int, Field(ge=1)] = 16
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> BackendSettings:
+        if self.backend == "tgi" and not self.base_url:
+            raise ValueError("base_url is required for the tgi backend")
+        return self
+
+    def ref(self) -> ModelRef:
+        """The model as the backend built from these settings names it in provenance."""
+        if self.backend == "transformers":
+            return ModelRef(backend="transformers", model=self.model)
+        from unsafechain.backends.http_common import public_endpoint
+        from unsafechain.backends.openai_backend import OPENAI_BASE_URL
+
+        base_url = self.base_url or (OPENAI_BASE_URL if self.backend == "openai" else "")
+        return ModelRef(backend=self.backend, model=self.model, endpoint=public_endpoint(base_url))
+
+    def api_key(self) -> SecretStr | None:
+        """The API key from the environment variable named by ``api_key_env``.
+
+        Raises:
+            ValueError: The variable is named but not set.
+        """
+        if not self.api_key_env:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
+        return SecretStr(value)
+
+
+def create_backend(settings: BackendSettings) -> ModelBackend:
+    """Build the backend ``settings`` describe."""
+    if settings.backend == "transformers":
+        from unsafechain.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_batch_size=settings.max_batch_size,
+        )
+    key = settings.api_key()
+    secret = key.get_secret_value() if key else None
+    if settings.backend == "openai":
+        from unsafechain.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(
+            settings.model,
+            base_url=settings.base_url,
+            api_key=secret,
+            timeout=settings.timeout,
+            max_concurrency=settings.max_concurrency,
+            retry=settings.retry.policy(),
+            max_tokens_param=settings.max_tokens_param,
+        )
+    from unsafechain.backends.tgi_backend import TGIBackend
+
+    return TGIBackend(
+        settings.model,
+        base_url=settings.base_url,
+        api_key=secret,
+        timeout=settings.timeout,
+        max_concurrency=settings.max_concurrency,
+        retry=settings.retry.policy(),
+    )

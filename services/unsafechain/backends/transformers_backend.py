@@ -1,0 +1,200 @@
+"""Local ``transformers`` models: the model's own chat template, batched sampling,
+token log-probabilities."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from unsafechain.backends.base import BackendError, ModelBackend
+from unsafechain.domain.types import (
+    Generation,
+    GenerationRequest,
+    ModelRef,
+    SamplingParams,
+    TokenLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+# Held around every local generate call; see TransformersBackend.
+_SAMPLING_LOCK = threading.Lock()
+
+
+class TransformersBackend(ModelBackend):
+    """A causal LM loaded in this process.
+
+    Calls run in a worker thread, so the event loop stays free, and one at a time
+    across every local model of the process: sampling draws from torch's global
+    random generator, so a seeded call is reproducible only if no other model
+    samples in between. ``generate_many`` batches requests with the same sampling
+    settings into one padded forward pass.
+
+    Args:
+        model: Hub name or local path.
+        device: ``cpu``, ``cuda``, ``cuda:1`` …; ``auto`` picks CUDA when present.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        max_batch_size: Upper bound on sequences in one forward pass.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+    ):
+        self._name = model
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._device = torch.device(device)
+        self._max_batch_size = max_batch_size
+        self._tokenizer = AutoTokenizer.from_pretrained(model)
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self._model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+        self._model.to(self._device).eval()
+        self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        logger.info("loaded %s on %s", model, self._device)
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(backend="transformers", model=self._name)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._tokenizer.chat_template)
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer."""
+        return self._tokenizer
+
+    async def generate(self, request: GenerationRequest) -> list[Generation]:
+        return (await self.generate_many([request]))[0]
+
+    async def generate_many(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
+        if not requests:
+            return []
+        return await asyncio.to_thread(self._generate_sync, list(requests))
+
+    def render(self, request: GenerationRequest) -> str:
+        """The exact text the model is given for ``request``."""
+        if request.prompt is not None:
+            return request.prompt
+        if not self.has_chat_template:
+            raise BackendError(f"{self._name} has no chat template; send a rendered prompt")
+        return self._tokenizer.apply_chat_template(
+            [m.as_dict() for m in request.messages],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+
+    def _generate_sync(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
+        results: list[list[Generation] | None] = [None] * len(requests)
+        groups: dict[SamplingParams, list[int]] = {}
+        for position, request in enumerate(requests):
+            groups.setdefault(request.params, []).append(position)
+        with _SAMPLING_LOCK:
+            for params, positions in groups.items():
+                per_call = max(1, self._max_batch_size // params.n)
+                for start in range(0, len(positions), per_call):
+                    chunk = positions[start : start + per_call]
+                    texts = [self.render(requests[p]) for p in chunk]
+                    for p, generations in zip(chunk, self._run(texts, params), strict=True):
+                        results[p] = generations
+        return results  # type: ignore[return-value]
+
+    def _run(self, texts: Sequence[str], params: SamplingParams) -> list[list[Generation]]:
+        if params.greedy and params.n > 1:
+            # Greedy samples are all the same sequence: decode it once.
+            once = self._run(texts, dataclasses.replace(params, n=1))
+            return [samples * params.n for samples in once]
+        encoded = self._tokenizer(
+            list(texts), return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self._device)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        sampling = (
+            {"do_sample": False}
+            if params.greedy
+            else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        )
+        with torch.inference_mode():
+            output = self._model.generate(
+                **encoded,
+                **sampling,
+                max_new_tokens=params.max_new_tokens,
+                num_return_sequences=params.n,
+                stop_strings=list(params.stop) or None,
+                tokenizer=self._tokenizer if params.stop else None,
+                return_dict_in_generate=True,
+                output_logits=params.top_logprobs > 0,
+                pad_token_id=self._tokenizer.pad_token_id,
+            )
+        prompt_length = encoded["input_ids"].shape[1]
+        new_tokens = output.sequences[:, prompt_length:]
+        step_logprobs = (
+            torch.stack(output.logits, dim=1).float().log_softmax(dim=-1)
+            if params.top_logprobs > 0
+            else None
+        )
+        eos_ids = self._eos_ids()
+        generations = []
+        for row in range(new_tokens.shape[0]):
+            ids = new_tokens[row].tolist()
+            length, finish_reason = len(ids), "length"
+            for position, token_id in enumerate(ids):
+                if token_id in eos_ids:
+                    length, finish_reason = position, "stop"
+                    break
+            text = self._tokenizer.decode(ids[:length], skip_special_tokens=True)
+            if params.stop and finish_reason == "length":
+                for stop in params.stop:
+                    if stop in text:
+                        text, finish_reason = text[: text.index(stop)], "stop"
+            tokens = None
+            if step_logprobs is not None:
+                tokens = self._token_logprobs(ids[:length], step_logprobs[row], params.top_logprobs)
+            generations.append(Generation(text=text, finish_reason=finish_reason, tokens=tokens))
+        return [generations[i : i + params.n] for i in range(0, len(generations), params.n)]
+
+    def _token_logprobs(
+        self, ids: list[int], logprobs: torch.Tensor, top_k: int
+    ) -> tuple[TokenLogprob, ...]:
+        top_values, top_ids = logprobs[: len(ids)].topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        result = []
+        for position, token_id in enumerate(ids):
+            alternatives = tuple(
+                (self._piece(t), float(v))
+                for t, v in zip(
+                    top_ids[position].tolist(), top_values[position].tolist(), strict=True
+                )
+            )
+            result.append(
+                TokenLogprob(
+                    self._piece(token_id), float(logprobs[position, token_id]), alternatives
+                )
+            )
+        return tuple(result)
+
+    def _piece(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _eos_ids(self) -> set[int]:
+        eos = self._model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self._tokenizer.eos_token_id is not None:
+            ids.add(self._tokenizer.eos_token_id)
+        return ids
+
+    async def aclose(self) -> None:
+        del self._model

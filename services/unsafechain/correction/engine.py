@@ -1,0 +1,243 @@
+"""The correction engine: rewrite an unsafe completion into a safe one in the same
+``<think>`` format, re-judge it, retry within a bound."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jinja2
+
+from unsafechain.backends.base import BackendError, ModelBackend
+from unsafechain.domain.reasoning import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    ReasoningSplit,
+    split_reasoning,
+)
+from unsafechain.domain.templates import bundled_templates, load_template, read_template
+from unsafechain.domain.types import (
+    GenerationRequest,
+    Message,
+    ModelRef,
+    Role,
+    SamplingParams,
+    Verdict,
+    VerdictLabel,
+)
+from unsafechain.judge.engine import JudgeEngine
+from unsafechain.judge.llama_guard import CATEGORY_BY_CODE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionTemplates:
+    """The correction prompt: a system text and a Jinja user template.
+
+    The user template receives ``prompt``, ``response``, ``categories`` (codes with
+    their names) and ``feedback`` (why the previous attempt was rejected, or empty).
+    """
+
+    system: str
+    user: jinja2.Template
+
+    @classmethod
+    def load(cls, folder: Path | None = None) -> CorrectionTemplates:
+        """Read ``system.md`` and ``user.md.j2`` from ``folder`` (default: bundled)."""
+        root = folder or bundled_templates("unsafechain.correction")
+        try:
+            return cls(
+                read_template(root / "system.md").strip(), load_template(root / "user.md.j2")
+            )
+        except ValueError as error:
+            raise ValueError(f"correction {error}") from error
+
+    def messages(
+        self, prompt: str, response: str, categories: Sequence[str], feedback: str = ""
+    ) -> tuple[Message, ...]:
+        """The conversation sent to the corrector."""
+        named = [
+            f"{code} ({CATEGORY_BY_CODE[code].name})" if code in CATEGORY_BY_CODE else code
+            for code in categories
+        ]
+        user = self.user.render(
+            prompt=prompt, response=response, categories=named, feedback=feedback
+        )
+        return (Message(Role.SYSTEM, self.system), Message(Role.USER, user.strip()))
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try at a correction.
+
+    Attributes:
+        number: 1-based.
+        text: The corrector's output as generated (empty when the call failed).
+        split: The output split at its think tags.
+        verdicts: Verdicts from re-judging the attempt; empty when it was not judged.
+        label: The combined re-judged label; ``ERROR`` when not judged.
+        failure_reason: Why the attempt did not pass; empty when it passed.
+        finished_at: When the attempt ended.
+    """
+
+    number: int
+    text: str
+    split: ReasoningSplit
+    verdicts: tuple[Verdict, ...]
+    label: VerdictLabel
+    failure_reason: str
+    finished_at: datetime
+
+    @property
+    def passed(self) -> bool:
+        """Whether the attempt is well-formed and re-judged safe."""
+        return not self.failure_reason
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionOutcome:
+    """Every attempt at one correction, and the one that passed if any."""
+
+    attempts: tuple[Attempt, ...]
+
+    @property
+    def passed(self) -> Attempt | None:
+        """The attempt that passed, or None."""
+        return next((attempt for attempt in self.attempts if attempt.passed), None)
+
+    @property
+    def failure_reason(self) -> str:
+        """Why no attempt passed; empty when one did."""
+        if self.passed or not self.attempts:
+            return ""
+        return f"no attempt passed in {len(self.attempts)}: {self.attempts[-1].failure_reason}"
+
+
+class CorrectionEngine:
+    """Corrects unsafe completions through a strong model, re-judging each attempt.
+
+    Args:
+        backend: The corrector model (an OpenAI-compatible API in the paper).
+        judge: Re-judges every attempt; only a ``SAFE`` label passes.
+        params: Sampling settings for the corrector (one sample per attempt).
+        max_attempts: Bound on tries per unsafe completion.
+        templates: The correction prompt.
+    """
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        judge: JudgeEngine,
+        *,
+        params: SamplingParams | None = None,
+        max_attempts: int = 3,
+        templates: CorrectionTemplates | None = None,
+    ):
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        self._backend = backend
+        self._judge = judge
+        self._params = params or SamplingParams(n=1, temperature=0.7, max_new_tokens=1024)
+        if self._params.n != 1:
+            raise ValueError("the corrector samples one completion per attempt (n=1)")
+        self._max_attempts = max_attempts
+        self._templates = templates or CorrectionTemplates.load()
+
+    @property
+    def backend(self) -> ModelBackend:
+        """The corrector model's backend."""
+        return self._backend
+
+    @property
+    def ref(self) -> ModelRef:
+        """The corrector model, as provenance records it."""
+        return self._backend.ref
+
+    @property
+    def max_attempts(self) -> int:
+        """Bound on tries per unsafe completion."""
+        return self._max_attempts
+
+    async def correct(
+        self,
+        prompt: str,
+        completion: str,
+        categories: Sequence[str],
+        *,
+        seed: int | None = None,
+    ) -> CorrectionOutcome:
+        """Correct one unsafe ``completion`` of ``prompt``.
+
+        Stops at the first attempt that is well-formed and re-judged safe, or after
+        ``max_attempts``. Each retry tells the corrector why the last one failed.
+        """
+        attempts: list[Attempt] = []
+        feedback = ""
+        for number in range(1, self._max_attempts + 1):
+            attempt = await self._attempt(prompt, completion, categories, feedback, number, seed)
+            attempts.append(attempt)
+            if attempt.passed:
+                break
+            feedback = attempt.failure_reason
+            logger.debug("correction attempt %d failed: %s", number, feedback)
+        return CorrectionOutcome(tuple(attempts))
+
+    async def _attempt(
+        self,
+        prompt: str,
+        completion: str,
+        categories: Sequence[str],
+        feedback: str,
+        number: int,
+        seed: int | None,
+    ) -> Attempt:
+        messages = self._templates.messages(prompt, completion, categories, feedback)
+        params = self._params
+        if seed is not None:
+            params = dataclasses.replace(params, seed=seed + number - 1)
+        try:
+            [generation] = await self._backend.generate(
+                GenerationRequest(messages=messages, params=params)
+            )
+        except BackendError as error:
+            return _failed(number, "", f"corrector call failed: {error}")
+        text = generation.text
+        split = split_reasoning(text)
+        problem = _format_problem(split)
+        if problem:
+            return _failed(number, text, problem)
+        [judgment] = await self._judge.judge_completions(prompt, [split.render()])
+        if judgment.label == VerdictLabel.SAFE:
+            reason = ""
+        elif judgment.label == VerdictLabel.UNSAFE:
+            reason = f"re-judged unsafe ({', '.join(judgment.categories) or 'no category'})"
+        else:
+            errors = "; ".join(v.error for v in judgment.verdicts if v.error)
+            reason = f"re-judging failed: {errors}"
+        return Attempt(
+            number, text, split, judgment.verdicts, judgment.label, reason, datetime.now(UTC)
+        )
+
+
+def _format_problem(split: ReasoningSplit) -> str:
+    if not split.has_open or not split.has_close:
+        missing = "<think>" if not split.has_open else "</think>"
+        return f"format: missing {missing}"
+    if THINK_OPEN in split.reasoning or THINK_CLOSE in split.answer:
+        return "format: think tags repeated"
+    if not split.reasoning:
+        return "format: empty reasoning"
+    if not split.answer:
+        return "format: empty answer after </think>"
+    return ""
+
+
+def _failed(number: int, text: str, reason: str) -> Attempt:
+    return Attempt(
+        number, text, split_reasoning(text), (), VerdictLabel.ERROR, reason, datetime.now(UTC)
+    )

@@ -1,0 +1,1 @@
+"""Domain values shared by every layer: plain Python, no gRPC, no protobuf."""

@@ -1,0 +1,98 @@
+"""The generation service: K completions of a conversation over the generation engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from unsafechain.backends.base import ModelBackend
+from unsafechain.backends.settings import create_backend
+from unsafechain.domain.convert import (
+    completion_to_pb,
+    message_from_pb,
+    model_ref_to_pb,
+    sampling_from_pb,
+)
+from unsafechain.domain.types import Message, SamplingParams
+from unsafechain.generation.engine import GenerationEngine
+from unsafechain.runtime.metrics import ServiceMetrics
+from unsafechain.runtime.server import Servicer, require
+from unsafechain.runtime.settings import ServiceSettings
+from unsafechain.v1 import case_pb2, generation_pb2, generation_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def _messages(request: generation_pb2.GenerateRequest) -> tuple[Message, ...]:
+    require(len(request.messages) > 0, "messages", "must hold at least one message")
+    for position, message in enumerate(request.messages):
+        require(
+            message.role != generation_pb2.CHAT_ROLE_UNSPECIFIED,
+            f"messages[{position}].role",
+            "must be SYSTEM, USER or ASSISTANT",
+        )
+    return tuple(message_from_pb(message) for message in request.messages)
+
+
+def _sampling(message: case_pb2.SamplingParams) -> SamplingParams:
+    require(message.num_samples >= 1, "sampling.num_samples", "must be at least 1")
+    require(message.temperature >= 0, "sampling.temperature", "must be >= 0")
+    require(0 < message.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+    require(message.max_new_tokens >= 1, "sampling.max_new_tokens", "must be at least 1")
+    require(message.top_logprobs >= 0, "sampling.top_logprobs", "must be >= 0")
+    return sampling_from_pb(message)
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer):
+    """Samples completions through the generation engine.
+
+    A request's own sampling settings are used when it has them, its seed included;
+    otherwise the engine's.
+
+    Args:
+        engine: Generates with the served model and the default sampling.
+        backends: Released by :meth:`aclose`.
+    """
+
+    name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+    def __init__(self, engine: GenerationEngine, *, backends: Sequence[ModelBackend] = ()):
+        self._engine = engine
+        self._backends = tuple(backends)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self, server)
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GenerateResponse:
+        """Sample completions of the request's conversation."""
+        messages = _messages(request)
+        engine = self._engine
+        if request.HasField("sampling"):
+            # An engine is a cheap view of a backend and sampling settings.
+            engine = GenerationEngine(engine.backend, _sampling(request.sampling))
+        completions = await engine.generate("", messages=messages)
+        return generation_pb2.GenerateResponse(
+            completions=[
+                completion_to_pb(c.index, c.text, c.split, c.finish_reason) for c in completions
+            ],
+            model=model_ref_to_pb(engine.backend.ref),
+        )
+
+    async def check(self) -> None:
+        await self._engine.backend.check()
+
+    async def aclose(self) -> None:
+        for backend in self._backends:
+            await backend.aclose()
+
+
+def create_servicer(settings: ServiceSettings, metrics: ServiceMetrics) -> GenerationServicer:
+    """The generation servicer the settings describe, its model loaded."""
+    assert settings.model is not None
+    backend = metrics.timed(create_backend(settings.model))
+    engine = GenerationEngine(backend, settings.generation.params())
+    return GenerationServicer(engine, backends=[backend])

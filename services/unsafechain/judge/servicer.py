@@ -1,0 +1,135 @@
+"""The judge service: single and batched judgments over the judge engine, with
+concurrent requests micro-batched into shared model calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from unsafechain.backends.base import ModelBackend
+from unsafechain.backends.settings import create_backend
+from unsafechain.domain.convert import TARGET_FROM_PB, judgment_to_pb
+from unsafechain.domain.types import JudgeTarget
+from unsafechain.judge.batching import JudgeBatcher
+from unsafechain.judge.engine import JudgeEngine, LlamaGuardJudge
+from unsafechain.runtime.metrics import ServiceMetrics
+from unsafechain.runtime.server import Servicer, require
+from unsafechain.runtime.settings import JudgeOptions, ServiceSettings
+from unsafechain.v1 import judge_pb2, judge_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def build_judge_engine(backend: ModelBackend, options: JudgeOptions) -> JudgeEngine:
+    """The judge engine ``options`` describe, over the guard model ``backend``."""
+    judge = LlamaGuardJudge(
+        backend,
+        name=options.name,
+        prompt_format=options.prompt_format,
+        threshold=options.threshold,
+    )
+    return JudgeEngine([judge], options.targets)
+
+
+def _judge_input(
+    request: judge_pb2.JudgeRequest, prefix: str = ""
+) -> tuple[tuple[str, str], tuple[JudgeTarget, ...]]:
+    """The (prompt, response) pair and targets of ``request``, validated."""
+    require(bool(request.prompt.strip()), f"{prefix}prompt", "must not be empty")
+    require(bool(request.response.strip()), f"{prefix}response", "must not be empty")
+    for position, target in enumerate(request.targets):
+        require(
+            target in TARGET_FROM_PB,
+            f"{prefix}targets[{position}]",
+            "must be FULL, REASONING or ANSWER",
+        )
+    targets = tuple(TARGET_FROM_PB[target] for target in request.targets)
+    return (request.prompt, request.response), targets
+
+
+class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
+    """Judges responses through a :class:`JudgeBatcher` over the engine.
+
+    Args:
+        engine: Judges each batch.
+        batch_max_size: Most pairs in one model call.
+        batch_max_wait: Seconds a request waits for others to share its batch.
+        metrics: Records batch sizes.
+        backends: Released by :meth:`aclose`.
+    """
+
+    name = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
+
+    def __init__(
+        self,
+        engine: JudgeEngine,
+        *,
+        batch_max_size: int = 32,
+        batch_max_wait: float = 0.005,
+        metrics: ServiceMetrics | None = None,
+        backends: Sequence[ModelBackend] = (),
+    ):
+        self._engine = engine
+        self._batcher = JudgeBatcher(
+            engine,
+            max_size=batch_max_size,
+            max_wait=batch_max_wait,
+            observe_batch=metrics.batch_size.observe if metrics else None,
+        )
+        self._backends = tuple(backends)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        judge_pb2_grpc.add_JudgeServiceServicer_to_server(self, server)
+
+    async def Judge(
+        self, request: judge_pb2.JudgeRequest, context: grpc.aio.ServicerContext
+    ) -> judge_pb2.JudgeResponse:
+        """Judge one response."""
+        pair, targets = _judge_input(request)
+        [judgment] = await self._batcher.judge(
+            [pair], targets=targets, timeout=context.time_remaining()
+        )
+        return judgment_to_pb(judgment)
+
+    async def JudgeBatch(
+        self, request: judge_pb2.JudgeBatchRequest, context: grpc.aio.ServicerContext
+    ) -> judge_pb2.JudgeBatchResponse:
+        """Judge several responses; results come in the order of the items."""
+        require(len(request.items) > 0, "items", "must hold at least one item")
+        inputs = [_judge_input(item, f"items[{i}].") for i, item in enumerate(request.items)]
+        timeout = context.time_remaining()
+        # Each item joins the shared queue, so a batch call and single calls arriving
+        # beside it fill the same model batches.
+        judged = await asyncio.gather(
+            *(
+                self._batcher.judge([pair], targets=targets, timeout=timeout)
+                for pair, targets in inputs
+            )
+        )
+        return judge_pb2.JudgeBatchResponse(
+            results=[judgment_to_pb(judgment) for [judgment] in judged]
+        )
+
+    async def check(self) -> None:
+        await self._engine.check()
+
+    async def aclose(self) -> None:
+        await self._batcher.aclose()
+        for backend in self._backends:
+            await backend.aclose()
+
+
+def create_servicer(settings: ServiceSettings, metrics: ServiceMetrics) -> JudgeServicer:
+    """The judge servicer the settings describe, its guard model loaded."""
+    assert settings.model is not None
+    backend = metrics.timed(create_backend(settings.model))
+    return JudgeServicer(
+        build_judge_engine(backend, settings.judge),
+        batch_max_size=settings.judge.batch_max_size,
+        batch_max_wait=settings.judge.batch_max_wait_ms / 1000,
+        metrics=metrics,
+        backends=[backend],
+    )

@@ -1,0 +1,1 @@
+"""The service runtime every gRPC service stands on: settings, server bootstrap, auth, metrics."""
