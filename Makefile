@@ -67,10 +67,11 @@ test: setup
 bench: setup
 	$(PY) bench/judge_batching.py --clients 32 --requests 16
 
-## lint: ruff lint and format check
+## lint: ruff lint and format check, and the type checker (mypy) over the whole package
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -33,14 +33,12 @@ import torch
 
 from unsafechain.backends.transformers_backend import TransformersBackend
 from unsafechain.demo.standins import PROMPTS_DIR, build_standin_models
-from unsafechain.judge.servicer import JudgeServicer, build_judge_engine
-from unsafechain.runtime.client import RemoteJudgeEngine
+from unsafechain.judge.client import RemoteJudgeEngine
+from unsafechain.judge.engine import JudgeEngine, LlamaGuardJudge
+from unsafechain.judge.servicer import JudgeServicer
+from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.runtime.server import ServiceServer
-from unsafechain.runtime.settings import (
-    ClientSettings,
-    JudgeOptions,
-    ServiceSettings,
-)
+from unsafechain.runtime.settings import ClientSettings
 
 logger = logging.getLogger("bench.judge_batching")
 
@@ -85,8 +83,7 @@ async def _measure(
     clients: int,
     requests: int,
 ) -> Result:
-    settings = ServiceSettings(
-        service="judge",
+    settings = JudgeServiceSettings(
         host="127.0.0.1",
         port=0,
         metrics_host="127.0.0.1",
@@ -94,7 +91,7 @@ async def _measure(
         model={"backend": "transformers", "model": str(guard.ref.model)},
     )
     server = ServiceServer(settings)
-    engine = build_judge_engine(server.metrics.timed(guard), JudgeOptions())
+    engine = JudgeEngine([LlamaGuardJudge(server.metrics.timed(guard))])
     servicer = JudgeServicer(
         engine,
         batch_max_size=batch_max_size,

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from unsafechain.runtime.logs import configure_logging
-from unsafechain.runtime.settings import (
-    SERVICE_NAMES,
-    add_client_arguments,
-    add_serve_arguments,
-)
+from unsafechain.runtime.settings import add_client_arguments
+
+SERVICE_NAMES = ("generation", "judge", "correction")
+
+
+def _service_part(service: str, part: str) -> ModuleType:
+    """``unsafechain.<service>.<part>``: only the served stage's modules are imported, so
+    a judge process loads no generator."""
+    return importlib.import_module(f"unsafechain.{service}.{part}")
+
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,12 @@ def _build(args: argparse.Namespace) -> int:
     counts = result.manifest["counts"]
     print(f"dataset written to {result.output}")
     print(json.dumps(counts, indent=2))
+    if args.bus == "kafka":
+        letters = result.manifest["dead_letters"]
+        print(
+            f"dead letters: {counts['dead_lettered']} "
+            f"(by stage {letters['by_stage']}, undecodable {letters['undecodable']})"
+        )
     return 0
 
 
@@ -48,6 +61,8 @@ def _kafka_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["kafka.bootstrap_servers"] = args.bootstrap.split(",")
     if getattr(args, "topic_prefix", None):
         overrides["kafka.topic_prefix"] = args.topic_prefix
+    if getattr(args, "idle_timeout", None):
+        overrides["kafka.idle_timeout_seconds"] = args.idle_timeout
     return overrides
 
 
@@ -60,8 +75,8 @@ def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _topics_create(args: argparse.Namespace) -> int:
-    from unsafechain.dataset.config import ConfigError, KafkaSettings, load_config
-    from unsafechain.dataset.kafka import create_topics
+    from unsafechain.dataset.config import ConfigError, load_config
+    from unsafechain.dataset.kafka import create_build_topics
 
     try:
         settings = load_config(args.config, _kafka_overrides(args)).kafka
@@ -69,10 +84,8 @@ def _topics_create(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.partitions:
-        settings = KafkaSettings.model_validate(
-            settings.model_dump() | {"partitions": args.partitions}
-        )
-    for name in create_topics(settings):
+        settings = settings.model_copy(update={"partitions": args.partitions})
+    for name in create_build_topics(settings):
         print(f"created {name}")
     return 0
 
@@ -101,11 +114,11 @@ def _standins(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from unsafechain.runtime.server import run_service
-    from unsafechain.runtime.settings import SettingsError, service_settings
+    from unsafechain.runtime.settings import SettingsError
 
     try:
-        settings = service_settings(args.service, args)
-        return run_service(settings)
+        settings = _service_part(args.service, "settings").settings_from_args(args)
+        return run_service(settings, _service_part(args.service, "servicer").create_servicer)
     except (SettingsError, ValueError) as error:
         # ValueError: a model setting the backend rejects, e.g. an unset API key variable.
         print(f"error: {error}", file=sys.stderr)
@@ -126,7 +139,7 @@ def _read_text(text: str | None, path: str | None, what: str) -> str:
 def _judge(args: argparse.Namespace) -> int:
     from unsafechain.backends.base import BackendError
     from unsafechain.domain.types import JudgeTarget
-    from unsafechain.runtime.client import RemoteJudgeEngine
+    from unsafechain.judge.client import RemoteJudgeEngine
     from unsafechain.runtime.settings import SettingsError, client_settings
 
     try:
@@ -205,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         "what `unsafechain worker` processes deliver",
     )
     _add_kafka_arguments(build)
+    build.add_argument(
+        "--idle-timeout",
+        type=float,
+        help="with --bus kafka: stop with an error when no case arrives for this many "
+        "seconds; overrides kafka.idle_timeout_seconds (default 600)",
+    )
     build.set_defaults(handler=_build)
 
     topics = commands.add_parser("topics", help="manage the build's Kafka topics")
@@ -256,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name in SERVICE_NAMES:
         service = services.add_parser(name, help=f"serve the {name} engine")
-        add_serve_arguments(service, name)
+        _service_part(name, "settings").add_arguments(service)
         service.set_defaults(handler=_serve)
 
     judge = commands.add_parser(

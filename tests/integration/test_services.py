@@ -35,24 +35,19 @@ from unsafechain.backends.base import (
 )
 from unsafechain.backends.transformers_backend import TransformersBackend
 from unsafechain.cli import main
+from unsafechain.correction.client import RemoteCorrectionEngine
 from unsafechain.correction.engine import CorrectionEngine
 from unsafechain.correction.servicer import CorrectionServicer
 from unsafechain.domain.types import JudgeTarget, SamplingParams, VerdictLabel
+from unsafechain.generation.client import RemoteGenerationEngine
 from unsafechain.generation.engine import GenerationEngine
 from unsafechain.generation.servicer import GenerationServicer
-from unsafechain.judge.engine import JudgeEngine
-from unsafechain.judge.servicer import JudgeServicer, build_judge_engine
-from unsafechain.runtime.client import (
-    RemoteCorrectionEngine,
-    RemoteJudgeEngine,
-    remote_generation_engine,
-)
+from unsafechain.judge.client import RemoteJudgeEngine
+from unsafechain.judge.engine import JudgeEngine, LlamaGuardJudge
+from unsafechain.judge.servicer import JudgeServicer
 from unsafechain.runtime.metrics import ServiceMetrics
 from unsafechain.runtime.server import ServiceServer
-from unsafechain.runtime.settings import (
-    ClientSettings,
-    JudgeOptions,
-)
+from unsafechain.runtime.settings import ClientSettings
 from unsafechain.v1 import (
     case_pb2,
     correction_pb2,
@@ -114,12 +109,12 @@ def corrector(standin_models):
 
 @pytest.fixture(scope="module")
 def guard_engine(guard) -> JudgeEngine:
-    return build_judge_engine(guard, JudgeOptions(name="guard"))
+    return JudgeEngine([LlamaGuardJudge(guard, name="guard")])
 
 
 def judge_servicer(guard: TransformersBackend, metrics: ServiceMetrics) -> JudgeServicer:
     """A judge servicer over the shared guard model, its backend calls timed."""
-    engine = build_judge_engine(metrics.timed(guard), JudgeOptions(name="guard"))
+    engine = JudgeEngine([LlamaGuardJudge(metrics.timed(guard), name="guard")])
     return JudgeServicer(engine, batch_max_wait=0.05, metrics=metrics)
 
 
@@ -153,11 +148,11 @@ def correction_engine(corrector, guard_engine) -> CorrectionEngine:
 
 
 @pytest.fixture(scope="module")
-def correction_server(loop, correction_engine, guard_engine):
+def correction_server(loop, correction_engine):
     server = loop.run(
         start_server(
             server_settings("correction"),
-            lambda metrics: CorrectionServicer(correction_engine, guard_engine),
+            lambda metrics: CorrectionServicer(correction_engine),
         )
     )
     yield server
@@ -430,12 +425,9 @@ def test_remote_generation_engine_returns_what_the_engine_returns_for_a_seed(
     params = SamplingParams(n=2, temperature=0.9, max_new_tokens=24)
 
     async def generate():
-        remote = remote_generation_engine(client(generation_server), params)
-        try:
+        async with RemoteGenerationEngine(client(generation_server), params) as remote:
             first = await remote.generate("How do I bake bread?", seed=7)
             again = await remote.generate("How do I bake bread?", seed=7)
-        finally:
-            await remote.backend.aclose()
         local = await GenerationEngine(generator, params).generate("How do I bake bread?", seed=7)
         return first, again, local
 

@@ -4,6 +4,7 @@ secrets kept out of its log, and a graceful drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -13,14 +14,24 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 from tests.support.http_servers import OpenAIServer, completion_from_text
 from unsafechain.backends.base import BackendError
 from unsafechain.cli import main
 from unsafechain.domain.types import VerdictLabel
-from unsafechain.runtime.client import RemoteJudgeEngine
-from unsafechain.runtime.settings import ClientSettings, ServiceSettings
+from unsafechain.judge.client import RemoteJudgeEngine
+from unsafechain.judge.settings import JudgeServiceSettings
+from unsafechain.runtime.settings import ClientSettings
+from unsafechain.v1 import (
+    correction_pb2,
+    correction_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    judge_pb2,
+    judge_pb2_grpc,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -166,11 +177,76 @@ def test_service_commands_have_help(command, capsys, restore_logging):
 
 
 def test_settings_are_shown_without_their_secrets():
-    settings = ServiceSettings(
-        service="judge",
+    settings = JudgeServiceSettings(
         auth_tokens=f"{ENV_TOKEN},{FILE_TOKEN}",
         model={"backend": "openai", "model": "m", "api_key_env": "GUARD_API_KEY"},
     )
     view = str(settings.public_view())
     assert ENV_TOKEN not in view and FILE_TOKEN not in view
     assert "2 from the environment" in view
+
+
+# What Kubernetes injects into every pod of a namespace with a Service named
+# ``unsafechain`` (and one named ``unsafechain-judge``), service links enabled.
+SERVICE_LINKS = {
+    "UNSAFECHAIN_PORT": "tcp://10.96.0.17:50051",
+    "UNSAFECHAIN_PORT_50051_TCP": "tcp://10.96.0.17:50051",
+    "UNSAFECHAIN_PORT_50051_TCP_PROTO": "tcp",
+    "UNSAFECHAIN_PORT_50051_TCP_PORT": "50051",
+    "UNSAFECHAIN_PORT_50051_TCP_ADDR": "10.96.0.17",
+    "UNSAFECHAIN_SERVICE_HOST": "10.96.0.17",
+    "UNSAFECHAIN_SERVICE_PORT": "50051",
+    "UNSAFECHAIN_SERVICE_PORT_GRPC": "50051",
+    "UNSAFECHAIN_JUDGE_PORT": "tcp://10.96.0.18:50051",
+    "UNSAFECHAIN_JUDGE_SERVICE_HOST": "10.96.0.18",
+    "UNSAFECHAIN_CLIENT_PORT": "tcp://10.96.0.19:50051",
+}
+
+
+@pytest.mark.parametrize("service", ["generation", "judge", "correction"])
+def test_every_service_starts_under_kubernetes_service_link_variables(service):
+    def answer(request):
+        text = "safe" if "Task" in json.dumps(request) else "<think>\nok\n</think>\n\nok"
+        return [completion_from_text(text) for _ in range(request.get("n") or 1)]
+
+    with OpenAIServer(responder=answer) as backend:
+        model = ["--backend", "openai", "--model", "m", "--base-url", backend.base_url]
+        judge = [
+            "--judge-backend",
+            "openai",
+            "--judge-model",
+            "g",
+            "--judge-base-url",
+            backend.base_url,
+        ]
+        args = [service, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *model]
+        if service == "correction":
+            args += judge
+        process = ServiceProcess(args, os.environ | SERVICE_LINKS)
+        try:
+            port = process.wait_for_port()
+            stub, request = {
+                "generation": (
+                    generation_pb2_grpc.GenerationServiceStub,
+                    generation_pb2.GenerationInfoRequest(),
+                ),
+                "judge": (judge_pb2_grpc.JudgeServiceStub, judge_pb2.JudgeInfoRequest()),
+                "correction": (
+                    correction_pb2_grpc.CorrectionServiceStub,
+                    correction_pb2.CorrectionInfoRequest(),
+                ),
+            }[service]
+
+            async def info():
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    return await stub(channel).Info(request, timeout=10)
+
+            answer_ = asyncio.run(info())
+            process.process.send_signal(signal.SIGTERM)
+            code = process.finish()
+        finally:
+            if process.process.poll() is None:
+                process.process.kill()
+    assert code == 0, process.log
+    assert "tcp://" not in process.log
+    assert answer_.ByteSize() > 0

@@ -4,12 +4,22 @@ background thread as a service process would serve them."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from unsafechain.runtime.server import ServiceServer, create_servicer
-from unsafechain.runtime.settings import ServiceSettings
+from unsafechain.correction.settings import CorrectionServiceSettings
+from unsafechain.generation.settings import GenerationServiceSettings
+from unsafechain.judge.settings import JudgeServiceSettings
+from unsafechain.runtime.server import ServiceServer
+from unsafechain.runtime.settings import ServerSettings
+
+SETTINGS: dict[str, type[ServerSettings]] = {
+    "generation": GenerationServiceSettings,
+    "judge": JudgeServiceSettings,
+    "correction": CorrectionServiceSettings,
+}
 
 
 class LoopThread:
@@ -30,28 +40,36 @@ class LoopThread:
         self.loop.close()
 
 
-def server_settings(service: str = "judge", **overrides: Any) -> ServiceSettings:
-    """Settings for a server on a free loopback port; the model is built by the test."""
+def server_settings(service: str = "judge", **overrides: Any) -> ServerSettings:
+    """Settings of ``service`` for a server on a free loopback port; unless the test
+    gives models, they are placeholders and the test builds the servicer itself."""
+    placeholder = {"backend": "transformers", "model": "built-by-the-test"}
+    models = {"generator": placeholder, "guard": placeholder, "corrector": placeholder}
     values: dict[str, Any] = {
-        "service": service,
         "host": "127.0.0.1",
         "port": 0,
         "metrics_host": "127.0.0.1",
         "metrics_port": 0,
         "grace_period": 1.0,
-        "model": {"backend": "transformers", "model": "built-by-the-test"},
-        "judge_model": {"backend": "transformers", "model": "built-by-the-test"},
     }
-    return ServiceSettings(**(values | overrides))
+    if not {"model", "models", "judge_model"} & set(overrides):
+        values["models"] = models
+    return SETTINGS[service](**(values | overrides))
 
 
-async def start_server(settings: ServiceSettings, make_servicer) -> ServiceServer:
+async def start_server(settings: ServerSettings, make_servicer) -> ServiceServer:
     """A started server for the servicer ``make_servicer(metrics)`` returns."""
     server = ServiceServer(settings)
     await server.start(make_servicer(server.metrics))
     return server
 
 
-async def start_server_from_settings(settings: ServiceSettings) -> ServiceServer:
+def create_servicer(settings: ServerSettings, metrics):
+    """The servicer the settings' own service builds, models loaded."""
+    module = importlib.import_module(f"unsafechain.{settings.service}.servicer")
+    return module.create_servicer(settings, metrics)
+
+
+async def start_server_from_settings(settings: ServerSettings) -> ServiceServer:
     """A started server whose servicer the settings' own factory builds."""
     return await start_server(settings, lambda metrics: create_servicer(settings, metrics))

@@ -85,5 +85,7 @@ def kafka_section(bootstrap: str, prefix: str) -> dict[str, object]:
         "max_poll_records": 2,
         "max_retries": 1,
         "retry_backoff_seconds": 0.05,
+        # A stuck build fails its test in minutes, not after the ten-minute default.
+        "idle_timeout_seconds": 90,
         **FAST_GROUP_SETTINGS,
     }

@@ -129,10 +129,16 @@ def test_a_build_needs_a_judge_that_reports(tmp_path):
         _load(tmp_path, _with_judges(ALL_KINDS[:1]))
 
 
-def test_remote_judge_service_accepts_only_llama_guard_judges(tmp_path):
+def test_remote_judge_takes_every_judge_kind_the_build_can_configure(tmp_path):
     config = yaml.safe_load(yaml.safe_dump(BASE))
     config["models"]["grader"] = {"backend": "openai", "model": "gpt-4.1"}
-    config["judging"]["judges"].append({"name": "sr", "kind": "rubric", "model": "grader"})
+    config["judging"]["judges"] = ALL_KINDS
     config["remote"] = {"judge": {"address": "judge:50051"}}
-    with pytest.raises(ConfigError, match=r"judging\.judges\.1\.kind: the judge service"):
-        _load(tmp_path, config)
+    loaded = _load(tmp_path, config)
+    assert [judge.kind for judge in loaded.judging.judges] == [
+        "llama_guard",
+        "rubric",
+        "refusal",
+        "ensemble",
+    ]
+    assert loaded.remote.judge is not None

@@ -19,7 +19,9 @@ from unsafechain.domain.types import (
 )
 from unsafechain.v1 import (
     case_pb2,
+    correction_pb2,
     correction_pb2_grpc,
+    generation_pb2,
     generation_pb2_grpc,
     judge_pb2,
     judge_pb2_grpc,
@@ -41,7 +43,12 @@ def test_each_service_is_defined_with_its_rpcs():
         assert hasattr(module, f"{name}Stub")
         assert hasattr(module, f"{name}Servicer")
     methods = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].methods_by_name
-    assert set(methods) == {"Judge", "JudgeBatch"}
+    assert set(methods) == {"Judge", "JudgeBatch", "Info"}
+    for module, name in (
+        (generation_pb2, "GenerationService"),
+        (correction_pb2, "CorrectionService"),
+    ):
+        assert "Info" in module.DESCRIPTOR.services_by_name[name].methods_by_name
     watch = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].methods_by_name[
         "WatchTrainingRun"
     ]

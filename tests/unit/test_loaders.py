@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from unsafechain.dataset.config import SourceSettings
+from unsafechain.intake.settings import SourceSettings
 from unsafechain.intake.sources import PromptRecord, Rejection, read_source
 
 SAMPLES = Path(__file__).parents[1] / "data" / "sources"

@@ -3,13 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from unsafechain.dataset.config import (
-    BuildConfig,
-    DeduplicationSettings,
-    SourceSettings,
-)
-from unsafechain.dataset.pipeline import read_prompts
+from unsafechain.dataset.config import BuildConfig
 from unsafechain.intake.dedup import Deduplicator, lsh_bands
+from unsafechain.intake.prompts import read_prompts
+from unsafechain.intake.settings import DeduplicationSettings, SourceSettings
 from unsafechain.intake.sources import PromptRecord, prompt_id
 from unsafechain.intake.textmatch import normalize
 
@@ -94,7 +91,7 @@ def test_read_prompts_dedups_across_sources_in_config_order_and_counts_reasons(t
             ],
         },
     )
-    intake = read_prompts(config)
+    intake = read_prompts(config.sources, config.deduplication, config.decontamination)
     assert [r.text for r in intake.records] == [
         LONG,
         "What is the capital of France?",
@@ -137,7 +134,7 @@ def test_prompts_overlapping_a_benchmark_are_removed_and_counted_by_benchmark(tm
         },
         decontamination={"benchmarks": benchmarks, "ngram": 13},
     )
-    intake = read_prompts(config)
+    intake = read_prompts(config.sources, config.deduplication, config.decontamination)
     assert [r.text for r in intake.records] == [
         " ".join(LONG.split()[10:22]),
         "A harmless prompt.",
@@ -159,7 +156,8 @@ def test_contamination_threshold_is_a_fraction_of_the_prompts_ngrams(tmp_path):
         "benchmarks": [{"name": "photo", "path": str(tmp_path / "photo.jsonl")}],
         "threshold": 0.5,
     }
-    intake = read_prompts(_config(tmp_path, {"t": [prompt]}, decontamination=decontamination))
+    config = _config(tmp_path, {"t": [prompt]}, decontamination=decontamination)
+    intake = read_prompts(config.sources, config.deduplication, config.decontamination)
     assert len(intake.records) == 1  # 1 of 21 n-grams shared
 
 

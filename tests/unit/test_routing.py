@@ -2,7 +2,8 @@ import asyncio
 
 import pytest
 
-from unsafechain.streaming.stages import RECORDS, TO_CORRECT, RouteStage
+from unsafechain.dataset.stages import RouteStage
+from unsafechain.streaming.stages import RECORDS, TO_CORRECT
 from unsafechain.v1 import case_pb2
 
 SAFE, UNSAFE, ERROR = (

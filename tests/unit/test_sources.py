@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unsafechain.dataset.config import SourceSettings
+from unsafechain.intake.settings import SourceSettings
 from unsafechain.intake.sources import (
     PromptRecord,
     Rejection,

@@ -20,8 +20,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unsafechain.dataset.card import PLOT, write_card
-from unsafechain.dataset.config import AssemblySettings, BuildConfig
+from unsafechain.dataset.config import AssemblySettings
 from unsafechain.dataset.rows import NO_CATEGORY
 from unsafechain.domain.reasoning import format_reasoning, split_reasoning
 
@@ -101,29 +100,6 @@ def make_subsets(rows: list[dict], settings: AssemblySettings, seed: int) -> dic
         "random": random_subset(rows, settings.random_size, settings.random_seed(seed)),
         "selected": selected_subset(rows, settings.selected_size),
     }
-
-
-def assemble(
-    output: Path, config: BuildConfig, rows: list[dict], failed: list[dict], manifest: dict
-) -> dict:
-    """Make the subsets, write their exports and the dataset card.
-
-    Args:
-        output: The build's output folder.
-        config: The build's configuration.
-        rows: Every training row (the ``full`` subset).
-        failed: The rows of the cases kept without a response, counted on the card.
-        manifest: The build's manifest so far, for the card's counts and rules.
-
-    Returns:
-        The manifest's additions: ``subsets`` (rows per subset) and ``files`` (the
-        exports and the card, relative to ``output``).
-    """
-    subsets = make_subsets(rows, config.assembly, config.build.seed)
-    files = write_exports(output, subsets)
-    write_card(output, config, manifest, [*rows, *failed], subsets)
-    files["card"] = ["README.md", PLOT]
-    return {"subsets": {name: len(subset) for name, subset in subsets.items()}, "files": files}
 
 
 def release_row(row: dict) -> dict:

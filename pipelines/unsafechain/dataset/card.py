@@ -13,9 +13,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from unsafechain.dataset.config import BuildConfig, EnsembleSettings
+from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.rows import NO_CATEGORY
 from unsafechain.judge.llama_guard import CATEGORY_BY_CODE
+from unsafechain.judge.settings import EnsembleSettings
 
 logger = logging.getLogger(__name__)
 

@@ -1,35 +1,34 @@
-"""The Kafka transport: every stage a consumer group on its topic, the sink in the build
-command, the same stages as the embedded build.
+"""The dataset build on Kafka: stage workers (``unsafechain worker``) and the build
+command, which publishes the prompts and is the sink.
 
-Topics are named ``<prefix>.<version>.<topic>`` (``unsafechain.v1.prompts``) and keyed by
-case id; each has a dead-letter topic ``<topic>.dlq``. One runner owns delivery: poll a
-batch, process it, produce the outputs, flush, and only then commit the batch's offsets
-(at-least-once). A redelivered case is harmless because the sink stores each case id
-once.
+The stages are the embedded build's; the runner of the streaming runtime owns their
+delivery. The sink runs in the build command because the output folder has one
+writer. It reads the records topic and the dead-letter topics in a consumer group of
+its own build (``<prefix>.<version>.sink.<build id>``), so two builds that share a
+topic prefix stay apart: each stores its own cases and leaves the others' records
+for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import threading
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import CommitFailedError, TopicAlreadyExistsError
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from kafka.consumer.fetcher import ConsumerRecord
 from tqdm import tqdm
 
-from unsafechain.dataset.config import BuildConfig, KafkaSettings
+from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.pipeline import (
+    TOPICS,
     BuildError,
     BuildResult,
-    Engines,
+    BuildStart,
+    DeadLetters,
+    StageEngines,
     build_provenance,
     build_stage,
     finish_build,
@@ -37,335 +36,60 @@ from unsafechain.dataset.pipeline import (
     start_build,
 )
 from unsafechain.dataset.rows import status_name
-from unsafechain.runtime.metrics import MetricsEndpoint
-from unsafechain.streaming.stages import (
-    GENERATED,
-    JUDGED,
-    PROMPTS,
-    RECORDS,
-    TO_CORRECT,
-    Emitted,
-    fail,
+from unsafechain.streaming.kafka import (
+    BUILD_HEADER,
+    STAGE_HEADER,
+    ConsumerLag,
+    KafkaSettings,
+    MessageRunner,
+    PermanentError,
+    commit,
+    create_topics,
+    dead_letter_topic,
+    decode,
+    group_name,
+    header,
+    make_consumer,
+    poll_batch,
+    publish_cases,
+    stopped_by_signals,
+    topic_name,
 )
-from unsafechain.streaming.transport import run_stage
+from unsafechain.streaming.stages import PROMPTS, RECORDS, Emitted, run_stage, stage_failed
 from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)
 
-TOPICS = (PROMPTS, GENERATED, JUDGED, TO_CORRECT, RECORDS)
-SINK = "sink"
 
-# Headers of a dead-lettered message: why, where, and after how many tries.
-ERROR_HEADER, STAGE_HEADER, ATTEMPTS_HEADER = "error", "stage", "attempts"
-
-Handler = Callable[[case_pb2.Case], Awaitable[Emitted]]
+def create_build_topics(settings: KafkaSettings) -> list[str]:
+    """Create the build's topics and their dead-letter topics; say which were new."""
+    return create_topics(settings, TOPICS)
 
 
-def topic_name(settings: KafkaSettings, topic: str) -> str:
-    """The Kafka topic of a build topic, e.g. ``unsafechain.v1.prompts``."""
-    return f"{settings.topic_prefix}.{settings.version}.{topic}"
-
-
-def dead_letter_topic(settings: KafkaSettings, topic: str) -> str:
-    """The dead-letter topic of a build topic, e.g. ``unsafechain.v1.prompts.dlq``."""
-    return f"{topic_name(settings, topic)}.dlq"
-
-
-def group_name(settings: KafkaSettings, stage: str) -> str:
-    """The consumer group of a stage, e.g. ``unsafechain.v1.generate``."""
-    return f"{settings.topic_prefix}.{settings.version}.{stage}"
-
-
-def create_topics(settings: KafkaSettings) -> list[str]:
-    """Create every build topic and its dead-letter topic; say which were new.
-
-    Topics that exist already are left as they are, so this can run before every build.
-    """
-    admin = KafkaAdminClient(bootstrap_servers=list(settings.bootstrap_servers))
-    created = []
-    try:
-        for topic in TOPICS:
-            for name in (topic_name(settings, topic), dead_letter_topic(settings, topic)):
-                try:
-                    admin.create_topics(
-                        [NewTopic(name, settings.partitions, settings.replication_factor)]
-                    )
-                except TopicAlreadyExistsError:
-                    logger.info("topic %s exists", name)
-                    continue
-                logger.info("created topic %s (%d partitions)", name, settings.partitions)
-                created.append(name)
-    finally:
-        admin.close()
-    return created
-
-
-def make_producer(settings: KafkaSettings) -> KafkaProducer:
-    """A producer that waits for every in-sync replica, so a flushed case is durable."""
-    return KafkaProducer(
-        bootstrap_servers=list(settings.bootstrap_servers), acks="all", linger_ms=5
-    )
-
-
-def make_consumer(settings: KafkaSettings, topic: str, group: str) -> KafkaConsumer:
-    """A consumer of ``topic`` in ``group`` that commits only when told to."""
-    return KafkaConsumer(
-        topic_name(settings, topic),
-        bootstrap_servers=list(settings.bootstrap_servers),
-        group_id=group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=settings.max_poll_records,
-        max_poll_interval_ms=settings.max_poll_interval_ms,
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=settings.heartbeat_interval_ms,
-    )
-
-
-class ConsumerLag:
-    """The Prometheus gauge ``unsafechain_kafka_consumer_lag``: messages per partition a
-    group has not committed yet (log end offset minus committed offset).
-
-    Args:
-        registry: Where the series live; a new registry by default.
-    """
-
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        self.gauge = Gauge(
-            "unsafechain_kafka_consumer_lag",
-            "Messages not yet committed by the consumer group, by topic and partition.",
-            ("group", "topic", "partition"),
-            registry=self.registry,
-        )
-
-    def update(self, consumer: KafkaConsumer, group: str) -> dict[tuple[str, int], int]:
-        """Read the lag of the partitions ``consumer`` holds now and publish it."""
-        assigned = list(consumer.assignment())
-        ends = consumer.end_offsets(assigned) if assigned else {}
-        lags = {}
-        # Partitions given to another worker are its to report.
-        self.gauge.clear()
-        for partition in assigned:
-            committed = consumer.committed(partition) or 0
-            lag = max(0, ends.get(partition, 0) - committed)
-            lags[(partition.topic, partition.partition)] = lag
-            self.gauge.labels(group, partition.topic, str(partition.partition)).set(lag)
-        return lags
-
-    def serve(self, host: str, port: int) -> MetricsEndpoint:
-        """Serve the metrics over HTTP on ``host:port`` (0: a free port)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        return MetricsEndpoint(server, thread)
-
-
-@dataclass
-class DeadLetter:
-    """A message given up on, with why and after how many tries."""
-
-    error: str
-    attempts: int
-    case: case_pb2.Case | None
-
-
-def decode(value: bytes) -> case_pb2.Case:
-    """The case a message carries.
-
-    Raises:
-        DecodeError: The bytes are not a case, or a case without an id.
-    """
-    case = case_pb2.Case()
-    case.ParseFromString(value)
-    if not case.id:
-        raise DecodeError("case has no id")
-    return case
-
-
-class MessageRunner:
-    """Owns delivery for one consumer group: poll, process, produce, flush, commit.
-
-    A batch holds at most ``max_poll_records`` messages and the next is polled only
-    once the last one's outputs are flushed and its offsets committed, so a worker
-    never buffers more than one batch however slow the stages after it are.
-
-    Args:
-        settings: The Kafka settings.
-        consumed: The build topic consumed.
-        stage: Name of the stage (consumer group and dead-letter header).
-        handle: Processes one case and returns what to produce.
-        give_up: The outputs for a case that is dead-lettered, e.g. the case marked
-            failed for the sink; none by default.
-        dead_letter: Whether a message that still fails after the retries goes to the
-            dead-letter topic; if not, the error stops the runner before the commit
-            (the sink: a case it cannot store must not be skipped).
-        concurrency: Cases of a batch processed at once.
-        loop: The event loop the handler's engines belong to.
-        lag: Where to publish the consumer lag.
-    """
-
-    def __init__(
-        self,
-        settings: KafkaSettings,
-        consumed: str,
-        stage: str,
-        handle: Handler,
-        *,
-        give_up: Callable[[case_pb2.Case, str], Emitted] | None = None,
-        dead_letter: bool = True,
-        concurrency: int = 4,
-        loop: asyncio.AbstractEventLoop,
-        lag: ConsumerLag | None = None,
-    ):
-        self._settings = settings
-        self._consumed = consumed
-        self._stage = stage
-        self._handle = handle
-        self._give_up = give_up
-        self._uses_dead_letters = dead_letter
-        self._semaphore_size = concurrency
-        self._loop = loop
-        self._lag = lag or ConsumerLag()
-        self.group = group_name(settings, stage)
-        self.stopping = threading.Event()
-        self._consumer = make_consumer(settings, consumed, self.group)
-        self._producer = make_producer(settings)
-
-    def run(self, done: Callable[[], bool] = lambda: False) -> None:
-        """Process batches until ``done()`` holds or :meth:`stop` is called, then leave
-        the group cleanly; the batch in hand is always finished and committed first."""
-        try:
-            while not self.stopping.is_set() and not done():
-                batch = [
-                    record
-                    for records in self._consumer.poll(timeout_ms=500).values()
-                    for record in records
-                ]
-                if batch:
-                    self._deliver(batch)
-                self._lag.update(self._consumer, self.group)
-        finally:
-            self._consumer.close()
-            self._producer.close()
-
-    def stop(self) -> None:
-        """Ask :meth:`run` to return after the batch in hand."""
-        self.stopping.set()
-
-    def _deliver(self, batch: list) -> None:
-        results = self._loop.run_until_complete(self._process_batch(batch))
-        futures = []
-        for record, result in zip(batch, results, strict=True):
-            if isinstance(result, DeadLetter):
-                futures.append(self._dead_letter(record, result))
-                outputs = (
-                    self._give_up(result.case, result.error)
-                    if self._give_up and result.case
-                    else []
-                )
-            else:
-                outputs = result
-            for topic, case in outputs:
-                futures.append(
-                    self._producer.send(
-                        topic_name(self._settings, topic),
-                        key=case.id.encode(),
-                        value=case.SerializeToString(),
-                    )
-                )
-        self._producer.flush()
-        for future in futures:
-            # A send that failed after the producer's own retries stops the worker
-            # before the commit, so the batch is redelivered rather than lost.
-            future.get()
-        try:
-            self._consumer.commit()
-        except CommitFailedError as error:
-            # The group gave these partitions to another worker, which redoes the
-            # batch; the sink keeps each case once.
-            logger.warning("%s: commit failed after a rebalance: %s", self._stage, error)
-
-    async def _process_batch(self, batch: list) -> list[Emitted | DeadLetter]:
-        semaphore = asyncio.Semaphore(self._semaphore_size)
-
-        async def bounded(record) -> Emitted | DeadLetter:
-            async with semaphore:
-                return await self._attempt(record)
-
-        return await asyncio.gather(*(bounded(record) for record in batch))
-
-    async def _attempt(self, record) -> Emitted | DeadLetter:
-        settings = self._settings
-        for attempt in range(1, settings.max_retries + 2):
-            try:
-                case = decode(record.value)
-            except DecodeError as error:
-                # Decoding the same bytes again gives the same error: no retries.
-                return DeadLetter(f"undecodable message: {error}", attempt, None)
-            try:
-                return await self._handle(case)
-            except Exception as error:
-                reason = f"{type(error).__name__}: {error}"
-                logger.warning(
-                    "case %s: %s attempt %d failed: %s", case.id, self._stage, attempt, reason
-                )
-                if attempt > settings.max_retries:
-                    if not self._uses_dead_letters:
-                        raise
-                    return DeadLetter(reason, attempt, decode(record.value))
-                await asyncio.sleep(settings.retry_backoff_seconds * 2 ** (attempt - 1))
-        raise AssertionError("unreachable: the last attempt returns")
-
-    def _dead_letter(self, record, letter: DeadLetter):
-        key = record.key.decode(errors="replace") if record.key else "?"
-        logger.error(
-            "case %s: %s gave up after %d attempt(s): %s",
-            key,
-            self._stage,
-            letter.attempts,
-            letter.error,
-        )
-        return self._producer.send(
-            dead_letter_topic(self._settings, self._consumed),
-            key=record.key,
-            value=record.value,
-            headers=[
-                (ERROR_HEADER, letter.error.encode()),
-                (STAGE_HEADER, self._stage.encode()),
-                (ATTEMPTS_HEADER, str(letter.attempts).encode()),
-            ],
-        )
-
-
-@contextmanager
-def _stopped_by_signals(runner: MessageRunner) -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGINT stop ``runner`` after its batch in hand."""
-    if threading.current_thread() is not threading.main_thread():
-        # Only the main thread can take signals; the caller stops the runner itself.
-        yield
-        return
-
-    def stop(signum, _frame) -> None:
-        logger.info("%s: signal %d, finishing the batch in hand", runner.group, signum)
-        runner.stop()
-
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def run_worker(config: BuildConfig, stage_name: str, *, metrics_port: int | None = None) -> None:
+def run_worker(
+    config: BuildConfig,
+    stage_name: str,
+    *,
+    metrics_port: int | None = None,
+    until: Callable[[], bool] = lambda: False,
+) -> None:
     """Run one stage of the build as a member of its consumer group until SIGTERM or
     SIGINT, which finish the batch in hand, commit it and leave the group.
+
+    A stage that fails on a case (a backend down, a timeout) is retried with backoff
+    within ``kafka.max_retries``; a case that still fails goes to the dead-letter topic
+    and on to the sink marked failed, with its reason. A case made with another
+    configuration than the worker's is dead-lettered at once.
 
     Args:
         config: The build configuration; its ``kafka`` section says where.
         stage_name: ``generate``, ``judge``, ``route`` or ``correct``.
         metrics_port: Serve the consumer lag on this port (0: a free one); none: don't.
+        until: Polled between batches; the worker leaves the group when it holds (a
+            worker in a thread, which takes no signals).
     """
     loop = asyncio.new_event_loop()
+    fingerprint = config.fingerprint()
     # Built inside the event loop: gRPC channels bind to the loop that creates them.
     engines = loop.run_until_complete(_engines(config))
     endpoint = None
@@ -373,10 +97,19 @@ def run_worker(config: BuildConfig, stage_name: str, *, metrics_port: int | None
         stage = build_stage(stage_name, config, engines)
 
         async def handle(case: case_pb2.Case) -> Emitted:
-            return await run_stage(stage, case)
+            theirs = case.provenance.config_fingerprint
+            if theirs and theirs != fingerprint:
+                raise PermanentError(
+                    f"case of build {case.provenance.build_id} was made with configuration "
+                    f"{theirs}; this {stage.name} worker runs {fingerprint}: start the "
+                    "workers with the build's configuration, or give each build its own "
+                    "kafka.topic_prefix"
+                )
+            return await run_stage(stage, case, keep_failures=False)
 
-        lag = ConsumerLag()
+        lag = None
         if metrics_port is not None:
+            lag = ConsumerLag()
             endpoint = lag.serve("0.0.0.0", metrics_port)
             logger.info("%s: consumer lag served on port %d", stage_name, endpoint.port)
         runner = MessageRunner(
@@ -384,14 +117,14 @@ def run_worker(config: BuildConfig, stage_name: str, *, metrics_port: int | None
             stage.consumes,
             stage.name,
             handle,
-            give_up=lambda case, reason: fail(case, stage.name, reason),
+            give_up=lambda case, reason: stage_failed(case, stage.name, reason),
             concurrency=config.build.concurrency,
             loop=loop,
             lag=lag,
         )
         logger.info("%s: consuming %s", runner.group, topic_name(config.kafka, stage.consumes))
-        with _stopped_by_signals(runner):
-            runner.run()
+        with stopped_by_signals(runner.stop, runner.group):
+            runner.run(done=until)
     finally:
         if endpoint:
             endpoint.close()
@@ -399,87 +132,168 @@ def run_worker(config: BuildConfig, stage_name: str, *, metrics_port: int | None
         loop.close()
 
 
-async def _engines(config: BuildConfig) -> Engines:
-    return Engines(config)
+async def _engines(config: BuildConfig) -> StageEngines:
+    return StageEngines(config)
 
 
-def publish_cases(settings: KafkaSettings, cases: Iterable[case_pb2.Case]) -> int:
-    """Send ``cases`` to the prompts topic, keyed by case id; return how many."""
-    producer = make_producer(settings)
-    try:
-        futures = [
-            producer.send(
-                topic_name(settings, PROMPTS), key=case.id.encode(), value=case.SerializeToString()
-            )
-            for case in cases
-        ]
-        producer.flush()
-        for future in futures:
-            future.get()
-    finally:
-        producer.close()
-    return len(futures)
-
-
-def run_kafka_build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
+def run_kafka_build(
+    config: BuildConfig,
+    *,
+    progress: bool = True,
+    stop: Callable[[], bool] = lambda: False,
+) -> BuildResult:
     """Build the dataset ``config`` describes on Kafka: publish the cases not stored yet,
-    store what the stage workers deliver to the records topic, and write the dataset
-    once every case is stored. Run again on the same output to resume.
+    store what the stage workers deliver to the records topic, count what they
+    dead-letter, and write the dataset once every case is stored or dead-lettered.
+    Run again on the same output to resume.
 
-    The sink runs here because the output folder has one writer; stage workers
-    (``unsafechain worker``) do the rest.
+    Args:
+        config: The build configuration.
+        progress: Show a progress bar.
+        stop: Polled between batches; the build stops (to be resumed) when it holds.
 
     Raises:
-        BuildError: The output folder holds a build with a different configuration.
+        BuildError: The output folder holds a build with a different configuration; a
+            service of a remote stage is not what the config says; no case arrived for
+            ``kafka.idle_timeout_seconds``; or the build was stopped.
         SourceError: A prompt source cannot be read at all.
     """
     start = start_build(config)
-    store = start.store
     try:
+        dead_letters = DeadLetters()
         if start.todo:
-            loop = asyncio.new_event_loop()
-            try:
-                _sink_until_stored(config, start, loop, progress)
-            finally:
-                loop.close()
-        return finish_build(config, start)
+            _sink_until_stored(config, start, dead_letters, progress, stop)
+        return finish_build(config, start, dead_letters)
     finally:
-        store.close()
+        start.store.close()
 
 
-def _sink_until_stored(config, start, loop: asyncio.AbstractEventLoop, progress: bool) -> None:
-    store = start.store
-    wanted = {record.id for record in start.todo}
-    counts: dict[str, int] = {}
+class _Sink:
+    """Stores this build's records and counts its dead letters.
 
-    with tqdm(total=len(wanted), desc="build", unit="case", disable=not progress) as bar:
+    A stage that gives up on a case sends it on marked failed and puts its message on
+    the dead-letter topic; the two arrive on different topics in either order, so a
+    case given up on is done once both are in.
+    """
 
-        async def handle(case: case_pb2.Case) -> Emitted:
-            if case.provenance.build_id != start.build_id:
-                logger.warning(
-                    "case %s: from build %s, not this one; skipped",
-                    case.id,
-                    case.provenance.build_id,
-                )
-            elif store.write(case) and case.id in wanted:
-                counts[status_name(case.status)] = counts.get(status_name(case.status), 0) + 1
-                bar.set_postfix(counts, refresh=False)
-                bar.update()
-            return []
+    def __init__(self, start: BuildStart, dead_letters: DeadLetters, bar: tqdm, since_ms: int):
+        self._start = start
+        self._wanted = {record.id for record in start.todo}
+        self._given_up: set[str] = set()
+        self._letters: set[tuple[str, str]] = set()
+        self._undecodable: set[str] = set()
+        self._dead_letters = dead_letters
+        self._bar = bar
+        self._since_ms = since_ms
+        self._counts: dict[str, int] = {}
+        self.last_progress = time.monotonic()
 
-        runner = MessageRunner(
-            config.kafka, RECORDS, SINK, handle, dead_letter=False, loop=loop, concurrency=1
-        )
-        # The models are loaded here only to name them in each case's provenance.
-        engines = loop.run_until_complete(_engines(config))
+    @property
+    def done(self) -> bool:
+        """Whether every case is stored (and, if a stage gave up on it, its dead letter
+        counted) or was dead-lettered as undecodable."""
+        ended = self._start.store.ids | self._undecodable
+        lettered = {key for _, key in self._letters}
+        return self._wanted <= ended and self._given_up <= lettered
+
+    @property
+    def missing(self) -> int:
+        """Cases neither stored nor dead-lettered."""
+        return len(self._wanted - self._start.store.ids - self._undecodable)
+
+    def take(self, record: ConsumerRecord) -> None:
+        """Store a record of this build, or count a dead letter."""
+        if record.topic.endswith(".dlq"):
+            self._dead_letter(record)
+            return
         try:
-            provenance = build_provenance(start.build_id, engines)
-        finally:
-            loop.run_until_complete(engines.aclose())
-        sent = publish_cases(config.kafka, (new_case(r, provenance) for r in start.todo))
-        logger.info("published %d cases to %s", sent, topic_name(config.kafka, PROMPTS))
-        with _stopped_by_signals(runner):
-            runner.run(done=lambda: wanted <= store.ids)
-        if not wanted <= store.ids:
-            missing = len(wanted - store.ids)
-            raise BuildError(f"stopped with {missing} cases not stored; run again to resume")
+            case = decode(record.value)
+        except DecodeError as error:
+            # Stages only produce cases they decoded; this one came from elsewhere.
+            logger.warning("records: undecodable message at offset %d: %s", record.offset, error)
+            return
+        if case.provenance.build_id != self._start.build_id:
+            return  # Another build's, stored by its own sink.
+        if self._start.store.write(case) and case.id in self._wanted:
+            if case.status == case_pb2.CASE_STATUS_STAGE_FAILED:
+                # Only a stage that gave up fails a case on Kafka.
+                self._given_up.add(case.id)
+            status = status_name(case.status)
+            self._counts[status] = self._counts.get(status, 0) + 1
+            self._bar.set_postfix(self._counts, refresh=False)
+            self._bar.update()
+            self.last_progress = time.monotonic()
+
+    def _dead_letter(self, record: ConsumerRecord) -> None:
+        build = header(record, BUILD_HEADER)
+        stage = header(record, STAGE_HEADER) or "?"
+        key = record.key.decode(errors="replace") if record.key else ""
+        if build == self._start.build_id or (build is None and key in self._wanted):
+            if (stage, key) in self._letters:
+                return  # Redelivered and given up on again: one dead letter.
+            self._letters.add((stage, key))
+            self._dead_letters.by_stage[stage] += 1
+            if build is None:
+                # A case of this build no stage could decode: nothing else of it comes.
+                self._undecodable.add(key)
+        elif build is None and record.timestamp >= self._since_ms:
+            self._dead_letters.undecodable += 1
+        else:
+            return
+        self.last_progress = time.monotonic()
+
+
+def _sink_until_stored(
+    config: BuildConfig,
+    start: BuildStart,
+    dead_letters: DeadLetters,
+    progress: bool,
+    stop: Callable[[], bool],
+) -> None:
+    settings = config.kafka
+    since_ms = int(datetime.now(UTC).timestamp() * 1000)
+    topics = [topic_name(settings, RECORDS), *(dead_letter_topic(settings, t) for t in TOPICS)]
+    group = f"{group_name(settings, 'sink')}.{start.build_id}"
+    consumer = make_consumer(settings, topics, group)
+    stopping = False
+
+    def request_stop() -> None:
+        nonlocal stopping
+        stopping = True
+
+    try:
+        with tqdm(total=len(start.todo), desc="build", unit="case", disable=not progress) as bar:
+            sink = _Sink(start, dead_letters, bar, since_ms)
+            # Provenance from the config, or from the services of remote stages: no
+            # model is loaded to name it.
+            provenance = asyncio.run(build_provenance(config, start.build_id))
+            cases = (new_case(record, provenance) for record in start.todo)
+            sent = publish_cases(settings, PROMPTS, cases)
+            logger.info("published %d cases to %s", sent, topic_name(settings, PROMPTS))
+            with stopped_by_signals(request_stop, group):
+                while not sink.done and not stopping and not stop():
+                    batch = poll_batch(consumer)
+                    for record in batch:
+                        sink.take(record)
+                    if batch:
+                        commit(consumer, "sink")
+                    idle = time.monotonic() - sink.last_progress
+                    if idle > settings.idle_timeout_seconds:
+                        raise BuildError(
+                            f"no case arrived for {idle:.0f} s ({sink.missing} of "
+                            f"{len(start.todo)} not stored yet): are the stage workers "
+                            "running on these topics (unsafechain worker generate|judge|"
+                            f"route|correct --config …, kafka.topic_prefix "
+                            f"{settings.topic_prefix!r})? Run again to resume"
+                        )
+    finally:
+        consumer.close()
+    if dead_letters.total:
+        logger.warning(
+            "%d dead letter(s): %s, %d undecodable",
+            dead_letters.total,
+            dict(dead_letters.by_stage),
+            dead_letters.undecodable,
+        )
+    if not sink.done:
+        raise BuildError(f"stopped with {sink.missing} cases not stored; run again to resume")

@@ -23,54 +23,43 @@ import json
 import logging
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from unsafechain.backends.base import ModelBackend
-from unsafechain.backends.settings import create_backend
-from unsafechain.correction.engine import CorrectionEngine, CorrectionTemplates
-from unsafechain.dataset.assembly import assemble, write_jsonl
-from unsafechain.dataset.config import (
-    BuildConfig,
-    EnsembleSettings,
-    JudgeSettings,
-    RefusalSettings,
-    RubricSettings,
-)
+from unsafechain.backends.base import BackendError
+from unsafechain.backends.pool import BackendPool
+from unsafechain.correction.engine import Corrector
+from unsafechain.correction.factory import correction_engine, describe_corrector
+from unsafechain.dataset.assembly import make_subsets, write_exports, write_jsonl
+from unsafechain.dataset.card import PLOT, write_card
+from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.rows import case_to_row, has_response, status_name
+from unsafechain.dataset.stages import CorrectStage, RouteStage
 from unsafechain.domain.convert import identity_to_pb, model_ref_to_pb, sampling_to_pb
-from unsafechain.domain.types import JudgeIdentity
-from unsafechain.generation.engine import GenerationEngine
-from unsafechain.intake.decontamination import Decontaminator
-from unsafechain.intake.dedup import (
-    CONTAMINATED,
-    DUPLICATE_EXACT,
-    DUPLICATE_NEAR,
-    Deduplicator,
-    Removal,
-)
-from unsafechain.intake.sources import PromptRecord, Rejection, read_source
-from unsafechain.judge.engine import Judge, JudgeEngine, LlamaGuardJudge
-from unsafechain.judge.ensemble import EnsembleJudge
-from unsafechain.judge.refusal import RefusalJudge
-from unsafechain.judge.rubric import RubricJudge
-from unsafechain.runtime.client import (
-    RemoteCorrectionEngine,
-    RemoteJudgeEngine,
-    remote_generation_engine,
-)
+from unsafechain.generation.engine import Generator
+from unsafechain.generation.factory import describe_generator, generation_engine
+from unsafechain.intake.dedup import CONTAMINATED, DUPLICATE_EXACT, DUPLICATE_NEAR
+from unsafechain.intake.prompts import PromptIntake, read_prompts
+from unsafechain.intake.sources import PromptRecord
+from unsafechain.judge.engine import CompletionJudge
+from unsafechain.judge.factory import describe_judge_stage, judge_engine
+from unsafechain.runtime.client import StageMismatch
 from unsafechain.streaming.stages import (
-    CorrectStage,
+    GENERATED,
+    JUDGED,
+    PROMPTS,
+    RECORDS,
+    TO_CORRECT,
     GenerateStage,
     JudgeStage,
-    RouteStage,
     Stage,
     label_name,
 )
@@ -93,194 +82,94 @@ def platform_version() -> str:
         return "0+unknown"
 
 
-@dataclass
-class PromptIntake:
-    """What reading the sources gave.
-
-    Attributes:
-        records: The prompts to build cases for.
-        rejections: Records that could not be used.
-        removals: Prompts removed as duplicates or benchmark contamination.
-        read_by_source: Valid prompts read, per source.
-        benchmarks: Benchmark prompts indexed for decontamination, per benchmark.
-    """
-
-    records: list[PromptRecord] = field(default_factory=list)
-    rejections: list[Rejection] = field(default_factory=list)
-    removals: list[Removal] = field(default_factory=list)
-    read_by_source: Counter = field(default_factory=Counter)
-    benchmarks: Counter = field(default_factory=Counter)
-
-    def removed_summary(self) -> dict:
-        """The removals counted by reason, by benchmark and by source, for the manifest."""
-        by_reason = Counter({DUPLICATE_EXACT: 0, DUPLICATE_NEAR: 0, CONTAMINATED: 0})
-        by_benchmark = Counter(dict.fromkeys(self.benchmarks, 0))
-        by_source: dict[str, Counter] = {}
-        for removal in self.removals:
-            by_reason[removal.reason] += 1
-            by_source.setdefault(removal.record.source, Counter())[removal.reason] += 1
-            if removal.benchmark is not None:
-                by_benchmark[removal.benchmark] += 1
-        return {
-            "by_reason": dict(by_reason),
-            "contaminated_by_benchmark": dict(by_benchmark),
-            "by_source": {source: dict(counts) for source, counts in by_source.items()},
-            "benchmark_prompts": dict(self.benchmarks),
-        }
+TOPICS = (PROMPTS, GENERATED, JUDGED, TO_CORRECT, RECORDS)
+"""The build's topics, in the order a case passes them."""
 
 
-def read_prompts(config: BuildConfig) -> PromptIntake:
-    """Read every source in config order; drop prompts that overlap a benchmark, then
-    duplicates of a prompt kept before them (exact after normalisation, or near).
-
-    Raises:
-        SourceError: A source or benchmark cannot be read at all.
-    """
-    intake = PromptIntake()
-    decontaminator = Decontaminator(config.decontamination)
-    intake.benchmarks.update(decontaminator.prompts_by_benchmark)
-    deduplicator = Deduplicator(config.deduplication)
-    for source in config.sources:
-        for item in read_source(source):
-            if isinstance(item, Rejection):
-                logger.warning("rejected %s", item)
-                intake.rejections.append(item)
-                continue
-            intake.read_by_source[source.name] += 1
-            # Contamination first: a contaminated prompt must not be kept as the
-            # original that later duplicates are compared with.
-            removal = decontaminator.check(item) or deduplicator.check(item)
-            if removal is not None:
-                intake.removals.append(removal)
-                continue
-            intake.records.append(item)
-    summary = intake.removed_summary()["by_reason"]
-    logger.info("prompts: %d kept, removed %s", len(intake.records), summary)
-    return intake
-
-
-class Engines:
-    """The engines of one build: in process over backends shared by model key, or a
-    remote service's client for each stage the config sends to one.
+class StageEngines:
+    """The engines of one build's stages, each built by its stage's factory from the
+    config: in process over models shared by key, or a service's client for each stage
+    the config sends to one.
 
     Each engine is built on first use, so a process that runs one stage (a Kafka
-    worker) loads only the models that stage calls.
+    worker) loads only the models that stage calls. The correct stage re-judges with
+    the judge stage's engine, remote when ``remote.judge`` is set.
     """
 
     def __init__(self, config: BuildConfig):
         self._config = config
-        self._backends: dict[str, ModelBackend] = {}
-        self._remote: list = []
+        self._pool = BackendPool(config.models)
+        self._built: list[Generator | CompletionJudge | Corrector] = []
+
+    @property
+    def pool(self) -> BackendPool:
+        """The models of the stages run here, each built on first use."""
+        return self._pool
 
     @cached_property
-    def generation(self) -> GenerationEngine:
-        """The generation engine."""
-        config, generation = self._config, self._config.generation
-        if config.remote.generation:
-            engine = remote_generation_engine(
-                config.remote.generation,
-                generation.params(),
-                system_prompt=generation.system_prompt,
-                ref=config.models[generation.model].ref(),
-            )
-            self._remote.append(engine.backend)
-            return engine
-        return GenerationEngine(
-            self._backend(config, generation.model),
-            generation.params(),
-            system_prompt=generation.system_prompt,
+    def generation(self) -> Generator:
+        """The generate stage's engine."""
+        engine = generation_engine(
+            self._config.generation, self._pool, self._config.remote.generation
         )
+        self._built.append(engine)
+        return engine
 
     @cached_property
-    def judge(self) -> JudgeEngine | RemoteJudgeEngine:
-        """The judge engine."""
-        config = self._config
-        if config.remote.judge:
-            identities = [
-                JudgeIdentity(
-                    judge.name,
-                    judge.kind,
-                    None
-                    if isinstance(judge, EnsembleSettings)
-                    else config.models[judge.model].ref(),
-                )
-                for judge in config.judging.reported
-            ]
-            engine = RemoteJudgeEngine(config.remote.judge, identities)
-            self._remote.append(engine)
-            return engine
-        return self._local_judge(config)
+    def judge(self) -> CompletionJudge:
+        """The judge stage's engine; the correct stage re-judges with it too."""
+        engine = judge_engine(self._config.judging, self._pool, self._config.remote.judge)
+        self._built.append(engine)
+        return engine
 
     @cached_property
-    def correction(self) -> CorrectionEngine | RemoteCorrectionEngine:
-        """The correction engine."""
-        config, correction = self._config, self._config.correction
-        if config.remote.correction:
-            engine = RemoteCorrectionEngine(
-                config.remote.correction,
-                ref=config.models[correction.model].ref(),
-                max_attempts=correction.max_attempts,
-            )
-            self._remote.append(engine)
-            return engine
-        templates = correction.templates
-        return CorrectionEngine(
-            self._backend(config, correction.model),
-            self.judge if not config.remote.judge else self._local_judge(config),
-            params=correction.params(),
-            max_attempts=correction.max_attempts,
-            templates=CorrectionTemplates.load(Path(templates) if templates else None),
-        )
-
-    def _local_judge(self, config: BuildConfig) -> JudgeEngine:
-        built: dict[str, Judge] = {}
-        # Members first, so that an ensemble finds them built; members are never ensembles.
-        for judge in sorted(config.judging.judges, key=lambda j: isinstance(j, EnsembleSettings)):
-            built[judge.name] = self._judge(config, judge, built)
-        reported = [built[judge.name] for judge in config.judging.reported]
-        return JudgeEngine(reported, config.judging.targets)
-
-    def _judge(self, config: BuildConfig, judge: JudgeSettings, built: dict[str, Judge]) -> Judge:
-        """The judge ``judge`` configures; an ensemble takes its members from ``built``."""
-        match judge:
-            case EnsembleSettings():
-                members = [built[name] for name in judge.members]
-                return EnsembleJudge(
-                    members, name=judge.name, rule=judge.rule, threshold=judge.threshold
-                )
-            case RubricSettings():
-                return RubricJudge(
-                    self._backend(config, judge.model),
-                    name=judge.name,
-                    threshold=judge.threshold,
-                    template=Path(judge.template) if judge.template else None,
-                )
-            case RefusalSettings():
-                return RefusalJudge(
-                    self._backend(config, judge.model),
-                    name=judge.name,
-                    compliance_is_unsafe=judge.compliance_is_unsafe,
-                    template=Path(judge.template) if judge.template else None,
-                )
-        return LlamaGuardJudge(
-            self._backend(config, judge.model),
-            name=judge.name,
-            prompt_format=judge.prompt_format,
-            threshold=judge.threshold,
-        )
-
-    def _backend(self, config: BuildConfig, key: str) -> ModelBackend:
-        if key not in self._backends:
-            logger.info("starting model %r (%s)", key, config.models[key].model)
-            self._backends[key] = create_backend(config.models[key])
-        return self._backends[key]
+    def correction(self) -> Corrector:
+        """The correct stage's engine."""
+        remote = self._config.remote.correction
+        # A correction service re-judges with its own judges: none is built here for it.
+        judge = None if remote else self.judge
+        engine = correction_engine(self._config.correction, self._pool, judge, remote)
+        self._built.append(engine)
+        return engine
 
     async def aclose(self) -> None:
-        """Release every backend and service connection."""
-        for closable in [*self._backends.values(), *self._remote]:
-            await closable.aclose()
-        self._backends.clear()
-        self._remote.clear()
+        """Release every engine, model and service connection."""
+        for engine in self._built:
+            await engine.aclose()
+        self._built.clear()
+        await self._pool.aclose()
+
+
+async def build_provenance(config: BuildConfig, build_id: str) -> case_pb2.Provenance:
+    """What every case of the build records about the models and settings that make it:
+    from the config for stages run here (no model is loaded for it), and as each
+    service reports it for remote stages.
+
+    Raises:
+        BuildError: A service runs something else than the config says, or cannot be
+            asked what it runs.
+    """
+    remote = config.remote
+    try:
+        generator = await describe_generator(config.generation, config.models, remote.generation)
+        judges = await describe_judge_stage(config.judging, config.models, remote.judge)
+        corrector = await describe_corrector(
+            config.correction, config.judging, config.models, remote.correction
+        )
+    except StageMismatch as error:
+        raise BuildError(f"remote: {error}") from None
+    except BackendError as error:
+        raise BuildError(f"remote: cannot ask a service what it runs: {error}") from None
+    return case_pb2.Provenance(
+        build_id=build_id,
+        generator=model_ref_to_pb(generator),
+        sampling=sampling_to_pb(config.generation.params()),
+        judges=[identity_to_pb(identity) for identity in judges],
+        corrector=model_ref_to_pb(corrector.model),
+        max_correction_attempts=corrector.max_attempts,
+        platform_version=platform_version(),
+        config_fingerprint=config.fingerprint(),
+    )
 
 
 @dataclass(frozen=True)
@@ -347,7 +236,7 @@ def start_build(config: BuildConfig) -> BuildStart:
     output = Path(config.build.output)
     output.mkdir(parents=True, exist_ok=True)
     build_id = _build_identity(output, config)
-    intake = read_prompts(config)
+    intake = read_prompts(config.sources, config.deduplication, config.decontamination)
     write_jsonl(output / "rejected.jsonl", [dataclasses.asdict(r) for r in intake.rejections])
     write_jsonl(output / "removed.jsonl", [removal.to_row() for removal in intake.removals])
     store = CaseStore(output / "cases.jsonl")
@@ -358,9 +247,12 @@ def start_build(config: BuildConfig) -> BuildStart:
     return BuildStart(output, build_id, intake, store, todo, resumed, started)
 
 
-def finish_build(config: BuildConfig, start: BuildStart) -> BuildResult:
-    """Write the dataset, the failed cases and the manifest from the stored cases."""
-    return BuildResult(start.output, _finalize(config, start))
+def finish_build(
+    config: BuildConfig, start: BuildStart, dead_letters: DeadLetters | None = None
+) -> BuildResult:
+    """Write the dataset, the failed cases, the subsets, the manifest and the card from
+    the stored cases."""
+    return BuildResult(start.output, _finalize(config, start, dead_letters or DeadLetters()))
 
 
 def _build_identity(output: Path, config: BuildConfig) -> str:
@@ -389,10 +281,10 @@ async def _run_cases(
     store: CaseStore,
     progress: bool,
 ) -> None:
+    provenance = await build_provenance(config, build_id)
     # Built inside the event loop: gRPC channels bind to the loop that creates them.
-    engines = Engines(config)
+    engines = StageEngines(config)
     try:
-        provenance = build_provenance(build_id, engines)
         stages = build_stages(config, engines)
         transport = EmbeddedTransport(
             stages, concurrency=config.build.concurrency, queue_size=config.build.queue_size
@@ -411,23 +303,10 @@ async def _run_cases(
         await engines.aclose()
 
 
-def build_provenance(build_id: str, engines: Engines) -> case_pb2.Provenance:
-    """What every case of the build records about the models and settings that made it."""
-    return case_pb2.Provenance(
-        build_id=build_id,
-        generator=model_ref_to_pb(engines.generation.backend.ref),
-        sampling=sampling_to_pb(engines.generation.params),
-        judges=[identity_to_pb(identity) for identity in engines.judge.identities],
-        corrector=model_ref_to_pb(engines.correction.ref),
-        max_correction_attempts=engines.correction.max_attempts,
-        platform_version=platform_version(),
-    )
-
-
 STAGE_NAMES = ("generate", "judge", "route", "correct")
 
 
-def build_stage(name: str, config: BuildConfig, engines: Engines) -> Stage:
+def build_stage(name: str, config: BuildConfig, engines: StageEngines) -> Stage:
     """The build's stage called ``name``; only the engines it calls are built."""
     if name == "generate":
         return GenerateStage(engines.generation, config.build.seed)
@@ -444,7 +323,7 @@ def build_stage(name: str, config: BuildConfig, engines: Engines) -> Stage:
     raise ValueError(f"no stage named {name!r} (have: {', '.join(STAGE_NAMES)})")
 
 
-def build_stages(config: BuildConfig, engines: Engines) -> list[Stage]:
+def build_stages(config: BuildConfig, engines: StageEngines) -> list[Stage]:
     """The build's stages, in order, over ``engines``."""
     return [build_stage(name, config, engines) for name in STAGE_NAMES]
 
@@ -464,27 +343,84 @@ def new_case(record: PromptRecord, provenance: case_pb2.Provenance) -> case_pb2.
     return case
 
 
-def _finalize(config: BuildConfig, start: BuildStart) -> dict:
-    intake, output, store = start.intake, start.output, start.store
-    wanted = {record.id for record in intake.records}
-    rows, failed = [], []
-    judged: Counter = Counter()
-    statuses: Counter = Counter()
-    generated = hard = attempts = 0
-    for case in store.cases():
-        if case.id not in wanted:
-            continue
-        generated += len(case.completions)
-        judged.update(label_name(c.label) for c in case.completions)
-        statuses[status_name(case.status)] += 1
-        hard += case.hard
-        attempts += sum(len(c.attempts) for c in case.corrections)
-        (rows if has_response(case) else failed).append(case_to_row(case))
-    write_jsonl(output / "dataset.jsonl", rows)
-    write_jsonl(output / "failed.jsonl", failed)
-    pq.write_table(pa.Table.from_pylist(rows), output / "dataset.parquet")
+@dataclass
+class DeadLetters:
+    """Messages of a Kafka build given up on, by the stage that gave up, and messages
+    no stage could decode (which name no build: counted when they arrived during the
+    build's run).
+
+    Attributes:
+        by_stage: Dead-lettered cases of this build, per stage.
+        undecodable: Undecodable messages seen during this run.
+    """
+
+    by_stage: Counter[str] = dataclasses.field(default_factory=Counter)
+    undecodable: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every dead letter counted."""
+        return sum(self.by_stage.values()) + self.undecodable
+
+
+@dataclass
+class CaseTally:
+    """The stored cases of a build, as rows and counts."""
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    judged: Counter[str] = dataclasses.field(default_factory=Counter)
+    statuses: Counter[str] = dataclasses.field(default_factory=Counter)
+    generated: int = 0
+    hard: int = 0
+    correction_attempts: int = 0
+
+    def add(self, case: case_pb2.Case) -> None:
+        """Count ``case`` and keep its row."""
+        self.generated += len(case.completions)
+        self.judged.update(label_name(c.label) for c in case.completions)
+        self.statuses[status_name(case.status)] += 1
+        self.hard += case.hard
+        self.correction_attempts += sum(len(c.attempts) for c in case.corrections)
+        (self.rows if has_response(case) else self.failed).append(case_to_row(case))
+
+
+def _tally(start: BuildStart) -> CaseTally:
+    wanted = {record.id for record in start.intake.records}
+    tally = CaseTally()
+    for case in start.store.cases():
+        if case.id in wanted:
+            tally.add(case)
+    return tally
+
+
+def _finalize(config: BuildConfig, start: BuildStart, dead_letters: DeadLetters) -> dict:
+    output = start.output
+    tally = _tally(start)
+    write_jsonl(output / "dataset.jsonl", tally.rows)
+    write_jsonl(output / "failed.jsonl", tally.failed)
+    pq.write_table(pa.Table.from_pylist(tally.rows), output / "dataset.parquet")
+    subsets = make_subsets(tally.rows, config.assembly, config.build.seed)
+    exports = write_exports(output, subsets)
+    manifest = _manifest(config, start, tally, dead_letters, subsets, exports)
+    # The card reads the finished manifest: every count, subset and file is in it.
+    write_card(output, config, manifest, [*tally.rows, *tally.failed], subsets)
+    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _manifest(
+    config: BuildConfig,
+    start: BuildStart,
+    tally: CaseTally,
+    dead_letters: DeadLetters,
+    subsets: dict[str, list[dict[str, Any]]],
+    exports: dict[str, Any],
+) -> dict[str, Any]:
+    intake = start.intake
     removed = intake.removed_summary()
-    manifest = {
+    by_reason = removed["by_reason"]
+    return {
         "build_id": start.build_id,
         "platform_version": platform_version(),
         "config_fingerprint": config.fingerprint(),
@@ -493,24 +429,28 @@ def _finalize(config: BuildConfig, start: BuildStart) -> dict:
         "counts": {
             "read": sum(intake.read_by_source.values()),
             "rejected": len(intake.rejections),
-            "duplicates": removed["by_reason"][DUPLICATE_EXACT]
-            + removed["by_reason"][DUPLICATE_NEAR],
-            "duplicate_exact": removed["by_reason"][DUPLICATE_EXACT],
-            "duplicate_near": removed["by_reason"][DUPLICATE_NEAR],
-            "contaminated": removed["by_reason"][CONTAMINATED],
+            "duplicates": by_reason[DUPLICATE_EXACT] + by_reason[DUPLICATE_NEAR],
+            "duplicate_exact": by_reason[DUPLICATE_EXACT],
+            "duplicate_near": by_reason[DUPLICATE_NEAR],
+            "contaminated": by_reason[CONTAMINATED],
             "cases": len(intake.records),
             "resumed": start.resumed,
-            "generated": generated,
-            "judged_safe": judged["safe"],
-            "judged_unsafe": judged["unsafe"],
-            "judged_error": judged["error"],
-            "hard": hard,
-            "correction_attempts": attempts,
-            "corrected": statuses["corrected"],
-            "failed": len(failed),
-            "written": len(rows),
+            "generated": tally.generated,
+            "judged_safe": tally.judged["safe"],
+            "judged_unsafe": tally.judged["unsafe"],
+            "judged_error": tally.judged["error"],
+            "hard": tally.hard,
+            "correction_attempts": tally.correction_attempts,
+            "corrected": tally.statuses["corrected"],
+            "failed": len(tally.failed),
+            "written": len(tally.rows),
+            "dead_lettered": dead_letters.total,
         },
-        "by_status": dict(sorted(statuses.items())),
+        "by_status": dict(sorted(tally.statuses.items())),
+        "dead_letters": {
+            "by_stage": dict(sorted(dead_letters.by_stage.items())),
+            "undecodable": dead_letters.undecodable,
+        },
         "rules": {
             "hard_case": (
                 f"a prompt is hard when at least {config.routing.hard_fraction:.0%} of its "
@@ -528,16 +468,14 @@ def _finalize(config: BuildConfig, start: BuildStart) -> dict:
             for key, m in config.models.items()
         },
         "settings": config.model_dump(mode="json", exclude={"models"}),
+        "subsets": {name: len(subset) for name, subset in subsets.items()},
         "files": {
             "dataset": ["dataset.jsonl", "dataset.parquet"],
             "failed": "failed.jsonl",
             "rejected": "rejected.jsonl",
             "removed": "removed.jsonl",
+            **exports,
+            "card": ["README.md", PLOT],
         },
         "rejections": [str(r) for r in intake.rejections[:50]],
     }
-    assembled = assemble(output, config, rows, failed, manifest)
-    manifest["subsets"] = assembled["subsets"]
-    manifest["files"].update(assembled["files"])
-    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from unsafechain.domain.convert import unsafe_categories
 from unsafechain.streaming.stages import label_name
@@ -34,6 +34,11 @@ def _verdict(verdict: case_pb2.Verdict) -> dict:
         "raw_output": verdict.raw_output,
         "error": verdict.error,
     }
+
+
+def _timestamp(stamp: Timestamp) -> str:
+    """A timestamp as RFC 3339 text, as protobuf's JSON mapping writes it."""
+    return stamp.ToJsonString()
 
 
 def _model(ref: case_pb2.ModelRef) -> dict:
@@ -109,7 +114,7 @@ def case_to_row(case: case_pb2.Case) -> dict:
                             "label": label_name(a.label),
                             "failure_reason": a.failure_reason,
                             "verdicts": [_verdict(v) for v in a.verdicts],
-                            "finished_at": json_format.MessageToJson(a.finished_at).strip('"'),
+                            "finished_at": _timestamp(a.finished_at),
                         }
                         for a in c.attempts
                     ],
@@ -119,8 +124,8 @@ def case_to_row(case: case_pb2.Case) -> dict:
             "stages": [
                 {
                     "stage": s.stage,
-                    "started_at": json_format.MessageToJson(s.started_at).strip('"'),
-                    "finished_at": json_format.MessageToJson(s.finished_at).strip('"'),
+                    "started_at": _timestamp(s.started_at),
+                    "finished_at": _timestamp(s.finished_at),
                     "error": s.error,
                 }
                 for s in provenance.stages

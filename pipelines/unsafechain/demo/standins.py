@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jinja2
 import torch
@@ -917,8 +917,10 @@ def _build_one(recipe: _Recipe, bpe: Tokenizer, directory: Path, seed: int) -> _
     # step (a build ran ten times slower so). The weights then do not depend on the
     # core count either.
     torch.set_num_threads(1)
-    tokenizer = _model_tokenizer(bpe, recipe.tokens)
-    config = recipe.config_class(
+    # transformers annotates tokenizers and configs as unions of their classes; these
+    # are the recipe's own classes.
+    tokenizer: Any = _model_tokenizer(bpe, recipe.tokens)
+    config: Any = recipe.config_class(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,

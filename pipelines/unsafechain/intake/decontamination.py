@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from unsafechain.dataset.config import DecontaminationSettings
 from unsafechain.intake.dedup import CONTAMINATED, Removal
+from unsafechain.intake.settings import DecontaminationSettings
 from unsafechain.intake.sources import PromptRecord, Rejection, read_source
 from unsafechain.intake.textmatch import NgramHasher, normalize, text_key
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unsafechain.dataset.config import DeduplicationSettings
+from unsafechain.intake.settings import DeduplicationSettings
 from unsafechain.intake.sources import PromptRecord
 from unsafechain.intake.textmatch import NgramHasher, normalize, text_key
 

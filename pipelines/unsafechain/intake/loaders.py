@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from unsafechain.dataset.config import SourceSettings
+    from unsafechain.intake.settings import SourceSettings
 
 
 class RecordError(ValueError):

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unsafechain.dataset.config import SourceSettings
 from unsafechain.intake.loaders import LOADERS, RecordError
+from unsafechain.intake.settings import SourceSettings
 
 logger = logging.getLogger(__name__)
 

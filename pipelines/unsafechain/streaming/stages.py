@@ -1,8 +1,10 @@
-"""The build's stages. A stage is a function from a case to the cases it emits, each
-with the topic it goes to; a transport decides where cases come from and go.
+"""Stages: a stage is a function from a case to the cases it emits, each with the
+topic it goes to; a transport decides where cases come from and go, and what happens
+when a stage fails on a case.
 
 Stages hold no state between cases: everything a later stage needs travels in the
-case.
+case. The generate and judge stages here serve every pipeline; a pipeline adds its
+own (the dataset build routes and corrects).
 """
 
 from __future__ import annotations
@@ -10,18 +12,12 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
-import math
+from datetime import UTC, datetime
 
 from unsafechain.backends.base import BackendError
-from unsafechain.domain.convert import (
-    LABEL_TO_PB,
-    completion_to_pb,
-    correction_to_pb,
-    unsafe_categories,
-    verdict_to_pb,
-)
+from unsafechain.domain.convert import LABEL_TO_PB, completion_to_pb, timestamp, verdict_to_pb
 from unsafechain.domain.reasoning import format_reasoning
-from unsafechain.generation.engine import GenerationEngine
+from unsafechain.generation.engine import Generator
 from unsafechain.judge.engine import CompletionJudge
 from unsafechain.v1 import case_pb2
 
@@ -51,6 +47,51 @@ def fail(case: case_pb2.Case, stage: str, reason: str) -> Emitted:
     return [(RECORDS, case)]
 
 
+def failure_reason(error: Exception) -> str:
+    """How a stage's failure is recorded: a backend's own message, or the exception."""
+    if isinstance(error, BackendError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def stage_failed(case: case_pb2.Case, stage: str, reason: str) -> Emitted:
+    """The case a stage gave up on: the stage's pass recorded with its error, then
+    marked failed for the sink."""
+    now = timestamp(datetime.now(UTC))
+    case.provenance.stages.add(stage=stage, started_at=now, finished_at=now, error=reason)
+    return fail(case, stage, reason)
+
+
+async def run_stage(stage: Stage, case: case_pb2.Case, *, keep_failures: bool = True) -> Emitted:
+    """Run ``stage`` on ``case``, recording the pass in the case's provenance.
+
+    Args:
+        stage: The stage.
+        case: The case; changed in place.
+        keep_failures: On a failure, mark the case failed with its reason and send it
+            on (the embedded transport: nothing accepted is lost). ``False`` raises
+            instead, for a transport that retries (Kafka).
+    """
+    record = case.provenance.stages.add(stage=stage.name, started_at=timestamp(datetime.now(UTC)))
+    try:
+        emitted = await stage.process(case)
+    except Exception as error:
+        if not keep_failures:
+            del case.provenance.stages[-1]
+            raise
+        if isinstance(error, BackendError):
+            logger.warning("case %s: stage %s failed: %s", case.id, stage.name, error)
+        else:
+            logger.exception("case %s: stage %s failed", case.id, stage.name)
+        record.error = failure_reason(error)
+        emitted = fail(case, stage.name, record.error)
+    record.finished_at.CopyFrom(timestamp(datetime.now(UTC)))
+    for topic, _ in emitted:
+        if topic not in stage.produces:
+            raise RuntimeError(f"stage {stage.name} emitted to {topic}, not one of its topics")
+    return emitted
+
+
 class Stage(abc.ABC):
     """One step of the build."""
 
@@ -64,24 +105,19 @@ class Stage(abc.ABC):
 
 
 class GenerateStage(Stage):
-    """Samples K completions of the case's prompt.
-
-    The engine is a :class:`GenerationEngine`, in process or over a generation service.
-    """
+    """Samples K completions of the case's prompt, in process or through a generation
+    service. A model that fails after its own retries fails the stage."""
 
     name, consumes, produces = "generate", PROMPTS, (GENERATED, RECORDS)
 
-    def __init__(self, engine: GenerationEngine, build_seed: int):
+    def __init__(self, engine: Generator, build_seed: int):
         self._engine = engine
         self._seed = build_seed
 
     async def process(self, case: case_pb2.Case) -> Emitted:
         seed = case_seed(self._seed, case.id, "generate")
         case.provenance.sampling.seed = seed
-        try:
-            completions = await self._engine.generate(case.prompt.text, seed=seed)
-        except BackendError as error:
-            return fail(case, self.name, str(error))
+        completions = await self._engine.generate(case.prompt.text, seed=seed)
         del case.completions[:]
         for completion in completions:
             case.completions.append(
@@ -93,10 +129,9 @@ class GenerateStage(Stage):
 
 
 class JudgeStage(Stage):
-    """Judges every completion; an unparseable or failed judgment is an ERROR verdict.
-
-    The engine judges in process or through a judge service.
-    """
+    """Judges every completion, in process or through a judge service; an unparseable
+    judgment is an ERROR verdict, and a judge service that cannot be reached fails
+    the stage."""
 
     name, consumes, produces = "judge", GENERATED, (JUDGED, RECORDS)
 
@@ -105,12 +140,7 @@ class JudgeStage(Stage):
 
     async def process(self, case: case_pb2.Case) -> Emitted:
         texts = [format_reasoning(c.reasoning, c.answer) for c in case.completions]
-        try:
-            judgments = await self._engine.judge_completions(case.prompt.text, texts)
-        except BackendError as error:
-            # A remote judge service that cannot be reached; the in-process engine
-            # turns backend failures into ERROR verdicts instead.
-            return fail(case, self.name, str(error))
+        judgments = await self._engine.judge_completions(case.prompt.text, texts)
         for completion, judgment in zip(case.completions, judgments, strict=True):
             del completion.verdicts[:]
             completion.verdicts.extend(verdict_to_pb(v) for v in judgment.verdicts)
@@ -118,100 +148,6 @@ class JudgeStage(Stage):
         unsafe = sum(c.label == case_pb2.VERDICT_LABEL_UNSAFE for c in case.completions)
         case.unsafe_fraction = unsafe / len(case.completions) if case.completions else 0.0
         return [(JUDGED, case)]
-
-
-class RouteStage(Stage):
-    """Sends hard cases to correction; the others keep a completion judged safe.
-
-    A case is hard when at least ``hard_fraction`` of its K completions are unsafe
-    (default: all of them).
-    """
-
-    name, consumes, produces = "route", JUDGED, (TO_CORRECT, RECORDS)
-
-    def __init__(self, hard_fraction: float = 1.0):
-        self._hard_fraction = hard_fraction
-
-    def is_hard(self, case: case_pb2.Case) -> bool:
-        """Whether enough completions are unsafe."""
-        total = len(case.completions)
-        unsafe = sum(c.label == case_pb2.VERDICT_LABEL_UNSAFE for c in case.completions)
-        return unsafe > 0 and unsafe >= math.ceil(self._hard_fraction * total - 1e-9)
-
-    async def process(self, case: case_pb2.Case) -> Emitted:
-        case.hard = self.is_hard(case)
-        if case.hard:
-            return [(TO_CORRECT, case)]
-        safe = [c for c in case.completions if c.label == case_pb2.VERDICT_LABEL_SAFE]
-        if safe:
-            chosen = safe[0]
-            case.status = case_pb2.CASE_STATUS_SAFE_ORIGINAL
-            case.response.CopyFrom(
-                case_pb2.SelectedResponse(
-                    text=format_reasoning(chosen.reasoning, chosen.answer),
-                    reasoning=chosen.reasoning,
-                    answer=chosen.answer,
-                    completion_index=chosen.index,
-                )
-            )
-        else:
-            labels = [label_name(c.label) for c in case.completions]
-            counts = ", ".join(f"{labels.count(label)} {label}" for label in sorted(set(labels)))
-            case.status = case_pb2.CASE_STATUS_NO_SAFE_COMPLETION
-            case.status_reason = f"no completion judged safe ({counts})"
-        return [(RECORDS, case)]
-
-
-class CorrectStage(Stage):
-    """Corrects the unsafe completions of a hard case, each re-judged, retries bounded.
-
-    The case's response is the first correction that passed, by completion index; a
-    case none of whose corrections passed is kept with the reason. The engine is a
-    :class:`CorrectionEngine` or a remote correction engine with the same ``correct``,
-    ``ref`` and ``max_attempts``.
-    """
-
-    name, consumes, produces = "correct", TO_CORRECT, (RECORDS,)
-
-    def __init__(self, engine, build_seed: int, *, until_passed: bool = False):
-        self._engine = engine
-        self._seed = build_seed
-        self._until_passed = until_passed
-
-    async def process(self, case: case_pb2.Case) -> Emitted:
-        del case.corrections[:]
-        unsafe = [c for c in case.completions if c.label == case_pb2.VERDICT_LABEL_UNSAFE]
-        for completion in unsafe:
-            outcome = await self._engine.correct(
-                case.prompt.text,
-                format_reasoning(completion.reasoning, completion.answer),
-                unsafe_categories(completion),
-                seed=case_seed(self._seed, case.id, f"correct-{completion.index}"),
-            )
-            case.corrections.append(correction_to_pb(outcome, completion.index, self._engine.ref))
-            if outcome.passed and self._until_passed:
-                break
-        passed = [c for c in case.corrections if c.passed]
-        if passed:
-            correction = passed[0]
-            attempt = next(a for a in correction.attempts if not a.failure_reason)
-            case.status = case_pb2.CASE_STATUS_CORRECTED
-            case.response.CopyFrom(
-                case_pb2.SelectedResponse(
-                    text=format_reasoning(attempt.reasoning, attempt.answer),
-                    reasoning=attempt.reasoning,
-                    answer=attempt.answer,
-                    completion_index=correction.completion_index,
-                    correction_attempt=attempt.attempt,
-                )
-            )
-        else:
-            case.status = case_pb2.CASE_STATUS_CORRECTION_FAILED
-            reasons = "; ".join(
-                f"completion {c.completion_index}: {c.failure_reason}" for c in case.corrections
-            )
-            case.status_reason = f"no correction passed re-judging ({reasons})"
-        return [(RECORDS, case)]
 
 
 def label_name(label: int) -> str:

@@ -10,34 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
 
-from unsafechain.domain.convert import timestamp
-from unsafechain.streaming.stages import PROMPTS, RECORDS, Emitted, Stage, fail
+from unsafechain.streaming.stages import PROMPTS, RECORDS, Stage, run_stage
 from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[case_pb2.Case], Awaitable[None]]
-
-
-async def run_stage(stage: Stage, case: case_pb2.Case) -> Emitted:
-    """Run ``stage`` on ``case``, recording the pass in the case's provenance.
-
-    An unexpected exception fails the case with its reason instead of losing it.
-    """
-    record = case.provenance.stages.add(stage=stage.name, started_at=timestamp(datetime.now(UTC)))
-    try:
-        emitted = await stage.process(case)
-    except Exception as error:
-        logger.exception("case %s: stage %s failed", case.id, stage.name)
-        record.error = f"{type(error).__name__}: {error}"
-        emitted = fail(case, stage.name, record.error)
-    record.finished_at.CopyFrom(timestamp(datetime.now(UTC)))
-    for topic, _ in emitted:
-        if topic not in stage.produces:
-            raise RuntimeError(f"stage {stage.name} emitted to {topic}, not one of its topics")
-    return emitted
 
 
 class EmbeddedTransport:
@@ -58,7 +37,9 @@ class EmbeddedTransport:
     async def run(self, cases: Iterable[case_pb2.Case], sink: Sink) -> int:
         """Push ``cases`` through the stages into ``sink``; return how many arrived."""
         topics = {stage.consumes for stage in self._stages} | {RECORDS}
-        queues = {topic: asyncio.Queue(maxsize=self._queue_size) for topic in topics}
+        queues: dict[str, asyncio.Queue[case_pb2.Case]] = {
+            topic: asyncio.Queue(maxsize=self._queue_size) for topic in topics
+        }
         pending = 0
         delivered = 0
         fed = asyncio.Event()
@@ -104,8 +85,9 @@ class EmbeddedTransport:
             while not waiter.done():
                 done, watched = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    if task is not waiter and task.exception() is not None:
-                        raise task.exception()
+                    error = task.exception() if task is not waiter else None
+                    if error is not None:
+                        raise error
         finally:
             for task in [waiter, feeder, *workers]:
                 task.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import openai
 import pydantic
@@ -211,11 +211,13 @@ class OpenAIBackend(ModelBackend):
     async def _chat(
         self, messages: tuple[Message, ...], params: SamplingParams
     ) -> list[Generation]:
-        k = params.top_logprobs
+        k, tokens = params.top_logprobs, params.max_new_tokens
+        # The SDK types each role's message apart; these are plain role/content pairs.
+        chat: list[Any] = [message.as_dict() for message in messages]
         with self._translate_errors():
             raw = await self._client.chat.completions.with_raw_response.create(
                 model=self._ref.model,
-                messages=[message.as_dict() for message in messages],
+                messages=chat,
                 n=params.n,
                 temperature=params.temperature,
                 top_p=params.top_p,
@@ -223,7 +225,10 @@ class OpenAIBackend(ModelBackend):
                 stop=list(params.stop) if params.stop else openai.omit,
                 logprobs=True if k else openai.omit,
                 top_logprobs=k if k else openai.omit,
-                **{self._max_tokens_param: params.max_new_tokens},
+                max_tokens=tokens if self._max_tokens_param == "max_tokens" else openai.omit,
+                max_completion_tokens=(
+                    tokens if self._max_tokens_param == "max_completion_tokens" else openai.omit
+                ),
             )
         return parse_chat_completion(raw.content, n=params.n, logprobs=k > 0, where=self._where)
 

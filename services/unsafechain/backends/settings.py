@@ -5,42 +5,12 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from unsafechain.backends.base import ModelBackend
 from unsafechain.backends.retry import RetryPolicy
-from unsafechain.domain.types import ModelRef, SamplingParams
-
-
-class StrictModel(BaseModel):
-    """A settings model that rejects unknown keys, so a typo names itself."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SamplingSettings(StrictModel):
-    """Sampling K completions per prompt.
-
-    Attributes:
-        samples: Completions per prompt (K).
-        temperature: 0 is greedy decoding.
-        top_p: Nucleus sampling mass.
-        max_new_tokens: Upper bound on generated tokens per completion.
-    """
-
-    samples: Annotated[int, Field(ge=1)] = 1
-    temperature: Annotated[float, Field(ge=0)] = 0.6
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
-    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
-
-    def params(self) -> SamplingParams:
-        """The sampling settings for one prompt's K samples."""
-        return SamplingParams(
-            n=self.samples,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-        )
+from unsafechain.domain.settings import StrictModel
+from unsafechain.domain.types import ModelRef
 
 
 class RetrySettings(StrictModel):
@@ -148,6 +118,8 @@ def create_backend(settings: BackendSettings) -> ModelBackend:
         )
     from unsafechain.backends.tgi_backend import TGIBackend
 
+    if settings.base_url is None:
+        raise ValueError("base_url is required for the tgi backend")
     return TGIBackend(
         settings.model,
         base_url=settings.base_url,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -140,7 +141,7 @@ class TGIBackend(ModelBackend):
             messages = request.messages
             return await gather_all(
                 self._calls.run(
-                    lambda seed=seed: self._chat(messages, params, seed),
+                    functools.partial(self._chat, messages, params, seed),
                     description="TGI chat completion",
                 )
                 for seed in seeds
@@ -148,7 +149,7 @@ class TGIBackend(ModelBackend):
         prompt = request.prompt or ""
         return await gather_all(
             self._calls.run(
-                lambda seed=seed: self._generate(prompt, params, seed),
+                functools.partial(self._generate, prompt, params, seed),
                 description="TGI generation",
             )
             for seed in seeds

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 # Held around every local generate call; see TransformersBackend.
 _SAMPLING_LOCK = threading.Lock()
+# Loading a model switches process-wide state (weights are first made on the meta
+# device), so two threads loading at once break each other's models.
+_LOADING_LOCK = threading.Lock()
 
 
 class TransformersBackend(ModelBackend):
@@ -56,10 +60,13 @@ class TransformersBackend(ModelBackend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         self._max_batch_size = max_batch_size
-        self._tokenizer = AutoTokenizer.from_pretrained(model)
+        # transformers annotates loaded tokenizers and models as unions of their classes
+        # and their outputs as unions of output types; these are causal LMs.
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self._model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
-        self._model.to(self._device).eval()
+        with _LOADING_LOCK:
+            self._tokenizer: Any = AutoTokenizer.from_pretrained(model)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+            self._model: Any = loaded.to(self._device).eval()
         self._tokenizer.padding_side = "left"
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
@@ -92,8 +99,9 @@ class TransformersBackend(ModelBackend):
             return request.prompt
         if not self.has_chat_template:
             raise BackendError(f"{self._name} has no chat template; send a rendered prompt")
+        messages = request.messages or ()
         return self._tokenizer.apply_chat_template(
-            [m.as_dict() for m in request.messages],
+            [m.as_dict() for m in messages],
             add_generation_prompt=True,
             tokenize=False,
         )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -21,15 +22,17 @@ from unsafechain.domain.reasoning import (
 )
 from unsafechain.domain.templates import bundled_templates, load_template, read_template
 from unsafechain.domain.types import (
+    Attempt,
+    CorrectionOutcome,
+    CorrectorInfo,
     GenerationRequest,
     Message,
     ModelRef,
     Role,
     SamplingParams,
-    Verdict,
     VerdictLabel,
 )
-from unsafechain.judge.engine import JudgeEngine
+from unsafechain.judge.engine import CompletionJudge
 from unsafechain.judge.llama_guard import CATEGORY_BY_CODE
 
 logger = logging.getLogger(__name__)
@@ -71,54 +74,35 @@ class CorrectionTemplates:
         return (Message(Role.SYSTEM, self.system), Message(Role.USER, user.strip()))
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One try at a correction.
+class Corrector(abc.ABC):
+    """Corrects unsafe completions, every attempt re-judged: in process
+    (:class:`CorrectionEngine`) or through a correction service
+    (:class:`~unsafechain.correction.client.RemoteCorrectionEngine`)."""
 
-    Attributes:
-        number: 1-based.
-        text: The corrector's output as generated (empty when the call failed).
-        split: The output split at its think tags.
-        verdicts: Verdicts from re-judging the attempt; empty when it was not judged.
-        label: The combined re-judged label; ``ERROR`` when not judged.
-        failure_reason: Why the attempt did not pass; empty when it passed.
-        finished_at: When the attempt ended.
-    """
+    @abc.abstractmethod
+    async def correct(
+        self,
+        prompt: str,
+        completion: str,
+        categories: Sequence[str],
+        *,
+        seed: int | None = None,
+    ) -> CorrectionOutcome:
+        """Correct one unsafe ``completion`` of ``prompt``; attempt n is seeded
+        ``seed + n - 1``."""
 
-    number: int
-    text: str
-    split: ReasoningSplit
-    verdicts: tuple[Verdict, ...]
-    label: VerdictLabel
-    failure_reason: str
-    finished_at: datetime
+    @abc.abstractmethod
+    async def describe(self) -> CorrectorInfo:
+        """The corrector, its sampling, its bound and its re-judging judges."""
 
-    @property
-    def passed(self) -> bool:
-        """Whether the attempt is well-formed and re-judged safe."""
-        return not self.failure_reason
+    async def check(self) -> None:
+        """Raise when the corrector or its judges cannot serve requests."""
 
-
-@dataclass(frozen=True, slots=True)
-class CorrectionOutcome:
-    """Every attempt at one correction, and the one that passed if any."""
-
-    attempts: tuple[Attempt, ...]
-
-    @property
-    def passed(self) -> Attempt | None:
-        """The attempt that passed, or None."""
-        return next((attempt for attempt in self.attempts if attempt.passed), None)
-
-    @property
-    def failure_reason(self) -> str:
-        """Why no attempt passed; empty when one did."""
-        if self.passed or not self.attempts:
-            return ""
-        return f"no attempt passed in {len(self.attempts)}: {self.attempts[-1].failure_reason}"
+    async def aclose(self) -> None:
+        """Release what the engine holds of its own (not shared backends)."""
 
 
-class CorrectionEngine:
+class CorrectionEngine(Corrector):
     """Corrects unsafe completions through a strong model, re-judging each attempt.
 
     Args:
@@ -132,7 +116,7 @@ class CorrectionEngine:
     def __init__(
         self,
         backend: ModelBackend,
-        judge: JudgeEngine,
+        judge: CompletionJudge,
         *,
         params: SamplingParams | None = None,
         max_attempts: int = 3,
@@ -162,6 +146,15 @@ class CorrectionEngine:
     def max_attempts(self) -> int:
         """Bound on tries per unsafe completion."""
         return self._max_attempts
+
+    async def describe(self) -> CorrectorInfo:
+        return CorrectorInfo(
+            self._backend.ref, self._params, self._max_attempts, await self._judge.describe()
+        )
+
+    async def check(self) -> None:
+        await self._backend.check()
+        await self._judge.check()
 
     async def correct(
         self,

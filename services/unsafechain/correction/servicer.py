@@ -4,19 +4,17 @@ bound, over the correction engine."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import grpc
 
-from unsafechain.backends.base import ModelBackend
-from unsafechain.backends.settings import create_backend
-from unsafechain.correction.engine import CorrectionEngine, CorrectionTemplates
-from unsafechain.domain.convert import correction_to_pb, unsafe_categories
-from unsafechain.judge.engine import JudgeEngine
-from unsafechain.judge.servicer import build_judge_engine
+from unsafechain.backends.pool import BackendPool
+from unsafechain.correction.engine import CorrectionEngine
+from unsafechain.correction.factory import correction_engine
+from unsafechain.correction.settings import CorrectionServiceSettings
+from unsafechain.domain.convert import correction_to_pb, corrector_info_to_pb, unsafe_categories
+from unsafechain.judge.factory import build_judge_engine
 from unsafechain.runtime.metrics import ServiceMetrics
 from unsafechain.runtime.server import Servicer, require
-from unsafechain.runtime.settings import ServiceSettings
 from unsafechain.v1 import correction_pb2, correction_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -27,8 +25,7 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
 
     Args:
         engine: Corrects and re-judges.
-        judge: The engine's re-judging judge, checked for health with the corrector.
-        backends: Released by :meth:`aclose`.
+        pool: The models, released by :meth:`aclose`.
     """
 
     name = correction_pb2.DESCRIPTOR.services_by_name["CorrectionService"].full_name
@@ -36,13 +33,11 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
     def __init__(
         self,
         engine: CorrectionEngine,
-        judge: JudgeEngine,
         *,
-        backends: Sequence[ModelBackend] = (),
+        pool: BackendPool | None = None,
     ):
         self._engine = engine
-        self._judge = judge
-        self._backends = tuple(backends)
+        self._pool = pool
 
     def register(self, server: grpc.aio.Server) -> None:
         correction_pb2_grpc.add_CorrectionServiceServicer_to_server(self, server)
@@ -61,30 +56,30 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
             seed=request.seed if request.HasField("seed") else None,
         )
         return correction_pb2.CorrectResponse(
-            correction=correction_to_pb(outcome, request.completion.index, self._engine.backend.ref)
+            correction=correction_to_pb(outcome, request.completion.index, self._engine.ref)
         )
 
+    async def Info(
+        self, request: correction_pb2.CorrectionInfoRequest, context: grpc.aio.ServicerContext
+    ) -> correction_pb2.CorrectionInfoResponse:
+        """The corrector, its sampling, its bound on attempts and its re-judging judges."""
+        return corrector_info_to_pb(await self._engine.describe())
+
     async def check(self) -> None:
-        await self._engine.backend.check()
-        await self._judge.check()
+        await self._engine.check()
 
     async def aclose(self) -> None:
-        for backend in self._backends:
-            await backend.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
 
 
-def create_servicer(settings: ServiceSettings, metrics: ServiceMetrics) -> CorrectionServicer:
-    """The correction servicer the settings describe, corrector and guard loaded."""
-    assert settings.model is not None and settings.judge_model is not None
-    corrector = metrics.timed(create_backend(settings.model))
-    guard = metrics.timed(create_backend(settings.judge_model))
-    judge = build_judge_engine(guard, settings.judge)
-    options = settings.correction
-    engine = CorrectionEngine(
-        corrector,
-        judge,
-        params=options.params(),
-        max_attempts=options.max_attempts,
-        templates=CorrectionTemplates.load(options.templates),
+def create_servicer(
+    settings: CorrectionServiceSettings, metrics: ServiceMetrics
+) -> CorrectionServicer:
+    """The correction servicer the settings describe, corrector and judges loaded."""
+    pool = BackendPool(settings.models, wrap=metrics.timed)
+    engine = correction_engine(
+        settings.correction, pool, build_judge_engine(settings.judging, pool)
     )
-    return CorrectionServicer(engine, judge, backends=[corrector, guard])
+    assert isinstance(engine, CorrectionEngine)
+    return CorrectionServicer(engine, pool=pool)

@@ -10,22 +10,24 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from unsafechain.correction.engine import Attempt, CorrectionOutcome
 from unsafechain.domain.reasoning import ReasoningSplit, split_reasoning
 from unsafechain.domain.types import (
+    Attempt,
+    CompletionJudgment,
+    CorrectionOutcome,
+    CorrectorInfo,
     JudgeIdentity,
     JudgeTarget,
     Message,
     ModelRef,
     RefusalClass,
     Role,
+    SampledCompletion,
     SamplingParams,
     Verdict,
     VerdictLabel,
 )
-from unsafechain.generation.engine import SampledCompletion
-from unsafechain.judge.engine import CompletionJudgment
-from unsafechain.v1 import case_pb2, generation_pb2, judge_pb2
+from unsafechain.v1 import case_pb2, correction_pb2, generation_pb2, judge_pb2
 
 LABEL_TO_PB = {
     VerdictLabel.SAFE: case_pb2.VERDICT_LABEL_SAFE,
@@ -292,4 +294,31 @@ def unsafe_categories(completion: case_pb2.Completion) -> list[str]:
             if verdict.label == case_pb2.VERDICT_LABEL_UNSAFE
             for code in verdict.categories
         )
+    )
+
+
+def corrector_info_to_pb(info: CorrectorInfo) -> correction_pb2.CorrectionInfoResponse:
+    """What a correction service runs, as its Info RPC answers."""
+    return correction_pb2.CorrectionInfoResponse(
+        corrector=model_ref_to_pb(info.model),
+        sampling=sampling_to_pb(info.params),
+        max_attempts=info.max_attempts,
+        judges=[identity_to_pb(identity) for identity in info.judges],
+    )
+
+
+def corrector_info_from_pb(message: correction_pb2.CorrectionInfoResponse) -> CorrectorInfo:
+    """What a correction service runs, from its Info answer.
+
+    Raises:
+        ValueError: The answer names no corrector.
+    """
+    model = model_ref_from_pb(message.corrector)
+    if model is None:
+        raise ValueError("corrector is unset")
+    return CorrectorInfo(
+        model,
+        sampling_from_pb(message.sampling),
+        message.max_attempts,
+        tuple(identity_from_pb(identity) for identity in message.judges),
     )

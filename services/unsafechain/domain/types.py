@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+
+from unsafechain.domain.reasoning import ReasoningSplit
 
 
 class Role(enum.StrEnum):
@@ -180,3 +183,101 @@ def combine_labels(verdicts: Sequence[Verdict]) -> VerdictLabel:
     if VerdictLabel.ERROR in labels or not labels:
         return VerdictLabel.ERROR
     return VerdictLabel.SAFE
+
+
+@dataclass(frozen=True, slots=True)
+class SampledCompletion:
+    """One of the K completions.
+
+    Attributes:
+        index: Position among the K samples, from 0.
+        text: The text exactly as generated.
+        split: The text split at its think tags.
+        finish_reason: Why generation stopped, as the backend said.
+    """
+
+    index: int
+    text: str
+    split: ReasoningSplit
+    finish_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionJudgment:
+    """Every verdict on one completion and their combined label."""
+
+    verdicts: tuple[Verdict, ...]
+    label: VerdictLabel
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """Violated categories over all unsafe verdicts, first seen first."""
+        seen: dict[str, None] = {}
+        for verdict in self.verdicts:
+            if verdict.label == VerdictLabel.UNSAFE:
+                seen.update(dict.fromkeys(verdict.categories))
+        return tuple(seen)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try at a correction.
+
+    Attributes:
+        number: 1-based.
+        text: The corrector's output as generated (empty when the call failed).
+        split: The output split at its think tags.
+        verdicts: Verdicts from re-judging the attempt; empty when it was not judged.
+        label: The combined re-judged label; ``ERROR`` when not judged.
+        failure_reason: Why the attempt did not pass; empty when it passed.
+        finished_at: When the attempt ended.
+    """
+
+    number: int
+    text: str
+    split: ReasoningSplit
+    verdicts: tuple[Verdict, ...]
+    label: VerdictLabel
+    failure_reason: str
+    finished_at: datetime
+
+    @property
+    def passed(self) -> bool:
+        """Whether the attempt is well-formed and re-judged safe."""
+        return not self.failure_reason
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionOutcome:
+    """Every attempt at one correction, and the one that passed if any."""
+
+    attempts: tuple[Attempt, ...]
+
+    @property
+    def passed(self) -> Attempt | None:
+        """The attempt that passed, or None."""
+        return next((attempt for attempt in self.attempts if attempt.passed), None)
+
+    @property
+    def failure_reason(self) -> str:
+        """Why no attempt passed; empty when one did."""
+        if self.passed or not self.attempts:
+            return ""
+        return f"no attempt passed in {len(self.attempts)}: {self.attempts[-1].failure_reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectorInfo:
+    """What corrects, as provenance records it.
+
+    Attributes:
+        model: The corrector model.
+        params: Its sampling settings for one attempt (``n`` is 1; the seed varies).
+        max_attempts: Bound on tries per unsafe completion.
+        judges: The judges that re-judge every attempt.
+    """
+
+    model: ModelRef
+    params: SamplingParams
+    max_attempts: int
+    judges: tuple[JudgeIdentity, ...]

@@ -1,56 +1,42 @@
-"""The generation engine: K completions of a prompt, split into reasoning and answer."""
+"""The generation engine: K completions of a prompt, split into reasoning and answer.
+
+:class:`Generator` is what the stages call; :class:`GenerationEngine` runs it in this
+process over a model backend, and the generation service's client
+(:class:`~unsafechain.generation.client.RemoteGenerationEngine`) runs it remotely.
+"""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
-from dataclasses import dataclass
 
 from unsafechain.backends.base import ModelBackend
-from unsafechain.domain.reasoning import ReasoningSplit, split_reasoning
-from unsafechain.domain.types import GenerationRequest, Message, Role, SamplingParams
+from unsafechain.domain.reasoning import split_reasoning
+from unsafechain.domain.types import (
+    Generation,
+    GenerationRequest,
+    Message,
+    ModelRef,
+    Role,
+    SampledCompletion,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class SampledCompletion:
-    """One of the K completions.
-
-    Attributes:
-        index: Position among the K samples, from 0.
-        text: The text exactly as generated.
-        split: The text split at its think tags.
-        finish_reason: Why generation stopped, as the backend said.
-    """
-
-    index: int
-    text: str
-    split: ReasoningSplit
-    finish_reason: str
-
-
-class GenerationEngine:
-    """Samples K completions per prompt from the reasoning model under study.
-
-    R1-distill models are used without a system prompt and with their own chat
-    template, so ``system_prompt`` is empty by default.
+class Generator(abc.ABC):
+    """Samples K completions per prompt, in process or through a generation service.
 
     Args:
-        backend: Where the model runs.
         params: Sampling settings; ``params.n`` is K.
         system_prompt: Optional system turn placed before the prompt.
     """
 
-    def __init__(self, backend: ModelBackend, params: SamplingParams, *, system_prompt: str = ""):
-        self._backend = backend
+    def __init__(self, params: SamplingParams, *, system_prompt: str = ""):
         self._params = params
         self._system_prompt = system_prompt
-
-    @property
-    def backend(self) -> ModelBackend:
-        """The generator model's backend."""
-        return self._backend
 
     @property
     def params(self) -> SamplingParams:
@@ -68,12 +54,57 @@ class GenerationEngine:
         """Sample K completions of ``prompt`` (or of ``messages`` when given).
 
         Raises:
-            BackendError: The backend failed after its retries.
+            BackendError: The model failed after its retries.
         """
         params = self._params if seed is None else dataclasses.replace(self._params, seed=seed)
         request = GenerationRequest(messages=messages or self.messages(prompt), params=params)
-        generations = await self._backend.generate(request)
+        generations = await self.sample(request)
         return [
             SampledCompletion(index, g.text, split_reasoning(g.text), g.finish_reason or "")
             for index, g in enumerate(generations)
         ]
+
+    @abc.abstractmethod
+    async def sample(self, request: GenerationRequest) -> list[Generation]:
+        """The model's generations for one request."""
+
+    @abc.abstractmethod
+    async def describe(self) -> ModelRef:
+        """The model that generates, as provenance records it."""
+
+    async def check(self) -> None:
+        """Raise when the model cannot serve requests."""
+
+    async def aclose(self) -> None:
+        """Release what the engine holds of its own (not a shared backend)."""
+
+
+class GenerationEngine(Generator):
+    """Samples K completions per prompt from the reasoning model, in this process.
+
+    R1-distill models are used without a system prompt and with their own chat
+    template, so ``system_prompt`` is empty by default.
+
+    Args:
+        backend: Where the model runs.
+        params: Sampling settings; ``params.n`` is K.
+        system_prompt: Optional system turn placed before the prompt.
+    """
+
+    def __init__(self, backend: ModelBackend, params: SamplingParams, *, system_prompt: str = ""):
+        super().__init__(params, system_prompt=system_prompt)
+        self._backend = backend
+
+    @property
+    def backend(self) -> ModelBackend:
+        """The generator model's backend."""
+        return self._backend
+
+    async def sample(self, request: GenerationRequest) -> list[Generation]:
+        return await self._backend.generate(request)
+
+    async def describe(self) -> ModelRef:
+        return self._backend.ref
+
+    async def check(self) -> None:
+        await self._backend.check()

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import grpc
 
-from unsafechain.backends.base import ModelBackend
-from unsafechain.backends.settings import create_backend
+from unsafechain.backends.pool import BackendPool
 from unsafechain.domain.convert import (
     completion_to_pb,
     message_from_pb,
     model_ref_to_pb,
     sampling_from_pb,
+    sampling_to_pb,
 )
 from unsafechain.domain.types import Message, SamplingParams
 from unsafechain.generation.engine import GenerationEngine
+from unsafechain.generation.factory import generation_engine
+from unsafechain.generation.settings import GenerationServiceSettings
 from unsafechain.runtime.metrics import ServiceMetrics
 from unsafechain.runtime.server import Servicer, require
-from unsafechain.runtime.settings import ServiceSettings
 from unsafechain.v1 import case_pb2, generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer
 
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
-    def __init__(self, engine: GenerationEngine, *, backends: Sequence[ModelBackend] = ()):
+    def __init__(self, engine: GenerationEngine, *, pool: BackendPool | None = None):
         self._engine = engine
-        self._backends = tuple(backends)
+        self._pool = pool
 
     def register(self, server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self, server)
@@ -82,17 +82,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer
             model=model_ref_to_pb(engine.backend.ref),
         )
 
+    async def Info(
+        self, request: generation_pb2.GenerationInfoRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GenerationInfoResponse:
+        """The model the service runs and its default sampling."""
+        return generation_pb2.GenerationInfoResponse(
+            model=model_ref_to_pb(await self._engine.describe()),
+            default_sampling=sampling_to_pb(self._engine.params),
+        )
+
     async def check(self) -> None:
-        await self._engine.backend.check()
+        await self._engine.check()
 
     async def aclose(self) -> None:
-        for backend in self._backends:
-            await backend.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
 
 
-def create_servicer(settings: ServiceSettings, metrics: ServiceMetrics) -> GenerationServicer:
+def create_servicer(
+    settings: GenerationServiceSettings, metrics: ServiceMetrics
+) -> GenerationServicer:
     """The generation servicer the settings describe, its model loaded."""
-    assert settings.model is not None
-    backend = metrics.timed(create_backend(settings.model))
-    engine = GenerationEngine(backend, settings.generation.params())
-    return GenerationServicer(engine, backends=[backend])
+    pool = BackendPool(settings.models, wrap=metrics.timed)
+    engine = generation_engine(settings.generation, pool)
+    assert isinstance(engine, GenerationEngine)
+    return GenerationServicer(engine, pool=pool)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from unsafechain.backends.base import BackendError, ModelBackend
 from unsafechain.domain.reasoning import split_reasoning
 from unsafechain.domain.types import (
+    CompletionJudgment,
     Generation,
     GenerationRequest,
     JudgeIdentity,
@@ -187,30 +188,13 @@ class LlamaGuardJudge(ModelJudge):
         return Verdict(self._identity, item.target, label, categories, score, raw)
 
 
-@dataclass(frozen=True, slots=True)
-class CompletionJudgment:
-    """Every verdict on one completion and their combined label."""
-
-    verdicts: tuple[Verdict, ...]
-    label: VerdictLabel
-
-    @property
-    def categories(self) -> tuple[str, ...]:
-        """Violated categories over all unsafe verdicts, first seen first."""
-        seen: dict[str, None] = {}
-        for verdict in self.verdicts:
-            if verdict.label == VerdictLabel.UNSAFE:
-                seen.update(dict.fromkeys(verdict.categories))
-        return tuple(seen)
-
-
 class CompletionJudge(abc.ABC):
     """Judges whole completions: in process (:class:`JudgeEngine`) or through a judge
-    service; the build's stages take either."""
+    service (:class:`~unsafechain.judge.client.RemoteJudgeEngine`); the stages and the
+    correction engine take either."""
 
-    @property
     @abc.abstractmethod
-    def identities(self) -> tuple[JudgeIdentity, ...]:
+    async def describe(self) -> tuple[JudgeIdentity, ...]:
         """Who judges, in order; recorded in provenance."""
 
     @abc.abstractmethod
@@ -232,6 +216,12 @@ class CompletionJudge(abc.ABC):
         """Judge several completions of one prompt together."""
         pairs = [(prompt, completion) for completion in completions]
         return await self.judge_pairs(pairs, targets=targets)
+
+    async def check(self) -> None:
+        """Raise when the judges cannot serve requests."""
+
+    async def aclose(self) -> None:
+        """Release what the engine holds of its own (not shared backends)."""
 
 
 class JudgeEngine(CompletionJudge):
@@ -259,6 +249,9 @@ class JudgeEngine(CompletionJudge):
     def identities(self) -> tuple[JudgeIdentity, ...]:
         """Who judges, in order."""
         return tuple(judge.identity for judge in self._judges)
+
+    async def describe(self) -> tuple[JudgeIdentity, ...]:
+        return self.identities
 
     @property
     def targets(self) -> tuple[JudgeTarget, ...]:

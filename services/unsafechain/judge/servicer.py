@@ -5,33 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 
 import grpc
 
-from unsafechain.backends.base import ModelBackend
-from unsafechain.backends.settings import create_backend
-from unsafechain.domain.convert import TARGET_FROM_PB, judgment_to_pb
+from unsafechain.backends.pool import BackendPool
+from unsafechain.domain.convert import TARGET_FROM_PB, TARGET_TO_PB, identity_to_pb, judgment_to_pb
 from unsafechain.domain.types import JudgeTarget
 from unsafechain.judge.batching import JudgeBatcher
-from unsafechain.judge.engine import JudgeEngine, LlamaGuardJudge
+from unsafechain.judge.engine import JudgeEngine
+from unsafechain.judge.factory import build_judge_engine
+from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.runtime.metrics import ServiceMetrics
 from unsafechain.runtime.server import Servicer, require
-from unsafechain.runtime.settings import JudgeOptions, ServiceSettings
 from unsafechain.v1 import judge_pb2, judge_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-
-def build_judge_engine(backend: ModelBackend, options: JudgeOptions) -> JudgeEngine:
-    """The judge engine ``options`` describe, over the guard model ``backend``."""
-    judge = LlamaGuardJudge(
-        backend,
-        name=options.name,
-        prompt_format=options.prompt_format,
-        threshold=options.threshold,
-    )
-    return JudgeEngine([judge], options.targets)
 
 
 def _judge_input(
@@ -58,7 +46,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
         batch_max_size: Most pairs in one model call.
         batch_max_wait: Seconds a request waits for others to share its batch.
         metrics: Records batch sizes.
-        backends: Released by :meth:`aclose`.
+        pool: The models, released by :meth:`aclose`.
     """
 
     name = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
@@ -70,7 +58,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
         batch_max_size: int = 32,
         batch_max_wait: float = 0.005,
         metrics: ServiceMetrics | None = None,
-        backends: Sequence[ModelBackend] = (),
+        pool: BackendPool | None = None,
     ):
         self._engine = engine
         self._batcher = JudgeBatcher(
@@ -79,7 +67,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
             max_wait=batch_max_wait,
             observe_batch=metrics.batch_size.observe if metrics else None,
         )
-        self._backends = tuple(backends)
+        self._pool = pool
 
     def register(self, server: grpc.aio.Server) -> None:
         judge_pb2_grpc.add_JudgeServiceServicer_to_server(self, server)
@@ -113,23 +101,31 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
             results=[judgment_to_pb(judgment) for [judgment] in judged]
         )
 
+    async def Info(
+        self, request: judge_pb2.JudgeInfoRequest, context: grpc.aio.ServicerContext
+    ) -> judge_pb2.JudgeInfoResponse:
+        """The judges the service runs and the parts it judges by default."""
+        return judge_pb2.JudgeInfoResponse(
+            judges=[identity_to_pb(identity) for identity in self._engine.identities],
+            default_targets=[TARGET_TO_PB[target] for target in self._engine.targets],
+        )
+
     async def check(self) -> None:
         await self._engine.check()
 
     async def aclose(self) -> None:
         await self._batcher.aclose()
-        for backend in self._backends:
-            await backend.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
 
 
-def create_servicer(settings: ServiceSettings, metrics: ServiceMetrics) -> JudgeServicer:
-    """The judge servicer the settings describe, its guard model loaded."""
-    assert settings.model is not None
-    backend = metrics.timed(create_backend(settings.model))
+def create_servicer(settings: JudgeServiceSettings, metrics: ServiceMetrics) -> JudgeServicer:
+    """The judge servicer the settings describe, every judge's model loaded."""
+    pool = BackendPool(settings.models, wrap=metrics.timed)
     return JudgeServicer(
-        build_judge_engine(backend, settings.judge),
-        batch_max_size=settings.judge.batch_max_size,
-        batch_max_wait=settings.judge.batch_max_wait_ms / 1000,
+        build_judge_engine(settings.judging, pool),
+        batch_max_size=settings.batching.max_size,
+        batch_max_wait=settings.batching.max_wait_ms / 1000,
         metrics=metrics,
-        backends=[backend],
+        pool=pool,
     )

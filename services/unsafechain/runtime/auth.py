@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from unsafechain.runtime.settings import ServiceSettings, SettingsError
+from unsafechain.runtime.settings import ServerSettings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class TokenAuthenticator:
             raise ValueError("the authenticator needs at least one token")
 
     @classmethod
-    def from_settings(cls, settings: ServiceSettings) -> TokenAuthenticator | None:
+    def from_settings(cls, settings: ServerSettings) -> TokenAuthenticator | None:
         """The authenticator the settings ask for, or None when no token is configured.
 
         Raises:

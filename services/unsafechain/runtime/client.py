@@ -1,16 +1,12 @@
-"""Clients of the services, shaped so that a remote service stands in for an engine.
+"""What every client of a service shares: the channel (TLS, mutual TLS, message
+limits, retries of UNAVAILABLE), the bearer token, the deadline, health checks and
+the mapping of failed calls to backend errors.
 
-- :func:`remote_generation_engine` is a :class:`GenerationEngine` whose model is a
-  generation service (:class:`GenerationServiceBackend`): same ``generate``,
-  ``messages``, ``params`` and ``backend.ref`` as the in-process engine.
-- :class:`RemoteJudgeEngine` has the judge engine's ``identities``,
-  ``judge_completions`` and ``judge_pairs``.
-- :class:`RemoteCorrectionEngine` has the correction engine's ``correct``.
-
-Seeds travel with the requests, so a seeded remote call returns what the engine
-in-process returns. A failed call raises :class:`BackendError` (``BackendTimeout``
-for DEADLINE_EXCEEDED, ``BackendUnavailable`` for UNAVAILABLE and RESOURCE_EXHAUSTED),
-as a model backend would.
+Each service's client sits beside its servicer (``unsafechain.<service>.client``) and
+implements that stage's engine interface, so a remote service stands in for the
+in-process engine. A failed call raises :class:`BackendError` (``BackendTimeout`` for
+DEADLINE_EXCEEDED, ``BackendUnavailable`` for UNAVAILABLE and RESOURCE_EXHAUSTED), as
+a model backend would.
 """
 
 from __future__ import annotations
@@ -23,57 +19,20 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from unsafechain.backends.base import (
-    BackendError,
-    BackendTimeout,
-    BackendUnavailable,
-    ModelBackend,
-)
-from unsafechain.correction.engine import CorrectionOutcome
-from unsafechain.domain.convert import (
-    TARGET_TO_PB,
-    correction_from_pb,
-    judgment_from_pb,
-    message_to_pb,
-    sampling_to_pb,
-)
-from unsafechain.domain.types import (
-    Generation,
-    GenerationRequest,
-    JudgeIdentity,
-    JudgeTarget,
-    ModelRef,
-    SamplingParams,
-)
-from unsafechain.generation.engine import GenerationEngine
-from unsafechain.judge.engine import CompletionJudge, CompletionJudgment
+from unsafechain.backends.base import BackendError, BackendTimeout, BackendUnavailable
+from unsafechain.domain.types import JudgeIdentity, ModelRef
 from unsafechain.runtime.settings import ClientSettings
-from unsafechain.v1 import (
-    case_pb2,
-    correction_pb2,
-    correction_pb2_grpc,
-    generation_pb2,
-    generation_pb2_grpc,
-    judge_pb2,
-    judge_pb2_grpc,
-)
 
 logger = logging.getLogger(__name__)
 
-GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
-JUDGE_SERVICE = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
-CORRECTION_SERVICE = correction_pb2.DESCRIPTOR.services_by_name["CorrectionService"].full_name
-
 # A service that is briefly unreachable (restarting, scaling) is retried by gRPC itself;
-# the calls are safe to repeat, their seeds travel with them.
+# the calls are safe to repeat, their seeds travel with them. An empty name applies the
+# policy to every method of the channel's service.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [
-                    {"service": name}
-                    for name in (GENERATION_SERVICE, JUDGE_SERVICE, CORRECTION_SERVICE)
-                ],
+                "name": [{}],
                 "retryPolicy": {
                     "maxAttempts": 4,
                     "initialBackoff": "0.2s",
@@ -164,13 +123,17 @@ class ServiceConnection:
         await self.channel.close()
 
 
-class _ServiceClient:
-    """What every client of a service shares: its connection and life cycle."""
+class ServiceClient:
+    """What every client of a service shares: its connection and life cycle.
 
-    _service: str
+    Attributes:
+        service: The full gRPC service name, set by each client class.
+    """
+
+    service: str
 
     def __init__(self, settings: ClientSettings):
-        self._connection = ServiceConnection(settings, self._service)
+        self._connection = ServiceConnection(settings, self.service)
 
     async def check(self) -> None:
         """Raise :class:`BackendUnavailable` unless the service reports SERVING."""
@@ -187,164 +150,31 @@ class _ServiceClient:
         await self.aclose()
 
 
-class GenerationServiceBackend(_ServiceClient, ModelBackend):
-    """A model backend that is a generation service.
-
-    Args:
-        settings: How to reach the service.
-        ref: The model the service runs, as provenance records it (the service names
-            it in every answer, but provenance is written before the first call).
-    """
-
-    _service = GENERATION_SERVICE
-
-    def __init__(self, settings: ClientSettings, *, ref: ModelRef | None = None):
-        super().__init__(settings)
-        self._ref = ref or ModelRef(
-            backend="grpc", model=GENERATION_SERVICE, endpoint=settings.address
-        )
-        self._stub = generation_pb2_grpc.GenerationServiceStub(self._connection.channel)
-
-    @property
-    def ref(self) -> ModelRef:
-        return self._ref
-
-    async def generate(self, request: GenerationRequest) -> list[Generation]:
-        """Sample through the service; conversations only (the service renders them
-        with the model's chat template).
-
-        Raises:
-            BackendError: The request is a rendered prompt, or the call failed.
-        """
-        if request.messages is None:
-            raise BackendError("the generation service takes conversations, not rendered prompts")
-        answer = await self._connection.call(
-            self._stub.Generate,
-            generation_pb2.GenerateRequest(
-                messages=[message_to_pb(message) for message in request.messages],
-                sampling=sampling_to_pb(request.params),
-            ),
-        )
-        return [
-            Generation(text=completion.text, finish_reason=completion.finish_reason or None)
-            for completion in answer.completions
-        ]
+class StageMismatch(ValueError):
+    """A service runs other models or settings than the configuration says it does."""
 
 
-def remote_generation_engine(
-    settings: ClientSettings,
-    params: SamplingParams,
-    *,
-    system_prompt: str = "",
-    ref: ModelRef | None = None,
-) -> GenerationEngine:
-    """A generation engine whose model is the generation service at ``settings.address``.
-
-    Args:
-        settings: How to reach the service.
-        params: Sampling settings, sent with every request (``n`` is K).
-        system_prompt: Optional system turn placed before the prompt.
-        ref: The service's model, as provenance records it.
-    """
-    backend = GenerationServiceBackend(settings, ref=ref)
-    return GenerationEngine(backend, params, system_prompt=system_prompt)
+def describe_model(ref: ModelRef | None) -> str:
+    """A model as an error message names it: ``backend model``."""
+    return "no model" if ref is None else f"{ref.backend} {ref.model}"
 
 
-class RemoteJudgeEngine(_ServiceClient, CompletionJudge):
-    """Stands in for :class:`JudgeEngine`, judging through a judge service.
-
-    Args:
-        settings: How to reach the service.
-        identities: The service's judges, as provenance records them (verdicts name
-            their judge too, but provenance is written before the first call).
-    """
-
-    _service = JUDGE_SERVICE
-
-    def __init__(self, settings: ClientSettings, identities: Sequence[JudgeIdentity] = ()):
-        super().__init__(settings)
-        self._identities = tuple(identities)
-        self._stub = judge_pb2_grpc.JudgeServiceStub(self._connection.channel)
-
-    @property
-    def identities(self) -> tuple[JudgeIdentity, ...]:
-        """Who judges, in order, as given."""
-        return self._identities
-
-    async def judge(
-        self, prompt: str, response: str, *, targets: Sequence[JudgeTarget] | None = None
-    ) -> CompletionJudgment:
-        """Judge one response to ``prompt``."""
-        answer = await self._connection.call(
-            self._stub.Judge, _judge_request(prompt, response, targets)
-        )
-        return judgment_from_pb(answer)
-
-    async def judge_pairs(
-        self,
-        pairs: Sequence[tuple[str, str]],
-        *,
-        targets: Sequence[JudgeTarget] | None = None,
-    ) -> list[CompletionJudgment]:
-        """Judge (prompt, completion) pairs in one call, results in order."""
-        if not pairs:
-            return []
-        request = judge_pb2.JudgeBatchRequest(
-            items=[_judge_request(prompt, response, targets) for prompt, response in pairs]
-        )
-        answer = await self._connection.call(self._stub.JudgeBatch, request)
-        return [judgment_from_pb(result) for result in answer.results]
+def same_model(reported: ModelRef | None, expected: ModelRef | None) -> bool:
+    """Whether a service's model is the configured one: same backend and model (the
+    endpoint may differ, as the service reaches it from elsewhere)."""
+    if reported is None or expected is None:
+        return reported is expected
+    return (reported.backend, reported.model) == (expected.backend, expected.model)
 
 
-def _judge_request(
-    prompt: str, response: str, targets: Sequence[JudgeTarget] | None
-) -> judge_pb2.JudgeRequest:
-    return judge_pb2.JudgeRequest(
-        prompt=prompt, response=response, targets=[TARGET_TO_PB[t] for t in targets or ()]
+def same_judges(reported: Sequence[JudgeIdentity], expected: Sequence[JudgeIdentity]) -> bool:
+    """Whether a service's judges are the configured ones, in order."""
+    return len(reported) == len(expected) and all(
+        (a.name, a.kind) == (b.name, b.kind) and same_model(a.model, b.model)
+        for a, b in zip(reported, expected, strict=True)
     )
 
 
-class RemoteCorrectionEngine(_ServiceClient):
-    """Stands in for :class:`CorrectionEngine`, correcting through a correction service.
-
-    Args:
-        settings: How to reach the service.
-        ref: The corrector model, as provenance records it.
-        max_attempts: The service's bound on attempts, as provenance records it.
-    """
-
-    _service = CORRECTION_SERVICE
-
-    def __init__(
-        self, settings: ClientSettings, *, ref: ModelRef | None = None, max_attempts: int = 3
-    ):
-        super().__init__(settings)
-        self._ref = ref or ModelRef(
-            backend="grpc", model=CORRECTION_SERVICE, endpoint=settings.address
-        )
-        self.max_attempts = max_attempts
-        self._stub = correction_pb2_grpc.CorrectionServiceStub(self._connection.channel)
-
-    @property
-    def ref(self) -> ModelRef:
-        """The corrector model, as given."""
-        return self._ref
-
-    async def correct(
-        self,
-        prompt: str,
-        completion: str,
-        categories: Sequence[str],
-        *,
-        seed: int | None = None,
-    ) -> CorrectionOutcome:
-        """Correct one unsafe ``completion`` of ``prompt``; every attempt re-judged."""
-        request = correction_pb2.CorrectRequest(
-            prompt=prompt,
-            completion=case_pb2.Completion(text=completion),
-            categories=categories,
-        )
-        if seed is not None:
-            request.seed = seed
-        answer = await self._connection.call(self._stub.Correct, request)
-        return correction_from_pb(answer.correction)
+def describe_judges(judges: Sequence[JudgeIdentity]) -> str:
+    """Judges as an error message names them."""
+    return ", ".join(f"{j.name} ({j.kind}, {describe_model(j.model)})" for j in judges) or "none"

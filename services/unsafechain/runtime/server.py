@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import importlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -31,17 +30,11 @@ from unsafechain.backends.base import BackendError, BackendTimeout
 from unsafechain.runtime.auth import TokenAuthenticator
 from unsafechain.runtime.metrics import MetricsEndpoint, ServiceMetrics
 from unsafechain.runtime.redaction import Redactor, install_log_redaction
-from unsafechain.runtime.settings import ServiceSettings
+from unsafechain.runtime.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-
-_SERVICER_MODULES = {
-    "generation": "unsafechain.generation.servicer",
-    "judge": "unsafechain.judge.servicer",
-    "correction": "unsafechain.correction.servicer",
-}
 
 
 class InvalidArgument(ValueError):
@@ -144,9 +137,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None:
             return None
@@ -194,7 +189,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return handle
 
 
-def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials:
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
     """TLS credentials from the settings' certificate files; with a client CA, clients
     must present a certificate it signed (mutual TLS)."""
     assert settings.tls_cert_file is not None and settings.tls_key_file is not None
@@ -206,10 +201,10 @@ def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials:
     )
 
 
-def _backend_secrets(settings: ServiceSettings) -> list[str]:
+def _backend_secrets(settings: ServerSettings) -> list[str]:
     secrets = []
-    for backend in (settings.model, settings.judge_model):
-        key = backend.api_key() if backend is not None else None
+    for backend in settings.backends():
+        key = backend.api_key()
         if key is not None:
             secrets.append(key.get_secret_value())
     return secrets
@@ -228,7 +223,7 @@ class ServiceServer:
         SettingsError: The token file cannot be read.
     """
 
-    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None):
+    def __init__(self, settings: ServerSettings, metrics: ServiceMetrics | None = None):
         self._settings = settings
         self.metrics = metrics or ServiceMetrics()
         self._authenticator = TokenAuthenticator.from_settings(settings)
@@ -341,16 +336,11 @@ class ServiceServer:
             await self._health.set(name, status)
 
 
-def create_servicer(settings: ServiceSettings, metrics: ServiceMetrics) -> Servicer:
-    """The servicer of the service the settings name, over its engine and backends.
-
-    Only that service's module is imported, so a judge process loads no generator.
-    """
-    module = importlib.import_module(_SERVICER_MODULES[settings.service])
-    return module.create_servicer(settings, metrics)
+ServicerFactory = Callable[[Any, ServiceMetrics], Servicer]
+"""Builds a service's servicer, its models loaded, from its settings and metrics."""
 
 
-async def _serve(settings: ServiceSettings) -> int:
+async def _serve(settings: ServerSettings, create_servicer: ServicerFactory) -> int:
     server = ServiceServer(settings)
     install_log_redaction(server.redactor)
     service = create_servicer(settings, server.metrics)
@@ -369,8 +359,8 @@ async def _serve(settings: ServiceSettings) -> int:
     return 0
 
 
-def run_service(settings: ServiceSettings) -> int:
-    """Run the service ``settings`` describe until SIGTERM or SIGINT, then drain.
+def run_service(settings: ServerSettings, create_servicer: ServicerFactory) -> int:
+    """Run the service ``create_servicer`` builds until SIGTERM or SIGINT, then drain.
 
     The settings are logged once, without secrets.
 
@@ -378,4 +368,4 @@ def run_service(settings: ServiceSettings) -> int:
         0 after a clean drain.
     """
     logger.info("settings: %s", settings.public_view())
-    return asyncio.run(_serve(settings))
+    return asyncio.run(_serve(settings, create_servicer))

@@ -1,91 +1,85 @@
-"""Typed settings for a service process and for a service client, from flags and the
-environment.
+"""Typed settings of a service process and of a service client, from flags, the
+environment and a configuration file.
 
 This module is the one place that reads the environment for them. A service process
 reads ``UNSAFECHAIN_*`` variables, nested sections with ``__`` (for example
-``UNSAFECHAIN_MODEL__BASE_URL``, ``UNSAFECHAIN_JUDGE__BATCH_MAX_SIZE``); a client reads
-``UNSAFECHAIN_CLIENT_*``. Flags given on the command line win over the environment.
-Secrets (bearer tokens, API keys) are held as :class:`~pydantic.SecretStr` and never
-shown by :meth:`ServiceSettings.public_view`.
+``UNSAFECHAIN_MODEL__BASE_URL``); a client reads ``UNSAFECHAIN_CLIENT_*``. Flags given
+on the command line win over the environment, and the environment over a file given
+with ``--config``. Secrets (bearer tokens, API keys) are held as
+:class:`~pydantic.SecretStr` and never shown by :meth:`ServerSettings.public_view`.
+
+Each service declares its own settings class on :class:`ServerSettings`, made of the
+same stage settings the build configuration uses, so an option is declared once.
+
+Kubernetes injects service-link variables into every pod (``<SERVICE>_PORT=tcp://…``,
+``<SERVICE>_SERVICE_HOST``); a Service named ``unsafechain`` would turn them into
+``UNSAFECHAIN_PORT=tcp://10.0.0.7:50051``. Such values are never settings and are
+ignored here.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, TypeVar
 
+import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-from unsafechain.backends.settings import BackendSettings, SamplingSettings, StrictModel
-from unsafechain.domain.types import JudgeTarget, SamplingParams
-from unsafechain.judge.engine import PromptFormat
-
-ServiceName = Literal["generation", "judge", "correction"]
-SERVICE_NAMES: tuple[ServiceName, ...] = ("generation", "judge", "correction")
+from unsafechain.backends.settings import BackendSettings
+from unsafechain.domain.settings import describe_error
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# The value of a Kubernetes service-link variable: tcp://10.0.0.7:50051.
+_SERVICE_LINK = re.compile(r"^(tcp|udp|sctp)://[^\s/]+:\d+$")
 
 
 class SettingsError(ValueError):
     """Settings are missing or invalid; the message names each offending key."""
 
 
-class GenerationOptions(SamplingSettings):
-    """Sampling for generate requests that carry no sampling settings of their own."""
+class _EnvWithoutServiceLinks(EnvSettingsSource):
+    """The environment, less the service-link variables Kubernetes injects."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {
+            name: value
+            for name, value in super()._load_env_vars().items()
+            if value is None or not _SERVICE_LINK.match(value)
+        }
 
 
-class JudgeOptions(StrictModel):
-    """The judge a judge or correction service runs, and how the judge service batches.
+class _EnvSettings(BaseSettings):
+    """Settings read from ``UNSAFECHAIN_*`` variables, service links left out."""
 
-    Attributes:
-        name: Recorded on every verdict.
-        prompt_format: How the Llama Guard prompt is rendered.
-        threshold: Unsafe score at or above which a verdict is unsafe.
-        targets: Parts of a completion judged when a request names none.
-        batch_max_size: Most (prompt, response) pairs sent to the model together.
-        batch_max_wait_ms: Longest a request waits for others to share its batch.
-    """
-
-    name: Annotated[str, Field(min_length=1)] = "llama-guard"
-    prompt_format: PromptFormat = PromptFormat.AUTO
-    threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
-    targets: Annotated[tuple[JudgeTarget, ...], Field(min_length=1)] = (JudgeTarget.FULL,)
-    batch_max_size: Annotated[int, Field(ge=1)] = 32
-    batch_max_wait_ms: Annotated[float, Field(ge=0)] = 5.0
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _EnvWithoutServiceLinks(settings_cls), file_secret_settings
 
 
-class CorrectionOptions(StrictModel):
-    """How the correction service corrects.
-
-    Attributes:
-        max_attempts: Tries per unsafe completion.
-        temperature: Corrector sampling temperature.
-        top_p: Corrector nucleus sampling mass.
-        max_new_tokens: Upper bound on tokens per attempt.
-        templates: Folder with ``system.md`` and ``user.md.j2``; default: bundled.
-    """
-
-    max_attempts: Annotated[int, Field(ge=1)] = 3
-    temperature: Annotated[float, Field(ge=0)] = 0.7
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
-    max_new_tokens: Annotated[int, Field(ge=1)] = 2048
-    templates: Path | None = None
-
-    def params(self) -> SamplingParams:
-        """Sampling settings for one attempt."""
-        return SamplingParams(
-            n=1, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens
-        )
-
-
-class ServiceSettings(BaseSettings):
-    """Everything one service process needs, logged once at start without secrets.
+class ServerSettings(_EnvSettings):
+    """What every service process has besides its stage: where it listens, how it is
+    secured and limited, how it checks its backends. Logged once at start, without
+    secrets.
 
     Attributes:
-        service: Which service this process runs.
         host: Address the gRPC server listens on.
         port: gRPC port; 0 picks a free one.
         metrics_host: Address of the Prometheus HTTP endpoint.
@@ -102,11 +96,6 @@ class ServiceSettings(BaseSettings):
             certificate it signed (mutual TLS).
         auth_tokens: Bearer tokens accepted (``UNSAFECHAIN_AUTH_TOKENS``, comma-separated).
         auth_tokens_file: File with one accepted bearer token per line (``#`` comments).
-        model: The service's model: generator, guard or corrector.
-        judge_model: The guard model the correction service re-judges with.
-        generation: Default sampling of the generation service.
-        judge: The judge of the judge and correction services.
-        correction: Settings of the correction service.
     """
 
     model_config = SettingsConfigDict(
@@ -116,7 +105,11 @@ class ServiceSettings(BaseSettings):
         frozen=True,
     )
 
-    service: ServiceName
+    # The service's name: generation, judge, correction.
+    service: ClassVar[str]
+    # The sections a ``--config`` file contributes, as in a build configuration.
+    config_sections: ClassVar[tuple[str, ...]] = ()
+
     host: str = "[::]"
     port: Annotated[int, Field(ge=0, le=65535)] = 50051
     metrics_host: str = "0.0.0.0"
@@ -131,11 +124,6 @@ class ServiceSettings(BaseSettings):
     tls_client_ca_file: Path | None = None
     auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     auth_tokens_file: Path | None = None
-    model: BackendSettings | None = None
-    judge_model: BackendSettings | None = None
-    generation: GenerationOptions = GenerationOptions()
-    judge: JudgeOptions = JudgeOptions()
-    correction: CorrectionOptions = CorrectionOptions()
 
     @field_validator("auth_tokens", mode="before")
     @classmethod
@@ -146,11 +134,7 @@ class ServiceSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> ServiceSettings:
-        if self.model is None:
-            raise ValueError(f"model: the {self.service} service needs a model")
-        if self.service == "correction" and self.judge_model is None:
-            raise ValueError("judge_model: the correction service needs a guard model")
+    def _tls_consistent(self) -> ServerSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
@@ -162,14 +146,42 @@ class ServiceSettings(BaseSettings):
         """Whether the server speaks TLS."""
         return self.tls_cert_file is not None
 
+    def backends(self) -> Iterable[BackendSettings]:
+        """The models the service runs, whose API keys must never be logged."""
+        return ()
+
     def public_view(self) -> dict[str, Any]:
         """The settings as logged: secrets left out, token sources only counted."""
         view = self.model_dump(mode="json", exclude={"auth_tokens"})
         view["auth_tokens"] = f"{len(self.auth_tokens)} from the environment"
-        return view
+        return {"service": self.service, **view}
 
 
-class ClientSettings(BaseSettings):
+def fold_model_shorthand(
+    values: object, shorthand: str, models_key: str, default_key: str
+) -> object:
+    """Move a service's ``shorthand`` model (``--model …`` flags, ``UNSAFECHAIN_MODEL__*``)
+    into its ``models`` table under the key its stage names (``default_key`` unless the
+    stage section says another), for a ``mode="before"`` model validator.
+
+    Raises:
+        ValueError: The model table already has a different model under that key.
+    """
+    if not isinstance(values, dict) or values.get(shorthand) is None:
+        return values
+    values = dict(values)
+    model = values.pop(shorthand)
+    models = dict(values.get(models_key) or {})
+    if default_key in models and models[default_key] != model:
+        raise ValueError(
+            f"{shorthand}: models.{default_key} is configured too; give the model once"
+        )
+    models[default_key] = model
+    values[models_key] = models
+    return values
+
+
+class ClientSettings(_EnvSettings):
     """How a client reaches a service.
 
     Attributes:
@@ -233,52 +245,54 @@ class ClientSettings(BaseSettings):
 
 # ---------------------------------------------------------------------------
 # Command-line flags. Each flag's dest is the dotted settings key it sets; flags not
-# given are left out, so the environment and the defaults fill in.
+# given are left out, so the environment, the config file and the defaults fill in.
 # ---------------------------------------------------------------------------
 
 
-def _flag(group: argparse._ArgumentGroup, flag: str, key: str, help: str, **kwargs: Any) -> None:
+def flag(group: argparse._ArgumentGroup, name: str, key: str, help: str, **kwargs: Any) -> None:
+    """Add flag ``name`` setting the dotted settings ``key`` to ``group``."""
     if "choices" not in kwargs and kwargs.get("action") != "store_true":
         kwargs.setdefault("metavar", key.rpartition(".")[2].upper())
-    group.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=help, **kwargs)
+    group.add_argument(name, dest=key, default=argparse.SUPPRESS, help=help, **kwargs)
 
 
-def _add_backend_flags(parser: argparse.ArgumentParser, prefix: str, key: str, role: str) -> None:
+def add_backend_flags(parser: argparse.ArgumentParser, prefix: str, key: str, role: str) -> None:
+    """Flags ``--{prefix}backend``, ``--{prefix}model``, … setting the model ``key``."""
     group = parser.add_argument_group(f"{role} model")
-    _flag(
+    flag(
         group,
         f"--{prefix}backend",
         f"{key}.backend",
         "transformers, openai or tgi",
         choices=["transformers", "openai", "tgi"],
     )
-    _flag(group, f"--{prefix}model", f"{key}.model", "hub name, local path or served name")
-    _flag(group, f"--{prefix}base-url", f"{key}.base_url", "server URL (openai, tgi)")
-    _flag(
+    flag(group, f"--{prefix}model", f"{key}.model", "hub name, local path or served name")
+    flag(group, f"--{prefix}base-url", f"{key}.base_url", "server URL (openai, tgi)")
+    flag(
         group,
         f"--{prefix}api-key-env",
         f"{key}.api_key_env",
         "name of the environment variable holding the API key",
     )
-    _flag(group, f"--{prefix}device", f"{key}.device", "device for local models (auto, cpu, cuda)")
-    _flag(
+    flag(group, f"--{prefix}device", f"{key}.device", "device for local models (auto, cpu, cuda)")
+    flag(
         group,
         f"--{prefix}dtype",
         f"{key}.dtype",
         "weight dtype for local models",
         choices=["auto", "float32", "bfloat16", "float16"],
     )
-    _flag(
+    flag(
         group, f"--{prefix}backend-timeout", f"{key}.timeout", "seconds per remote call", type=float
     )
-    _flag(
+    flag(
         group,
         f"--{prefix}backend-max-concurrency",
         f"{key}.max_concurrency",
         "remote calls in flight at once",
         type=int,
     )
-    _flag(
+    flag(
         group,
         f"--{prefix}forward-batch-size",
         f"{key}.max_batch_size",
@@ -287,122 +301,67 @@ def _add_backend_flags(parser: argparse.ArgumentParser, prefix: str, key: str, r
     )
 
 
-def _add_judge_flags(parser: argparse.ArgumentParser, *, batching: bool) -> None:
-    group = parser.add_argument_group("judge")
-    _flag(group, "--judge-name", "judge.name", "name recorded on every verdict")
-    _flag(
-        group,
-        "--prompt-format",
-        "judge.prompt_format",
-        "how the guard prompt is rendered",
-        choices=[f.value for f in PromptFormat],
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every ``unsafechain serve`` command: listening, limits, security and
+    ``--config``."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="a build configuration (YAML) whose sections for this stage (models and the "
+        "stage's own) the service runs; flags and the environment win over it",
     )
-    _flag(group, "--threshold", "judge.threshold", "unsafe score threshold", type=float)
-    _flag(
-        group,
-        "--targets",
-        "judge.targets",
-        "parts judged when a request names none",
-        nargs="+",
-        choices=[t.value for t in JudgeTarget],
-    )
-    if batching:
-        _flag(
-            group,
-            "--batch-max-size",
-            "judge.batch_max_size",
-            "most pairs judged in one model call",
-            type=int,
-        )
-        _flag(
-            group,
-            "--batch-max-wait-ms",
-            "judge.batch_max_wait_ms",
-            "longest a request waits to share a batch",
-            type=float,
-        )
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser, service: ServiceName) -> None:
-    """Add the flags of ``unsafechain serve <service>`` to ``parser``."""
     server = parser.add_argument_group("server")
-    _flag(server, "--host", "host", "address to listen on (default [::])")
-    _flag(server, "--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
-    _flag(server, "--metrics-host", "metrics_host", "Prometheus endpoint address")
-    _flag(server, "--metrics-port", "metrics_port", "Prometheus port (default 9464)", type=int)
-    _flag(server, "--max-message-bytes", "max_message_bytes", "largest message", type=int)
-    _flag(server, "--max-concurrent-rpcs", "max_concurrent_rpcs", "calls served at once", type=int)
-    _flag(server, "--grace-period", "grace_period", "seconds to drain on SIGTERM", type=float)
-    _flag(
+    flag(server, "--host", "host", "address to listen on (default [::])")
+    flag(server, "--port", "port", "gRPC port; 0 picks a free one (default 50051)", type=int)
+    flag(server, "--metrics-host", "metrics_host", "Prometheus endpoint address")
+    flag(server, "--metrics-port", "metrics_port", "Prometheus port (default 9464)", type=int)
+    flag(server, "--max-message-bytes", "max_message_bytes", "largest message", type=int)
+    flag(server, "--max-concurrent-rpcs", "max_concurrent_rpcs", "calls served at once", type=int)
+    flag(server, "--grace-period", "grace_period", "seconds to drain on SIGTERM", type=float)
+    flag(
         server, "--health-interval", "health_interval", "seconds between backend checks", type=float
     )
-    _flag(server, "--health-timeout", "health_timeout", "seconds per backend check", type=float)
+    flag(server, "--health-timeout", "health_timeout", "seconds per backend check", type=float)
     security = parser.add_argument_group("security")
-    _flag(security, "--tls-cert", "tls_cert_file", "PEM server certificate chain")
-    _flag(security, "--tls-key", "tls_key_file", "PEM server private key")
-    _flag(
+    flag(security, "--tls-cert", "tls_cert_file", "PEM server certificate chain")
+    flag(security, "--tls-key", "tls_key_file", "PEM server private key")
+    flag(
         security,
         "--tls-client-ca",
         "tls_client_ca_file",
         "PEM CA that client certificates must chain to (mutual TLS)",
     )
-    _flag(
+    flag(
         security,
         "--auth-tokens-file",
         "auth_tokens_file",
         "file of accepted bearer tokens, one per line (also UNSAFECHAIN_AUTH_TOKENS)",
     )
-    role = {"generation": "generator", "judge": "guard", "correction": "corrector"}[service]
-    _add_backend_flags(parser, "", "model", role)
-    if service == "generation":
-        group = parser.add_argument_group("default sampling (requests without their own)")
-        _flag(group, "--samples", "generation.samples", "completions per request", type=int)
-        _flag(group, "--temperature", "generation.temperature", "0 is greedy", type=float)
-        _flag(group, "--top-p", "generation.top_p", "nucleus mass", type=float)
-        _flag(
-            group,
-            "--max-new-tokens",
-            "generation.max_new_tokens",
-            "tokens per completion",
-            type=int,
-        )
-    if service in ("judge", "correction"):
-        _add_judge_flags(parser, batching=service == "judge")
-    if service == "correction":
-        _add_backend_flags(parser, "judge-", "judge_model", "re-judging guard")
-        group = parser.add_argument_group("correction")
-        _flag(group, "--max-attempts", "correction.max_attempts", "tries per completion", type=int)
-        _flag(group, "--temperature", "correction.temperature", "corrector temperature", type=float)
-        _flag(group, "--top-p", "correction.top_p", "corrector nucleus mass", type=float)
-        _flag(
-            group, "--max-new-tokens", "correction.max_new_tokens", "tokens per attempt", type=int
-        )
-        _flag(group, "--templates", "correction.templates", "folder of prompt templates")
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags that say how to reach a service (``--server``, TLS, token)."""
     group = parser.add_argument_group("connection")
-    _flag(group, "--server", "address", "host:port of the service", required=True)
-    _flag(group, "--tls", "tls", "use TLS with the system's CAs", action="store_true")
-    _flag(group, "--ca-file", "ca_file", "PEM CA to verify the server with (implies TLS)")
-    _flag(group, "--cert-file", "cert_file", "PEM client certificate (mutual TLS)")
-    _flag(group, "--key-file", "key_file", "PEM client private key (mutual TLS)")
-    _flag(group, "--server-name", "server_name", "name the server certificate must carry")
-    _flag(
+    flag(group, "--server", "address", "host:port of the service", required=True)
+    flag(group, "--tls", "tls", "use TLS with the system's CAs", action="store_true")
+    flag(group, "--ca-file", "ca_file", "PEM CA to verify the server with (implies TLS)")
+    flag(group, "--cert-file", "cert_file", "PEM client certificate (mutual TLS)")
+    flag(group, "--key-file", "key_file", "PEM client private key (mutual TLS)")
+    flag(group, "--server-name", "server_name", "name the server certificate must carry")
+    flag(
         group,
         "--token-file",
         "token_file",
         "file holding the bearer token (also UNSAFECHAIN_CLIENT_TOKEN)",
     )
-    _flag(group, "--timeout", "timeout", "deadline per call in seconds", type=float)
+    flag(group, "--timeout", "timeout", "deadline per call in seconds", type=float)
 
 
-def _nested(flags: Mapping[str, Any], keys: set[str]) -> dict[str, Any]:
+def nested_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Parsed flags whose dests are dotted keys, as nested mappings."""
     values: dict[str, Any] = {}
     for dotted, value in flags.items():
-        if dotted.split(".")[0] not in keys:
-            continue
         node = values
         *parents, leaf = dotted.split(".")
         for key in parents:
@@ -411,27 +370,55 @@ def _nested(flags: Mapping[str, Any], keys: set[str]) -> dict[str, Any]:
     return values
 
 
-def _describe(error: ValidationError) -> str:
-    problems = []
-    for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"])
-        message = problem["msg"].removeprefix("Value error, ")
-        problems.append(f"{key}: {message}" if key else message)
-    return "; ".join(problems)
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
-def service_settings(service: ServiceName, args: argparse.Namespace) -> ServiceSettings:
-    """The service settings from parsed ``serve`` flags over the environment.
+def read_config_sections(path: Path, sections: Iterable[str]) -> dict[str, Any]:
+    """The named top-level sections of a YAML configuration file.
+
+    Raises:
+        SettingsError: The file is missing or not a YAML mapping.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SettingsError(f"config: cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise SettingsError(f"config: {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"config: {path} must be a mapping of sections")
+    return {key: raw[key] for key in sections if key in raw}
+
+
+SettingsT = TypeVar("SettingsT", bound=ServerSettings)
+
+
+def settings_from_values(
+    cls: type[SettingsT], values: Mapping[str, Any], config: Path | None = None
+) -> SettingsT:
+    """Settings ``cls`` from ``values`` (flags) over the environment over ``config``.
+
+    A value given in ``config`` that the environment also sets is taken from the
+    environment: init values win in pydantic-settings, so the file's values are
+    passed only where the environment has none.
 
     Raises:
         SettingsError: A setting is missing or invalid; the message names it.
     """
-    flags = _nested(vars(args), set(ServiceSettings.model_fields))
-    flags["service"] = service
+    file_values = read_config_sections(config, cls.config_sections) if config else {}
     try:
-        return ServiceSettings(**flags)
+        if file_values:
+            file_values = _merge(file_values, _EnvWithoutServiceLinks(cls)())
+        return cls(**_merge(file_values, values))
     except ValidationError as error:
-        raise SettingsError(_describe(error)) from None
+        raise SettingsError(describe_error(error)) from None
 
 
 def client_settings(args: argparse.Namespace) -> ClientSettings:
@@ -440,7 +427,19 @@ def client_settings(args: argparse.Namespace) -> ClientSettings:
     Raises:
         SettingsError: A setting is missing or invalid; the message names it.
     """
+    flags = {key: value for key, value in vars(args).items() if key in ClientSettings.model_fields}
     try:
-        return ClientSettings(**_nested(vars(args), set(ClientSettings.model_fields)))
+        return ClientSettings(**nested_flags(flags))
     except ValidationError as error:
-        raise SettingsError(_describe(error)) from None
+        raise SettingsError(describe_error(error)) from None
+
+
+def flag_values(
+    args: argparse.Namespace, cls: type[BaseSettings], extra: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The parsed flags that set fields of ``cls`` (or the ``extra`` top-level keys), as
+    nested mappings."""
+    keys = set(cls.model_fields) | set(extra)
+    return nested_flags(
+        {dotted: value for dotted, value in vars(args).items() if dotted.split(".")[0] in keys}
+    )

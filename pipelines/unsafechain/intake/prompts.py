@@ -1,0 +1,97 @@
+"""Prompt intake: every source read in order, screened for benchmark contamination
+and duplicates, with what was rejected and removed kept for the record."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from unsafechain.intake.decontamination import Decontaminator
+from unsafechain.intake.dedup import (
+    CONTAMINATED,
+    DUPLICATE_EXACT,
+    DUPLICATE_NEAR,
+    Deduplicator,
+    Removal,
+)
+from unsafechain.intake.settings import (
+    DecontaminationSettings,
+    DeduplicationSettings,
+    SourceSettings,
+)
+from unsafechain.intake.sources import PromptRecord, Rejection, read_source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptIntake:
+    """What reading the sources gave.
+
+    Attributes:
+        records: The prompts to build cases for.
+        rejections: Records that could not be used.
+        removals: Prompts removed as duplicates or benchmark contamination.
+        read_by_source: Valid prompts read, per source.
+        benchmarks: Benchmark prompts indexed for decontamination, per benchmark.
+    """
+
+    records: list[PromptRecord] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    removals: list[Removal] = field(default_factory=list)
+    read_by_source: Counter[str] = field(default_factory=Counter)
+    benchmarks: Counter[str] = field(default_factory=Counter)
+
+    def removed_summary(self) -> dict[str, Any]:
+        """The removals counted by reason, by benchmark and by source, for the manifest."""
+        by_reason = Counter({DUPLICATE_EXACT: 0, DUPLICATE_NEAR: 0, CONTAMINATED: 0})
+        by_benchmark = Counter(dict.fromkeys(self.benchmarks, 0))
+        by_source: dict[str, Counter[str]] = {}
+        for removal in self.removals:
+            by_reason[removal.reason] += 1
+            by_source.setdefault(removal.record.source, Counter())[removal.reason] += 1
+            if removal.benchmark is not None:
+                by_benchmark[removal.benchmark] += 1
+        return {
+            "by_reason": dict(by_reason),
+            "contaminated_by_benchmark": dict(by_benchmark),
+            "by_source": {source: dict(counts) for source, counts in by_source.items()},
+            "benchmark_prompts": dict(self.benchmarks),
+        }
+
+
+def read_prompts(
+    sources: Sequence[SourceSettings],
+    deduplication: DeduplicationSettings,
+    decontamination: DecontaminationSettings,
+) -> PromptIntake:
+    """Read every source in order; drop prompts that overlap a benchmark, then
+    duplicates of a prompt kept before them (exact after normalisation, or near).
+
+    Raises:
+        SourceError: A source or benchmark cannot be read at all.
+    """
+    intake = PromptIntake()
+    decontaminator = Decontaminator(decontamination)
+    intake.benchmarks.update(decontaminator.prompts_by_benchmark)
+    deduplicator = Deduplicator(deduplication)
+    for source in sources:
+        for item in read_source(source):
+            if isinstance(item, Rejection):
+                logger.warning("rejected %s", item)
+                intake.rejections.append(item)
+                continue
+            intake.read_by_source[source.name] += 1
+            # Contamination first: a contaminated prompt must not be kept as the
+            # original that later duplicates are compared with.
+            removal = decontaminator.check(item) or deduplicator.check(item)
+            if removal is not None:
+                intake.removals.append(removal)
+                continue
+            intake.records.append(item)
+    summary = intake.removed_summary()["by_reason"]
+    logger.info("prompts: %d kept, removed %s", len(intake.records), summary)
+    return intake

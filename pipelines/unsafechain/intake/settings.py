@@ -1,0 +1,101 @@
+"""The settings of prompt intake: the sources, deduplication and decontamination.
+
+The build reads them from its ``sources``, ``deduplication`` and ``decontamination``
+sections; an evaluation reads its benchmarks with the same source settings.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from unsafechain.domain.settings import StrictModel
+from unsafechain.intake.loaders import LOADERS
+
+
+class SourceSettings(StrictModel):
+    """One prompt source.
+
+    Attributes:
+        name: Source tag carried by every prompt (the release's ``split_name``).
+        path: A JSONL or Parquet file, a ``datasets.save_to_disk`` folder, or a hub
+            dataset name (``format: hub``; needs a network).
+        format: ``auto`` decides from the path.
+        prompt_field: Column holding the prompt text.
+        split: Split to read from a ``datasets`` folder or hub dataset.
+        limit: Read at most this many valid prompts.
+        loader: The published record layout to read (see ``loaders.py``); ``generic``
+            takes the prompt from ``prompt_field``.
+        subsets: Keep only records whose subset column (WildJailbreak ``data_type``,
+            StrongREJECT and TruthfulQA ``category``) holds one of these values.
+        hub_config: Configuration name of a hub dataset, instead of the loader's default.
+    """
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    path: Annotated[str, Field(min_length=1)]
+    format: Literal["auto", "jsonl", "parquet", "datasets", "hub"] = "auto"
+    prompt_field: str = "prompt"
+    split: str = "train"
+    limit: Annotated[int, Field(ge=1)] | None = None
+    loader: Literal[
+        "generic", "wildjailbreak", "strongreject", "hh_rlhf_redteam", "gsm8k", "mbpp", "truthfulqa"
+    ] = "generic"
+    subsets: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+    hub_config: str | None = None
+
+    @model_validator(mode="after")
+    def _fits_loader(self) -> SourceSettings:
+        if self.loader != "generic" and "prompt_field" in self.model_fields_set:
+            raise ValueError(
+                f"prompt_field: the {self.loader!r} loader reads its published columns; "
+                "prompt_field applies to loader: generic only"
+            )
+        if self.subsets is not None and LOADERS[self.loader].subset_field is None:
+            raise ValueError(f"subsets: the {self.loader!r} loader has no subset column")
+        return self
+
+
+class DeduplicationSettings(StrictModel):
+    """Removing duplicate prompts across all sources, keeping the first in config order.
+
+    Exact duplicates (equal after normalisation) are always removed.
+
+    Attributes:
+        near: Also remove near-duplicates, found by MinHash LSH over word shingles.
+        threshold: Shingle Jaccard similarity at or above which a prompt is a
+            near-duplicate of one kept before it.
+        shingle_words: Words per shingle.
+        permutations: MinHash signature length; more finds near-duplicates more reliably.
+    """
+
+    near: bool = True
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    shingle_words: Annotated[int, Field(ge=1)] = 5
+    permutations: Annotated[int, Field(ge=16, le=1024)] = 128
+
+
+class DecontaminationSettings(StrictModel):
+    """Removing prompts that overlap an evaluation benchmark.
+
+    A prompt is contaminated when it equals a benchmark prompt after normalisation,
+    or when more than ``threshold`` of its word ``ngram``-grams occur in one benchmark.
+
+    Attributes:
+        benchmarks: Benchmark prompt files, read like sources (any format and loader).
+        ngram: Words per n-gram; prompts shorter than this match exactly only.
+        threshold: Fraction of the prompt's n-grams that must be shared; the default 0
+            removes a prompt sharing any one n-gram.
+    """
+
+    benchmarks: tuple[SourceSettings, ...] = ()
+    ngram: Annotated[int, Field(ge=1)] = 13
+    threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> DecontaminationSettings:
+        names = [benchmark.name for benchmark in self.benchmarks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"benchmarks: duplicate benchmark name(s): {', '.join(duplicates)}")
+        return self

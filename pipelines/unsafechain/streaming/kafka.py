@@ -1,0 +1,468 @@
+"""The Kafka transport: every stage a consumer group on its topic.
+
+Topics are named ``<prefix>.<version>.<topic>`` (``unsafechain.v1.prompts``) and keyed by
+case id; each has a dead-letter topic ``<topic>.dlq``. :class:`MessageRunner` owns the
+delivery of a stage: poll a batch, process it, retry a failing case with backoff
+within a bound, produce the outputs, flush, and only then commit the batch's offsets
+(at-least-once). A case that still fails goes to the dead-letter topic with its
+reason, and the stage's ``give_up`` outputs (the case marked failed) go on, so it is
+kept. A redelivered case is harmless because the sink stores each case id once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from google.protobuf.message import DecodeError
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from pydantic import Field
+
+from unsafechain.domain.settings import StrictModel
+from unsafechain.runtime.metrics import MetricsEndpoint
+from unsafechain.streaming.stages import Emitted
+from unsafechain.v1 import case_pb2
+
+logger = logging.getLogger(__name__)
+
+# Headers of a dead-lettered message: why, where, after how many tries, which build.
+ERROR_HEADER, STAGE_HEADER, ATTEMPTS_HEADER, BUILD_HEADER = "error", "stage", "attempts", "build"
+
+# Bound on the broker calls made only for metrics, so a rebalance never stalls a worker.
+_METRICS_CALL_TIMEOUT_MS = 2_000
+
+Handler = Callable[[case_pb2.Case], Awaitable[Emitted]]
+
+
+class KafkaSettings(StrictModel):
+    """The Kafka transport (``unsafechain build --bus kafka`` and ``unsafechain worker``).
+
+    Attributes:
+        bootstrap_servers: Brokers to connect to first, ``host:port``.
+        topic_prefix: First part of every topic and consumer group name.
+        version: Version of the message contract, part of every topic name, so a
+            breaking change runs on new topics beside the old ones.
+        partitions: Partitions per topic: the most workers a stage can use at once.
+        replication_factor: Copies of each partition the cluster keeps.
+        max_retries: Extra tries of a case whose stage fails (a backend down, a
+            timeout), before it goes to the stage's dead-letter topic and is kept as
+            failed.
+        retry_backoff_seconds: Wait before the first retry, doubled for each further one.
+        max_poll_records: Messages a worker takes per poll, i.e. cases in flight per
+            worker (backpressure: a worker never holds more).
+        max_poll_interval_ms: Longest time a worker may take over one batch before the
+            group gives its partitions to another worker; leave room for the retries.
+        session_timeout_ms: Time without heartbeats after which a worker counts as dead.
+        heartbeat_interval_ms: Time between heartbeats.
+        idle_timeout_seconds: ``build --bus kafka`` stops with an error when no case
+            arrives for this long (no workers running, a stage stuck).
+    """
+
+    bootstrap_servers: Annotated[tuple[str, ...], Field(min_length=1)] = ("127.0.0.1:9092",)
+    topic_prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "unsafechain"
+    version: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")] = "v1"
+    partitions: Annotated[int, Field(ge=1)] = 4
+    replication_factor: Annotated[int, Field(ge=1)] = 1
+    max_retries: Annotated[int, Field(ge=0)] = 3
+    retry_backoff_seconds: Annotated[float, Field(ge=0)] = 0.5
+    max_poll_records: Annotated[int, Field(ge=1)] = 8
+    max_poll_interval_ms: Annotated[int, Field(ge=1000)] = 300_000
+    session_timeout_ms: Annotated[int, Field(ge=1000)] = 10_000
+    heartbeat_interval_ms: Annotated[int, Field(ge=100)] = 3_000
+    idle_timeout_seconds: Annotated[float, Field(gt=0)] = 600.0
+
+
+class PermanentError(Exception):
+    """A case that no retry can help (it belongs to another configuration, say): it
+    goes to the dead-letter topic at once."""
+
+
+def topic_name(settings: KafkaSettings, topic: str) -> str:
+    """The Kafka topic of a build topic, e.g. ``unsafechain.v1.prompts``."""
+    return f"{settings.topic_prefix}.{settings.version}.{topic}"
+
+
+def dead_letter_topic(settings: KafkaSettings, topic: str) -> str:
+    """The dead-letter topic of a build topic, e.g. ``unsafechain.v1.prompts.dlq``."""
+    return f"{topic_name(settings, topic)}.dlq"
+
+
+def group_name(settings: KafkaSettings, stage: str) -> str:
+    """The consumer group of a stage, e.g. ``unsafechain.v1.generate``."""
+    return f"{settings.topic_prefix}.{settings.version}.{stage}"
+
+
+def create_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[str]:
+    """Create every topic of ``topics`` and its dead-letter topic; say which were new.
+
+    Topics that exist already are left as they are, so this can run before every build.
+    """
+    admin = KafkaAdminClient(bootstrap_servers=list(settings.bootstrap_servers))
+    created = []
+    try:
+        for topic in topics:
+            for name in (topic_name(settings, topic), dead_letter_topic(settings, topic)):
+                try:
+                    admin.create_topics(
+                        [NewTopic(name, settings.partitions, settings.replication_factor)]
+                    )
+                except TopicAlreadyExistsError:
+                    logger.info("topic %s exists", name)
+                    continue
+                logger.info("created topic %s (%d partitions)", name, settings.partitions)
+                created.append(name)
+    finally:
+        admin.close()
+    return created
+
+
+def _client_id(role: str) -> str:
+    # kafka-python shares one network thread among the clients of a process that have
+    # the same client id; each client gets its own, and the broker sees who it is.
+    return f"unsafechain-{role}-{os.getpid()}-{next(_CLIENTS)}"
+
+
+_CLIENTS = itertools.count(1)
+
+
+def make_producer(settings: KafkaSettings) -> KafkaProducer:
+    """A producer that waits for every in-sync replica, so a flushed case is durable."""
+    return KafkaProducer(
+        bootstrap_servers=list(settings.bootstrap_servers),
+        acks="all",
+        linger_ms=5,
+        client_id=_client_id("producer"),
+    )
+
+
+def make_consumer(settings: KafkaSettings, topics: Sequence[str], group: str) -> KafkaConsumer:
+    """A consumer of the build topics ``topics`` (full names) in ``group`` that commits
+    only when told to."""
+    return KafkaConsumer(
+        *topics,
+        bootstrap_servers=list(settings.bootstrap_servers),
+        client_id=_client_id(group),
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.max_poll_records,
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+    )
+
+
+def poll_batch(consumer: KafkaConsumer, timeout_ms: int = 500) -> list[ConsumerRecord]:
+    """The next batch of records, in partition order; empty when none came in time."""
+    return [
+        record for records in consumer.poll(timeout_ms=timeout_ms).values() for record in records
+    ]
+
+
+def commit(consumer: KafkaConsumer, who: str) -> None:
+    """Commit what ``consumer`` has taken. A commit lost to a rebalance is logged: the
+    new owner of the partitions redoes the batch, and the sink keeps each case once."""
+    try:
+        consumer.commit()
+    except CommitFailedError as error:
+        logger.warning("%s: commit failed after a rebalance: %s", who, error)
+
+
+class ConsumerLag:
+    """The Prometheus gauge ``unsafechain_kafka_consumer_lag``: messages per partition a
+    group has not committed yet (log end offset minus committed offset).
+
+    Every broker call it makes has a timeout, and a call that times out (during a
+    rebalance) skips the update: the metric never holds up the work.
+
+    Args:
+        registry: Where the series live; a new registry by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.gauge = Gauge(
+            "unsafechain_kafka_consumer_lag",
+            "Messages not yet committed by the consumer group, by topic and partition.",
+            ("group", "topic", "partition"),
+            registry=self.registry,
+        )
+
+    def update(self, consumer: KafkaConsumer, group: str) -> dict[tuple[str, int], int]:
+        """Read the lag of the partitions ``consumer`` holds now and publish it."""
+        assigned = list(consumer.assignment())
+        try:
+            ends = (
+                consumer.end_offsets(assigned, timeout_ms=_METRICS_CALL_TIMEOUT_MS)
+                if assigned
+                else {}
+            )
+            committed = {
+                partition: consumer.committed(partition, timeout_ms=_METRICS_CALL_TIMEOUT_MS)
+                for partition in assigned
+            }
+        except KafkaError as error:
+            logger.debug("%s: consumer lag not updated: %s", group, error)
+            return {}
+        lags = {}
+        # Partitions given to another worker are its to report.
+        self.gauge.clear()
+        for partition in assigned:
+            lag = max(0, ends.get(partition, 0) - (committed[partition] or 0))
+            lags[(partition.topic, partition.partition)] = lag
+            self.gauge.labels(group, partition.topic, str(partition.partition)).set(lag)
+        return lags
+
+    def serve(self, host: str, port: int) -> MetricsEndpoint:
+        """Serve the metrics over HTTP on ``host:port`` (0: a free port)."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return MetricsEndpoint(server, thread)
+
+
+@dataclass
+class DeadLetter:
+    """A message given up on, with why and after how many tries."""
+
+    error: str
+    attempts: int
+    case: case_pb2.Case | None
+
+
+def decode(value: bytes) -> case_pb2.Case:
+    """The case a message carries.
+
+    Raises:
+        DecodeError: The bytes are not a case, or a case without an id.
+    """
+    case = case_pb2.Case()
+    case.ParseFromString(value)
+    if not case.id:
+        raise DecodeError("case has no id")
+    return case
+
+
+class MessageRunner:
+    """Owns delivery for one stage's consumer group: poll, process with retries,
+    produce, flush, commit.
+
+    A batch holds at most ``max_poll_records`` messages and the next is polled only
+    once the last one's outputs are flushed and its offsets committed, so a worker
+    never buffers more than one batch however slow the stages after it are.
+
+    Args:
+        settings: The Kafka settings.
+        consumed: The build topic consumed.
+        stage: Name of the stage (consumer group and dead-letter header).
+        handle: Processes one case and returns what to produce; raises when the stage
+            fails on it, which is retried (:class:`PermanentError`: not retried).
+        give_up: The outputs for a case that is dead-lettered, e.g. the case marked
+            failed for the sink; none by default.
+        concurrency: Cases of a batch processed at once.
+        loop: The event loop the handler's engines belong to.
+        lag: Where to publish the consumer lag; None: not measured.
+        lag_interval: Seconds between consumer lag updates while no messages come;
+            the lag is also updated after every batch.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        consumed: str,
+        stage: str,
+        handle: Handler,
+        *,
+        give_up: Callable[[case_pb2.Case, str], Emitted] | None = None,
+        concurrency: int = 4,
+        loop: asyncio.AbstractEventLoop,
+        lag: ConsumerLag | None = None,
+        lag_interval: float = 5.0,
+    ):
+        self._settings = settings
+        self._consumed = consumed
+        self._stage = stage
+        self._handle = handle
+        self._give_up = give_up
+        self._concurrency = concurrency
+        self._loop = loop
+        self._lag = lag
+        self._lag_interval = lag_interval
+        self._lag_updated = 0.0
+        self.group = group_name(settings, stage)
+        self.stopping = threading.Event()
+        self._consumer = make_consumer(settings, [topic_name(settings, consumed)], self.group)
+        self._producer = make_producer(settings)
+
+    def run(self, done: Callable[[], bool] = lambda: False) -> None:
+        """Process batches until ``done()`` holds or :meth:`stop` is called, then leave
+        the group cleanly; the batch in hand is always finished and committed first."""
+        try:
+            while not self.stopping.is_set() and not done():
+                batch = poll_batch(self._consumer)
+                if batch:
+                    self._deliver(batch)
+                # After a batch the lag moved; while idle it moves only by new messages.
+                self._update_lag(force=bool(batch))
+        finally:
+            self._consumer.close()
+            self._producer.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the batch in hand."""
+        self.stopping.set()
+
+    def _update_lag(self, *, force: bool) -> None:
+        if self._lag is None:
+            return
+        if not force and time.monotonic() - self._lag_updated < self._lag_interval:
+            return
+        self._lag.update(self._consumer, self.group)
+        self._lag_updated = time.monotonic()
+
+    def _deliver(self, batch: list[ConsumerRecord]) -> None:
+        results = self._loop.run_until_complete(self._process_batch(batch))
+        futures = []
+        for record, result in zip(batch, results, strict=True):
+            if isinstance(result, DeadLetter):
+                futures.append(self._dead_letter(record, result))
+                outputs = (
+                    self._give_up(result.case, result.error)
+                    if self._give_up and result.case
+                    else []
+                )
+            else:
+                outputs = result
+            for topic, case in outputs:
+                futures.append(
+                    self._producer.send(
+                        topic_name(self._settings, topic),
+                        key=case.id.encode(),
+                        value=case.SerializeToString(),
+                    )
+                )
+        self._producer.flush()
+        for future in futures:
+            # A send that failed after the producer's own retries stops the worker
+            # before the commit, so the batch is redelivered rather than lost.
+            future.get()
+        commit(self._consumer, self._stage)
+
+    async def _process_batch(self, batch: list[ConsumerRecord]) -> list[Emitted | DeadLetter]:
+        semaphore = asyncio.Semaphore(self._concurrency)
+
+        async def bounded(record: ConsumerRecord) -> Emitted | DeadLetter:
+            async with semaphore:
+                return await self._attempt(record)
+
+        return await asyncio.gather(*(bounded(record) for record in batch))
+
+    async def _attempt(self, record: ConsumerRecord) -> Emitted | DeadLetter:
+        settings = self._settings
+        for attempt in range(1, settings.max_retries + 2):
+            try:
+                # Decoded afresh for every try: a failed try leaves nothing behind.
+                case = decode(record.value)
+            except DecodeError as error:
+                # Decoding the same bytes again gives the same error: no retries.
+                return DeadLetter(f"undecodable message: {error}", attempt, None)
+            try:
+                return await self._handle(case)
+            except PermanentError as error:
+                return DeadLetter(str(error), attempt, decode(record.value))
+            except Exception as error:
+                reason = f"{type(error).__name__}: {error}"
+                logger.warning(
+                    "case %s: %s attempt %d of %d failed: %s",
+                    case.id,
+                    self._stage,
+                    attempt,
+                    settings.max_retries + 1,
+                    reason,
+                )
+                if attempt > settings.max_retries:
+                    return DeadLetter(reason, attempt, decode(record.value))
+                await asyncio.sleep(settings.retry_backoff_seconds * 2 ** (attempt - 1))
+        raise AssertionError("unreachable: the last attempt returns")
+
+    def _dead_letter(self, record: ConsumerRecord, letter: DeadLetter) -> Any:
+        key = record.key.decode(errors="replace") if record.key else "?"
+        logger.error(
+            "case %s: %s gave up after %d attempt(s): %s",
+            key,
+            self._stage,
+            letter.attempts,
+            letter.error,
+        )
+        headers = [
+            (ERROR_HEADER, letter.error.encode()),
+            (STAGE_HEADER, self._stage.encode()),
+            (ATTEMPTS_HEADER, str(letter.attempts).encode()),
+        ]
+        if letter.case is not None and letter.case.provenance.build_id:
+            headers.append((BUILD_HEADER, letter.case.provenance.build_id.encode()))
+        return self._producer.send(
+            dead_letter_topic(self._settings, self._consumed),
+            key=record.key,
+            value=record.value,
+            headers=headers,
+        )
+
+
+@contextmanager
+def stopped_by_signals(stop: Callable[[], None], who: str) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT call ``stop`` (finish the batch in hand)."""
+    if threading.current_thread() is not threading.main_thread():
+        # Only the main thread can take signals; the caller stops the runner itself.
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        logger.info("%s: signal %d, finishing the batch in hand", who, signum)
+        stop()
+
+    previous = {
+        signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def publish_cases(settings: KafkaSettings, topic: str, cases: Iterable[case_pb2.Case]) -> int:
+    """Send ``cases`` to the build topic ``topic``, keyed by case id; return how many."""
+    producer = make_producer(settings)
+    try:
+        futures = [
+            producer.send(
+                topic_name(settings, topic), key=case.id.encode(), value=case.SerializeToString()
+            )
+            for case in cases
+        ]
+        producer.flush()
+        for future in futures:
+            future.get()
+    finally:
+        producer.close()
+    return len(futures)
+
+
+def header(record: ConsumerRecord, name: str) -> str | None:
+    """The value of header ``name`` of ``record``, decoded; None when absent."""
+    for key, value in record.headers or ():
+        if key == name:
+            return value.decode(errors="replace")
+    return None

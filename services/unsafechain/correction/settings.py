@@ -1,0 +1,136 @@
+"""The correction stage's settings, and the correction service's.
+
+One schema for every place correction is configured: the build's ``correction``
+section, the correction service and the Kafka correct worker. Re-judging uses the
+judge stage's settings (``judging``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from unsafechain.backends.settings import BackendSettings
+from unsafechain.domain.settings import StrictModel
+from unsafechain.domain.types import SamplingParams
+from unsafechain.judge.settings import (
+    GUARD,
+    JudgingSettings,
+    add_guard_arguments,
+    fold_judge_shorthand,
+    unknown_models,
+)
+from unsafechain.runtime.settings import (
+    ServerSettings,
+    add_backend_flags,
+    add_server_arguments,
+    flag,
+    flag_values,
+    fold_model_shorthand,
+    settings_from_values,
+)
+
+CORRECTOR = "corrector"
+
+
+class CorrectionSettings(StrictModel):
+    """Correcting unsafe completions of hard cases.
+
+    Attributes:
+        model: Key of the corrector in the model table (``models``).
+        max_attempts: Tries per unsafe completion before giving up.
+        completions: ``all`` corrects every unsafe completion of a hard case (the
+            method); ``until_passed`` stops at the first correction that passes. The
+            build's correct stage reads it; the service corrects one completion a call.
+        templates: Folder with ``system.md`` and ``user.md.j2``; default: bundled.
+    """
+
+    model: Annotated[str, Field(min_length=1)] = CORRECTOR
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    temperature: Annotated[float, Field(ge=0)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    max_new_tokens: Annotated[int, Field(ge=1)] = 2048
+    completions: Literal["all", "until_passed"] = "all"
+    templates: str | None = None
+
+    def params(self) -> SamplingParams:
+        """Sampling settings for one correction attempt."""
+        return SamplingParams(
+            n=1,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+class CorrectionServiceSettings(ServerSettings):
+    """The correction service: the server, the model table, the corrector's settings
+    and the judges that re-judge every attempt.
+
+    ``model`` and ``judge_model`` are shorthands (``--model …``, ``--judge-model …``,
+    ``UNSAFECHAIN_MODEL__*``) for the ``corrector`` and ``guard`` entries in ``models``;
+    ``judge`` one for the re-judging Llama Guard judge (``--judge-name`` …).
+    """
+
+    service: ClassVar[str] = "correction"
+    config_sections: ClassVar[tuple[str, ...]] = ("models", "correction", "judging")
+
+    models: dict[str, BackendSettings] = Field(default_factory=dict)
+    correction: CorrectionSettings = CorrectionSettings()
+    judging: JudgingSettings = JudgingSettings()
+    model: BackendSettings | None = None
+    judge_model: BackendSettings | None = None
+    judge: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_models(cls, values: object) -> object:
+        key = CORRECTOR
+        if isinstance(values, dict) and isinstance(values.get("correction"), dict):
+            key = values["correction"].get("model", CORRECTOR)
+        values = fold_model_shorthand(values, "model", "models", key)
+        values = fold_model_shorthand(values, "judge_model", "models", GUARD)
+        return fold_judge_shorthand(values, batching=False)
+
+    @model_validator(mode="after")
+    def _models_known(self) -> CorrectionServiceSettings:
+        references = [("correction.model", self.correction.model)]
+        references += [(f"judging.{k}", name) for k, name in self.judging.model_references()]
+        problem = unknown_models(references, self.models)
+        if problem:
+            raise ValueError(
+                f"{problem}; give the corrector with --backend and --model, the re-judging "
+                "guard with --judge-backend and --judge-model, or both in --config"
+            )
+        return self
+
+    def backends(self) -> Iterable[BackendSettings]:
+        return self.models.values()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``unsafechain serve correction``."""
+    add_server_arguments(parser)
+    add_backend_flags(parser, "", "model", "corrector")
+    add_guard_arguments(parser, batching=False)
+    add_backend_flags(parser, "judge-", "judge_model", "re-judging guard")
+    group = parser.add_argument_group("correction")
+    flag(group, "--max-attempts", "correction.max_attempts", "tries per completion", type=int)
+    flag(group, "--temperature", "correction.temperature", "corrector temperature", type=float)
+    flag(group, "--top-p", "correction.top_p", "corrector nucleus mass", type=float)
+    flag(group, "--max-new-tokens", "correction.max_new_tokens", "tokens per attempt", type=int)
+    flag(group, "--templates", "correction.templates", "folder of prompt templates")
+
+
+def settings_from_args(args: argparse.Namespace) -> CorrectionServiceSettings:
+    """The correction service's settings from ``serve correction`` flags, the
+    environment and ``--config``.
+
+    Raises:
+        SettingsError: A setting is missing or invalid; the message names it.
+    """
+    values = flag_values(args, CorrectionServiceSettings)
+    return settings_from_values(CorrectionServiceSettings, values, getattr(args, "config", None))

@@ -1,0 +1,100 @@
+"""The generation stage's settings, and the generation service's.
+
+One schema for every place generation is configured: the build's ``generation``
+section, the generation service and the Kafka generate worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from typing import Annotated, ClassVar
+
+from pydantic import Field, model_validator
+
+from unsafechain.backends.settings import BackendSettings
+from unsafechain.domain.settings import SamplingSettings
+from unsafechain.runtime.settings import (
+    ServerSettings,
+    add_backend_flags,
+    add_server_arguments,
+    flag,
+    flag_values,
+    fold_model_shorthand,
+    settings_from_values,
+)
+
+GENERATOR = "generator"
+
+
+class GenerationSettings(SamplingSettings):
+    """Sampling the reasoning model: K samples, temperature 0.6, top-p 0.95 is the
+    usual protocol; temperature 0 with K=1 is greedy.
+
+    Attributes:
+        model: Key of the generator in the model table (``models``).
+        system_prompt: Optional system turn before the prompt; R1-distill models are
+            used without one.
+    """
+
+    model: Annotated[str, Field(min_length=1)] = GENERATOR
+    samples: Annotated[int, Field(ge=1)] = 5
+    system_prompt: str = ""
+
+
+class GenerationServiceSettings(ServerSettings):
+    """The generation service: the server, the model table and the stage's settings,
+    whose sampling applies to requests that carry none.
+
+    ``model`` is a shorthand (``--model …`` flags, ``UNSAFECHAIN_MODEL__*``) for the
+    generator's entry in ``models``.
+    """
+
+    service: ClassVar[str] = "generation"
+    config_sections: ClassVar[tuple[str, ...]] = ("models", "generation")
+
+    models: dict[str, BackendSettings] = Field(default_factory=dict)
+    generation: GenerationSettings = GenerationSettings()
+    model: BackendSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_model(cls, values: object) -> object:
+        key = GENERATOR
+        if isinstance(values, dict) and isinstance(values.get("generation"), dict):
+            key = values["generation"].get("model", GENERATOR)
+        return fold_model_shorthand(values, "model", "models", key)
+
+    @model_validator(mode="after")
+    def _model_known(self) -> GenerationServiceSettings:
+        if self.generation.model not in self.models:
+            raise ValueError(
+                f"models: the generation service needs its generator {self.generation.model!r} "
+                "(--backend and --model, or models in --config)"
+            )
+        return self
+
+    def backends(self) -> Iterable[BackendSettings]:
+        return self.models.values()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``unsafechain serve generation``."""
+    add_server_arguments(parser)
+    add_backend_flags(parser, "", "model", "generator")
+    group = parser.add_argument_group("default sampling (requests without their own)")
+    flag(group, "--samples", "generation.samples", "completions per request", type=int)
+    flag(group, "--temperature", "generation.temperature", "0 is greedy", type=float)
+    flag(group, "--top-p", "generation.top_p", "nucleus mass", type=float)
+    flag(group, "--max-new-tokens", "generation.max_new_tokens", "tokens per completion", type=int)
+
+
+def settings_from_args(args: argparse.Namespace) -> GenerationServiceSettings:
+    """The generation service's settings from ``serve generation`` flags, the environment
+    and ``--config``.
+
+    Raises:
+        SettingsError: A setting is missing or invalid; the message names it.
+    """
+    values = flag_values(args, GenerationServiceSettings)
+    return settings_from_values(GenerationServiceSettings, values, getattr(args, "config", None))
