@@ -63,9 +63,10 @@ kafka-down:
 test: setup
 	$(PY) -m pytest -q
 
-## bench: the judge service micro-batching against one-by-one judging, 32 concurrent clients
+## bench: the judge service micro-batching against one-by-one judging, and under load with oversized requests
 bench: setup
 	$(PY) bench/judge_batching.py --clients 32 --requests 16
+	$(PY) bench/judge_load.py --clients 32 --seconds 20
 
 ## lint: ruff lint and format check, and the type checker (mypy) over the whole package
 lint: setup

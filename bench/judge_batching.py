@@ -65,13 +65,19 @@ class Result:
     mean_batch_size: float
 
 
-def _pairs(count: int) -> list[tuple[str, str]]:
-    prompts = []
+def prompts() -> list[str]:
+    """The demo's bundled prompts, red-team and benign."""
+    found = []
     for name in ("redteam.jsonl", "benign.jsonl"):
         for line in (PROMPTS_DIR / name).read_text(encoding="utf-8").splitlines():
             if line.strip():
-                prompts.append(json.loads(line)["prompt"])
-    return [(prompts[i % len(prompts)], RESPONSES[i % len(RESPONSES)]) for i in range(count)]
+                found.append(json.loads(line)["prompt"])
+    return found
+
+
+def _pairs(count: int) -> list[tuple[str, str]]:
+    pool = prompts()
+    return [(pool[i % len(pool)], RESPONSES[i % len(RESPONSES)]) for i in range(count)]
 
 
 async def _measure(
@@ -143,7 +149,8 @@ async def _measure(
     )
 
 
-def _machine(device: str) -> str:
+def machine_description(device: str) -> str:
+    """The machine a benchmark ran on, for its figures."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -202,7 +209,7 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     results = asyncio.run(_run(args))
-    machine = _machine(args.device)
+    machine = machine_description(args.device)
     print(f"machine: {machine}")
     print(
         "| mode | batch max size / wait | judgments | seconds | judgments/s "

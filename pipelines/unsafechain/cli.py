@@ -28,18 +28,19 @@ logger = logging.getLogger(__name__)
 
 def _build(args: argparse.Namespace) -> int:
     from unsafechain.dataset.config import ConfigError, load_config
-    from unsafechain.dataset.pipeline import BuildError, run_build
+    from unsafechain.dataset.pipeline import BuildError, ResumeOptions, run_build
     from unsafechain.intake.sources import SourceError
 
     overrides = {"build.output": args.output} if args.output else {}
     try:
         config = load_config(args.config, overrides | _kafka_overrides(args))
+        resume = ResumeOptions(retry_failed=args.retry_failed, repair=args.repair)
         if args.bus == "kafka":
             from unsafechain.dataset.kafka import run_kafka_build
 
-            result = run_kafka_build(config, progress=not args.no_progress)
+            result = run_kafka_build(config, progress=not args.no_progress, resume=resume)
         else:
-            result = run_build(config, progress=not args.no_progress)
+            result = run_build(config, progress=not args.no_progress, resume=resume)
     except (ConfigError, SourceError, BuildError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -218,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
         "what `unsafechain worker` processes deliver",
     )
     _add_kafka_arguments(build)
+    build.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="recompute the cases an earlier run kept as failed for a transient reason (a "
+        "model or service call that failed); cases that failed on their merits are kept",
+    )
+    build.add_argument(
+        "--repair",
+        action="store_true",
+        help="drop damaged lines of the output's cases.jsonl and recompute their cases",
+    )
     build.add_argument(
         "--idle-timeout",
         type=float,

@@ -145,11 +145,23 @@ def distributed(tmp_path_factory, standin_models, bootstrap):
     started = time.monotonic()
     result = run_kafka_build(load_config(path), progress=False)
     seconds = time.monotonic() - started
-    metrics = urllib.request.urlopen(
-        f"http://127.0.0.1:{workers.metrics_ports['generate-1']}/metrics", timeout=5
-    ).read()
+    metrics = _settled_lag(workers.metrics_ports["generate-1"])
     exit_codes = workers.stop_all()
-    return path, result, seconds, metrics.decode(), exit_codes
+    return path, result, seconds, metrics, exit_codes
+
+
+def _settled_lag(port: int, timeout: float = 20) -> str:
+    """The worker's metrics once its lag (measured every few seconds, off the consume
+    loop) reads 0 on every partition it holds, or when ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        lines = [
+            line for line in text.splitlines() if line.startswith("unsafechain_kafka_consumer_lag{")
+        ]
+        if (lines and all(line.endswith(" 0.0") for line in lines)) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
 
 
 @pytest.mark.timeout(280)
@@ -316,3 +328,122 @@ def test_a_case_that_keeps_failing_is_retried_then_dead_lettered_and_kept_as_fai
     consumer = make_consumer(settings, [topic_name(settings, "prompts")], runner.group)
     assert consumer.committed(TopicPartition(topic_name(settings, "prompts"), 0)) == 1
     consumer.close()
+
+
+def _many_prompts_config(
+    tmp_path: Path, standin_models, bootstrap: str, prefix: str, count: int
+) -> Path:
+    """A build of ``count`` distinct prompts, half of them red-team, on short samples."""
+    redteam = [json.loads(line)["prompt"] for line in (PROMPTS / "redteam.jsonl").open()]
+    benign = [json.loads(line)["prompt"] for line in (PROMPTS / "benign.jsonl").open()]
+    pool = [*redteam, *benign]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"prompt": f"{pool[i % len(pool)]} (case {i})"}) + "\n" for i in range(count)
+        )
+    )
+    path = write_build_config(tmp_path, standin_models, [{"name": "many", "path": str(source)}])
+    config = yaml.safe_load(path.read_text())
+    config["generation"] |= {"samples": 2, "max_new_tokens": 16}
+    config["correction"] |= {"max_attempts": 1, "max_new_tokens": 16}
+    # The numbered prompts are near-duplicates of each other by design.
+    config["deduplication"] = {"near": False}
+    config["kafka"] = kafka_section(bootstrap, prefix) | {"idle_timeout_seconds": 120}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _build_in_thread(config) -> tuple[threading.Thread, dict[str, object]]:
+    outcome: dict[str, object] = {}
+
+    def build() -> None:
+        try:
+            outcome["result"] = run_kafka_build(config, progress=False)
+        except Exception as error:  # reported by the test's assertions
+            outcome["error"] = error
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    return builder, outcome
+
+
+def _wait_for_stored(cases: Path, at_least: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stored = len(_ids(cases)) if cases.exists() else 0
+        if stored >= at_least:
+            return stored
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {at_least} cases stored after {timeout} s")
+
+
+def _wait_for_log(path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"{path.name} never logged {text!r}"
+        time.sleep(0.2)
+
+
+def _assert_written_once(output: Path, count: int) -> None:
+    stored = _ids(output / "cases.jsonl")
+    assert len(stored) == len(set(stored)) == count
+    written = _ids(output / "dataset.jsonl") + _ids(output / "failed.jsonl")
+    assert sorted(written) == sorted(stored)
+
+
+@pytest.mark.timeout(420)
+def test_workers_killed_and_restarted_three_times_mid_build_lose_and_duplicate_nothing(
+    tmp_path, standin_models, bootstrap
+):
+    count = 100
+    config = load_config(_many_prompts_config(tmp_path, standin_models, bootstrap, "chaos", count))
+    create_build_topics(config.kafka)
+    workers = Workers(tmp_path / "build.yaml", tmp_path)
+    for stage in STAGE_NAMES:
+        for replica in (1, 2):
+            workers.start(f"{stage}-{replica}", stage)
+    started = time.monotonic()
+    builder, outcome = _build_in_thread(config)
+    cases = tmp_path / "out" / "cases.jsonl"
+    try:
+        stored = 0
+        for round_, victim in enumerate(("judge-1", "generate-2", "correct-1")):
+            stored = _wait_for_stored(cases, stored + 10, timeout=150)
+            assert stored < count, "the build ended before the kills"
+            workers.kill(victim)
+            workers.start(f"{victim}-r{round_}", victim.rsplit("-", 1)[0])
+        builder.join(timeout=300)
+    finally:
+        workers.stop_all()
+    seconds = time.monotonic() - started
+    assert not builder.is_alive(), "the build did not finish in time"
+    assert "error" not in outcome, outcome
+    _assert_written_once(tmp_path / "out", count)
+    print(f"{count} cases with three kills: {seconds:.0f} s")
+
+
+@pytest.mark.timeout(420)
+def test_a_second_worker_joining_late_takes_over_partitions_and_nothing_wedges(
+    tmp_path, standin_models, bootstrap
+):
+    count = 100
+    config = load_config(_many_prompts_config(tmp_path, standin_models, bootstrap, "late", count))
+    create_build_topics(config.kafka)
+    workers = Workers(tmp_path / "build.yaml", tmp_path)
+    for stage in STAGE_NAMES:
+        workers.start(f"{stage}-1", stage)
+    builder, outcome = _build_in_thread(config)
+    try:
+        _wait_for_stored(tmp_path / "out" / "cases.jsonl", 5, timeout=150)
+        for stage in STAGE_NAMES:
+            workers.start(f"{stage}-2", stage)
+        builder.join(timeout=300)
+        for stage in STAGE_NAMES:
+            _wait_for_log(tmp_path / f"{stage}-2.log", ": consuming ", timeout=60)
+    finally:
+        codes = workers.stop_all()
+    assert not builder.is_alive(), "the build did not finish in time"
+    assert "error" not in outcome, outcome
+    _assert_written_once(tmp_path / "out", count)
+    assert codes == dict.fromkeys(codes, 0)

@@ -227,18 +227,26 @@ def test_slow_server_is_retried_then_raises_backend_timeout(server):
     assert time.monotonic() - started < 2.5
 
 
-def test_body_that_is_not_json_raises_malformed_response_without_retrying(server):
+def test_a_body_that_is_not_json_once_is_retried(server):
     server.add_faults(Fault.not_json())
+
+    generations = generate(make_backend(server), chat())
+
+    assert generations
+    assert len(server.requests) == 2
+
+
+def test_a_body_that_is_never_json_raises_malformed_response_after_the_retries(server):
+    server.add_faults(*[Fault.not_json()] * FAST_RETRY.max_attempts)
 
     error = generate_error(make_backend(server), chat())
 
     assert isinstance(error, MalformedResponse)
-    assert not error.retryable
-    assert len(server.requests) == 1
+    assert len(server.requests) == FAST_RETRY.max_attempts
 
 
 def test_body_without_choices_raises_malformed_response(server):
-    server.add_faults(Fault.schema_breaking())
+    server.add_faults(*[Fault.schema_breaking()] * FAST_RETRY.max_attempts)
 
     error = generate_error(make_backend(server), chat())
 
@@ -290,6 +298,23 @@ def test_concurrent_calls_stay_within_max_concurrency():
         assert [result[0].text for result in results] == [f"sample 0 seed {s}" for s in range(10)]
         assert len(server.requests) == 10
         assert server.max_in_flight == 3
+
+
+def test_a_failed_request_among_concurrent_ones_fails_alone():
+    with OpenAIServer(api_key=API_KEY, latency=0.05) as server:
+        server.add_faults(Fault.server_error())
+        backend = make_backend(server, retry=RetryPolicy(max_attempts=1), max_concurrency=1)
+
+        async def run():
+            try:
+                return await backend.generate_each([chat(seed=seed) for seed in range(4)])
+            finally:
+                await backend.aclose()
+
+        results = asyncio.run(run())
+
+    assert isinstance(results[0], BackendError) and "500" in str(results[0])
+    assert [r[0].text for r in results[1:]] == [f"sample 0 seed {s}" for s in (1, 2, 3)]
 
 
 # Health and identity --------------------------------------------------------------

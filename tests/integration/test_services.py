@@ -295,6 +295,13 @@ def test_invalid_requests_are_refused_with_invalid_argument_naming_the_field(
                     )
                 ),
                 correction.Correct(correction_pb2.CorrectRequest(prompt="p")),
+                generation.Generate(
+                    generation_pb2.GenerateRequest(
+                        messages=[generation_pb2.ChatMessage(role=99, content="hi")]  # type: ignore[arg-type]
+                    )
+                ),
+                # Bytes that are no request message at all.
+                judge_channel.unary_unary("/unsafechain.v1.JudgeService/Judge")(b"\xff\xff\xff"),
             ]
             return [await rpc_error(call) for call in calls]
 
@@ -309,6 +316,8 @@ def test_invalid_requests_are_refused_with_invalid_argument_naming_the_field(
         "messages[0].role",
         "sampling.top_p",
         "completion",
+        "messages[0].role",
+        "request",
     ]
 
 
@@ -336,7 +345,7 @@ def test_a_passed_deadline_answers_deadline_exceeded_and_cuts_the_backend_call_s
             def backend_time_cut_short() -> float | None:
                 return server.metrics.registry.get_sample_value(
                     "unsafechain_backend_request_duration_seconds_sum",
-                    {"model": "test-model", "operation": "generate_many", "outcome": "error"},
+                    {"model": "test-model", "operation": "generate_each", "outcome": "error"},
                 )
 
             # The backend call ends at the same deadline, on the server's own clock.
@@ -607,3 +616,53 @@ def test_mutual_tls_requires_a_client_certificate_signed_by_the_client_ca(
     for refused in (client(server, **trusted), stranger):
         with pytest.raises(BackendUnavailable):
             judged(loop, refused)
+
+
+def test_an_oversized_request_is_refused_and_the_others_are_served_in_time(
+    loop, judge_server, generation_server
+):
+    async def hostile_and_normal():
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{judge_server.port}") as judge_channel,
+            grpc.aio.insecure_channel(f"127.0.0.1:{generation_server.port}") as gen_channel,
+        ):
+            judge = judge_pb2_grpc.JudgeServiceStub(judge_channel)
+            generation = generation_pb2_grpc.GenerationServiceStub(gen_channel)
+            started = time.monotonic()
+            huge = judge.Judge(judge_pb2.JudgeRequest(prompt="x " * 1_000_000, response="r"))
+            many = generation.Generate(
+                generation_pb2.GenerateRequest(
+                    messages=[
+                        generation_pb2.ChatMessage(role=generation_pb2.CHAT_ROLE_USER, content="hi")
+                    ],
+                    sampling=case_pb2.SamplingParams(
+                        num_samples=5000, top_p=1, max_new_tokens=100000
+                    ),
+                )
+            )
+            normal = [
+                judge.Judge(judge_pb2.JudgeRequest(prompt=SAFE[0], response=SAFE[1]), timeout=30)
+                for _ in range(10)
+            ]
+            refused = [await rpc_error(huge), await rpc_error(many)]
+            answers = await asyncio.gather(*normal)
+            return refused, answers, time.monotonic() - started
+
+    refused, answers, seconds = loop.run(hostile_and_normal())
+    assert [error.code() for error in refused] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    assert "over the limit of 200000 (limits.max_chars)" in refused[0].details()
+    assert refused[1].details().startswith("sampling.num_samples: 5000 samples, over the limit")
+    assert len(answers) == 10 and all(
+        a.label != case_pb2.VERDICT_LABEL_UNSPECIFIED for a in answers
+    )
+    assert seconds < 20
+
+
+def test_a_prompt_longer_than_the_models_context_is_not_sent_and_says_so(loop, judge_server):
+    async def judge_long():
+        async with RemoteJudgeEngine(client(judge_server)) as remote:
+            return await remote.judge("word " * 8000, "fine")
+
+    judgment = loop.run(judge_long())
+    assert judgment.label == VerdictLabel.ERROR
+    assert "the model's context is 4096; it is not sent" in judgment.verdicts[0].error

@@ -8,11 +8,13 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,6 +27,7 @@ from unsafechain.judge.client import RemoteJudgeEngine
 from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.runtime.settings import ClientSettings
 from unsafechain.v1 import (
+    case_pb2,
     correction_pb2,
     correction_pb2_grpc,
     generation_pb2,
@@ -250,3 +253,59 @@ def test_every_service_starts_under_kubernetes_service_link_variables(service):
     assert code == 0, process.log
     assert "tcp://" not in process.log
     assert answer_.ByteSize() > 0
+
+
+@pytest.fixture
+def endless_generator(standin_models, tmp_path) -> Path:
+    """The stand-in generator with its end-of-sequence token unset: every call runs to
+    ``max_new_tokens``, a slow model call on demand."""
+    folder = tmp_path / "endless"
+    shutil.copytree(standin_models.generator, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = None
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_sigterm_ends_a_service_within_its_grace_period_while_a_model_call_runs(
+    endless_generator,
+):
+    service = ServiceProcess(
+        ["generation", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+         "--backend", "transformers", "--model", str(endless_generator), "--device", "cpu",
+         "--grace-period", "1"],
+        os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        port = service.wait_for_port()
+
+        async def long_call() -> grpc.aio.AioRpcError | None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                user = generation_pb2.ChatMessage(role=generation_pb2.CHAT_ROLE_USER, content="Hi")
+                # About 35 s of work on two cores, run to the end unless stopped.
+                sampling = case_pb2.SamplingParams(
+                    num_samples=16, temperature=1.0, top_p=1.0, max_new_tokens=4000
+                )
+                call = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                    generation_pb2.GenerateRequest(messages=[user], sampling=sampling),
+                    timeout=120,
+                )
+                await asyncio.sleep(1.0)
+                service.process.send_signal(signal.SIGTERM)
+                try:
+                    await call
+                except grpc.aio.AioRpcError as error:
+                    return error
+                return None
+
+        started = time.monotonic()
+        error = asyncio.run(long_call())
+        code = service.finish(timeout=30)
+        seconds = time.monotonic() - started
+    finally:
+        if service.process.poll() is None:
+            service.process.kill()
+    assert code == 0, service.log
+    assert seconds < 8, (seconds, service.log)
+    # The call in flight was cut short, not answered with a truncated completion.
+    assert error is not None and error.code() != grpc.StatusCode.OK

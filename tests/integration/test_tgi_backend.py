@@ -225,17 +225,26 @@ def test_slow_server_is_retried_then_raises_backend_timeout(server):
     assert time.monotonic() - started < 2.5
 
 
-def test_body_that_is_not_json_raises_malformed_response_without_retrying(server):
+def test_a_body_that_is_not_json_once_is_retried(server):
     server.add_faults(Fault.not_json())
+
+    generations = generate(make_backend(server), prompt())
+
+    assert generations
+    assert len(server.requests) == 2
+
+
+def test_a_body_that_is_never_json_raises_malformed_response_after_the_retries(server):
+    server.add_faults(*[Fault.not_json()] * FAST_RETRY.max_attempts)
 
     error = generate_error(make_backend(server), prompt())
 
     assert isinstance(error, MalformedResponse)
-    assert len(server.requests) == 1
+    assert len(server.requests) == FAST_RETRY.max_attempts
 
 
 def test_body_without_generated_text_raises_malformed_response(server):
-    server.add_faults(Fault.schema_breaking())
+    server.add_faults(*[Fault.schema_breaking()] * FAST_RETRY.max_attempts)
 
     error = generate_error(make_backend(server), prompt())
 

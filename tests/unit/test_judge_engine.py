@@ -84,6 +84,19 @@ def test_unreachable_backend_gives_error_verdicts_not_an_exception():
     assert "503" in verdicts[0].error
 
 
+def test_one_failed_call_in_a_batch_errors_only_its_own_item():
+    def flaky(request):
+        if request.messages[1].content == "bad":
+            raise BackendUnavailable("503 for this one")
+        return [guard_generation("safe")]
+
+    judge = LlamaGuardJudge(ScriptedBackend(flaky))
+    items = [JudgeItem("p", "a"), JudgeItem("p", "bad"), JudgeItem("p", "c")]
+    verdicts = asyncio.run(judge.judge(items))
+    assert [v.label for v in verdicts] == [VerdictLabel.SAFE, VerdictLabel.ERROR, VerdictLabel.SAFE]
+    assert "503 for this one" in verdicts[1].error and not verdicts[0].error
+
+
 def test_reasoning_and_answer_are_judged_separately_and_harm_in_reasoning_counts():
     def respond(request):
         harmful = "poison" in request.messages[1].content

@@ -157,17 +157,31 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise ConfigError(f"config file not found: {path}") from error
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a configuration file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
+        for depth, key in enumerate(parents):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{path}: {where}: must be a mapping to set {dotted}")
+            node = child
         node[leaf] = value
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {describe_error(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from unsafechain.dataset.pipeline import (
     BuildResult,
     BuildStart,
     DeadLetters,
+    ResumeOptions,
     StageEngines,
     build_provenance,
     build_stage,
@@ -88,6 +90,16 @@ def run_worker(
         until: Polled between batches; the worker leaves the group when it holds (a
             worker in a thread, which takes no signals).
     """
+    stopping = threading.Event()
+    # Signals are taken from the start: a worker told to stop while it loads its models
+    # leaves as soon as they are loaded, without joining the group.
+    with stopped_by_signals(stopping.set, f"{stage_name} worker"):
+        _run_worker(config, stage_name, metrics_port, lambda: stopping.is_set() or until())
+
+
+def _run_worker(
+    config: BuildConfig, stage_name: str, metrics_port: int | None, until: Callable[[], bool]
+) -> None:
     loop = asyncio.new_event_loop()
     fingerprint = config.fingerprint()
     # Built inside the event loop: gRPC channels bind to the loop that creates them.
@@ -107,6 +119,8 @@ def run_worker(
                 )
             return await run_stage(stage, case, keep_failures=False)
 
+        if until():
+            return
         lag = None
         if metrics_port is not None:
             lag = ConsumerLag()
@@ -123,8 +137,7 @@ def run_worker(
             lag=lag,
         )
         logger.info("%s: consuming %s", runner.group, topic_name(config.kafka, stage.consumes))
-        with stopped_by_signals(runner.stop, runner.group):
-            runner.run(done=until)
+        runner.run(done=until)
     finally:
         if endpoint:
             endpoint.close()
@@ -141,6 +154,7 @@ def run_kafka_build(
     *,
     progress: bool = True,
     stop: Callable[[], bool] = lambda: False,
+    resume: ResumeOptions | None = None,
 ) -> BuildResult:
     """Build the dataset ``config`` describes on Kafka: publish the cases not stored yet,
     store what the stage workers deliver to the records topic, count what they
@@ -151,6 +165,7 @@ def run_kafka_build(
         config: The build configuration.
         progress: Show a progress bar.
         stop: Polled between batches; the build stops (to be resumed) when it holds.
+        resume: What to recompute of an earlier run's cases.
 
     Raises:
         BuildError: The output folder holds a build with a different configuration; a
@@ -158,7 +173,7 @@ def run_kafka_build(
             ``kafka.idle_timeout_seconds``; or the build was stopped.
         SourceError: A prompt source cannot be read at all.
     """
-    start = start_build(config)
+    start = start_build(config, resume)
     try:
         dead_letters = DeadLetters()
         if start.todo:

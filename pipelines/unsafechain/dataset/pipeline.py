@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from unsafechain.backends.base import BackendError
 from unsafechain.backends.pool import BackendPool
-from unsafechain.correction.engine import Corrector
+from unsafechain.correction.engine import CORRECTOR_CALL_FAILED, Corrector
 from unsafechain.correction.factory import correction_engine, describe_corrector
 from unsafechain.dataset.assembly import make_subsets, write_exports, write_jsonl
 from unsafechain.dataset.card import PLOT, write_card
@@ -49,7 +49,7 @@ from unsafechain.generation.factory import describe_generator, generation_engine
 from unsafechain.intake.dedup import CONTAMINATED, DUPLICATE_EXACT, DUPLICATE_NEAR
 from unsafechain.intake.prompts import PromptIntake, read_prompts
 from unsafechain.intake.sources import PromptRecord
-from unsafechain.judge.engine import CompletionJudge
+from unsafechain.judge.engine import JUDGE_CALL_FAILED, CompletionJudge
 from unsafechain.judge.factory import describe_judge_stage, judge_engine
 from unsafechain.runtime.client import StageMismatch
 from unsafechain.streaming.stages import (
@@ -63,7 +63,7 @@ from unsafechain.streaming.stages import (
     Stage,
     label_name,
 )
-from unsafechain.streaming.store import CaseStore
+from unsafechain.streaming.store import CaseStore, StoreError, write_atomically
 from unsafechain.streaming.transport import EmbeddedTransport
 from unsafechain.v1 import case_pb2
 
@@ -180,14 +180,55 @@ class BuildResult:
     manifest: dict
 
 
-def run_build(config: BuildConfig, *, progress: bool = True) -> BuildResult:
+@dataclass(frozen=True)
+class ResumeOptions:
+    """How a build treats what an earlier run of it left.
+
+    Attributes:
+        retry_failed: Recompute the cases that failed for a transient reason (see
+            :func:`failed_transiently`); those that failed on their merits are kept.
+        repair: Drop damaged lines of the case store (their cases are recomputed)
+            instead of refusing to go on.
+    """
+
+    retry_failed: bool = False
+    repair: bool = False
+
+
+def failed_transiently(case: case_pb2.Case) -> bool:
+    """Whether ``case`` failed because a model or service call failed (unreachable,
+    timed out, 5xx), not on its merits.
+
+    Transient: a stage that failed; an ERROR verdict that a failed judge call gave; a
+    correction attempt whose corrector or re-judging call failed. On their merits: no
+    completion judged safe by judges that answered, corrections that did not pass
+    re-judging or broke the format.
+    """
+    if case.status == case_pb2.CASE_STATUS_STAGE_FAILED:
+        return True
+    if case.status not in (
+        case_pb2.CASE_STATUS_NO_SAFE_COMPLETION,
+        case_pb2.CASE_STATUS_CORRECTION_FAILED,
+    ):
+        return False
+    verdicts = [v for c in case.completions for v in c.verdicts]
+    if any(v.error.startswith(JUDGE_CALL_FAILED) for v in verdicts):
+        return True
+    reasons = [a.failure_reason for c in case.corrections for a in c.attempts]
+    return any(r.startswith(CORRECTOR_CALL_FAILED) or JUDGE_CALL_FAILED in r for r in reasons)
+
+
+def run_build(
+    config: BuildConfig, *, progress: bool = True, resume: ResumeOptions | None = None
+) -> BuildResult:
     """Build the dataset ``config`` describes, resuming a build interrupted earlier.
 
     Raises:
-        BuildError: The output folder holds a build with a different configuration.
+        BuildError: The output folder holds a build with a different configuration,
+            or its case store is damaged (see ``resume.repair``).
         SourceError: A prompt source cannot be read at all.
     """
-    start = start_build(config)
+    start = start_build(config, resume)
     try:
         if start.todo:
             try:
@@ -210,8 +251,11 @@ class BuildStart:
         build_id: The build's identity, kept across resumes.
         intake: The prompts read.
         store: The finished cases (open; the caller closes it).
-        todo: The prompt records whose cases the store does not hold yet.
-        resumed: How many cases the store held already.
+        todo: The prompt records whose cases the store does not hold yet, or holds
+            as failed for a transient reason when those are retried.
+        resumed: How many cases the store held already and keeps.
+        retried: How many stored cases are recomputed because they failed
+            transiently.
         started: When this run started.
     """
 
@@ -222,29 +266,50 @@ class BuildStart:
     todo: list[PromptRecord]
     resumed: int
     started: datetime
+    retried: int = 0
 
 
-def start_build(config: BuildConfig) -> BuildStart:
-    """Prepare the output folder, check or create the build identity, read the prompts,
-    report the rejected ones and open the case store.
+def start_build(config: BuildConfig, resume: ResumeOptions | None = None) -> BuildStart:
+    """Read the prompts, prepare the output folder, check or create the build identity,
+    report the rejected prompts and open the case store.
 
     Raises:
-        BuildError: The output folder holds a build with a different configuration.
+        BuildError: The output folder holds a build with a different configuration,
+            or its case store is damaged and ``resume.repair`` is off.
         SourceError: A prompt source cannot be read at all.
     """
+    resume = resume or ResumeOptions()
     started = datetime.now(UTC)
     output = Path(config.build.output)
-    output.mkdir(parents=True, exist_ok=True)
-    build_id = _build_identity(output, config)
+    if output.exists() and not output.is_dir():
+        raise BuildError(f"build.output: {output} exists and is not a folder")
+    # The sources are read before the folder is claimed, so a start that fails on them
+    # (a typo in a path) leaves nothing behind that a corrected config would trip on.
     intake = read_prompts(config.sources, config.deduplication, config.decontamination)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BuildError(f"build.output: cannot create {output}: {error.strerror}") from None
+    build_id = _build_identity(output, config)
     write_jsonl(output / "rejected.jsonl", [dataclasses.asdict(r) for r in intake.rejections])
     write_jsonl(output / "removed.jsonl", [removal.to_row() for removal in intake.removals])
-    store = CaseStore(output / "cases.jsonl")
+    try:
+        store = CaseStore(output / "cases.jsonl", repair=resume.repair)
+    except StoreError as error:
+        raise BuildError(str(error)) from None
+    retried = 0
+    if resume.retry_failed:
+        wanted = {record.id for record in intake.records}
+        again = [c.id for c in store.cases() if c.id in wanted and failed_transiently(c)]
+        store.forget(again)
+        retried = len(again)
+        if retried:
+            logger.info("retrying %d cases that failed for a transient reason", retried)
     todo = [record for record in intake.records if record.id not in store.ids]
     resumed = len(intake.records) - len(todo)
     if resumed:
         logger.info("resuming: %d of %d cases already built", resumed, len(intake.records))
-    return BuildStart(output, build_id, intake, store, todo, resumed, started)
+    return BuildStart(output, build_id, intake, store, todo, resumed, started, retried)
 
 
 def finish_build(
@@ -259,17 +324,25 @@ def _build_identity(output: Path, config: BuildConfig) -> str:
     state_path = output / "build.json"
     fingerprint = config.fingerprint()
     if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state["config_fingerprint"] != fingerprint:
+        try:
+            state = json.loads(state_path.read_text())
+            build_id, recorded = str(state["build_id"]), str(state["config_fingerprint"])
+        except (ValueError, KeyError, TypeError):
             raise BuildError(
-                f"{output} holds build {state['build_id']} made with a different configuration "
-                f"(fingerprint {state['config_fingerprint']}, now {fingerprint}); "
+                f"{state_path} is not a build identity (empty or damaged); remove the folder "
+                "or restore the file"
+            ) from None
+        if recorded != fingerprint:
+            raise BuildError(
+                f"{output} holds build {build_id} made with a different configuration "
+                f"(fingerprint {recorded}, now {fingerprint}); "
                 "choose another build.output or remove the folder"
             )
-        return state["build_id"]
+        return build_id
     build_id = f"build-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    state_path.write_text(
-        json.dumps({"build_id": build_id, "config_fingerprint": fingerprint}, indent=2) + "\n"
+    write_atomically(
+        state_path,
+        json.dumps({"build_id": build_id, "config_fingerprint": fingerprint}, indent=2) + "\n",
     )
     return build_id
 
@@ -405,7 +478,7 @@ def _finalize(config: BuildConfig, start: BuildStart, dead_letters: DeadLetters)
     manifest = _manifest(config, start, tally, dead_letters, subsets, exports)
     # The card reads the finished manifest: every count, subset and file is in it.
     write_card(output, config, manifest, [*tally.rows, *tally.failed], subsets)
-    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomically(output / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -435,6 +508,7 @@ def _manifest(
             "contaminated": by_reason[CONTAMINATED],
             "cases": len(intake.records),
             "resumed": start.resumed,
+            "retried": start.retried,
             "generated": tally.generated,
             "judged_safe": tally.judged["safe"],
             "judged_unsafe": tally.judged["unsafe"],

@@ -30,6 +30,8 @@ class SourceSettings(StrictModel):
         subsets: Keep only records whose subset column (WildJailbreak ``data_type``,
             StrongREJECT and TruthfulQA ``category``) holds one of these values.
         hub_config: Configuration name of a hub dataset, instead of the loader's default.
+        max_prompt_chars: A longer prompt is a rejected record, with the reason; nothing
+            that long is sent to a model.
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -43,6 +45,7 @@ class SourceSettings(StrictModel):
     ] = "generic"
     subsets: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
     hub_config: str | None = None
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 50_000
 
     @model_validator(mode="after")
     def _fits_loader(self) -> SourceSettings:

@@ -64,6 +64,18 @@ class _Unreadable:
     reason: str
 
 
+def _not_text(value: str) -> str | None:
+    """Why ``value`` is not storable text (a lone surrogate from a ``\\ud800`` escape, a
+    NUL), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"holds a lone surrogate {value[error.start]!a}, not text"
+    if "\x00" in value:
+        return "holds a NUL character"
+    return None
+
+
 def prompt_id(source: str, text: str) -> str:
     """The stable id of a prompt: the same source and text always give the same id."""
     return hashlib.sha256(f"{source}\x00{text}".encode()).hexdigest()[:20]
@@ -142,6 +154,15 @@ def _validate(settings: SourceSettings, line: int, row: object) -> PromptRecord 
         loaded = LOADERS[settings.loader].extract(row, settings)
     except RecordError as error:
         return reject(str(error))
+    if len(loaded.text) > settings.max_prompt_chars:
+        return reject(
+            f"prompt: {len(loaded.text)} characters, over max_prompt_chars "
+            f"({settings.max_prompt_chars})"
+        )
+    for name, value in (("prompt", loaded.text), *loaded.metadata.items()):
+        problem = _not_text(value)
+        if problem:
+            return reject(f"{name}: {problem}")
     return PromptRecord(
         prompt_id(settings.name, loaded.text),
         loaded.text,
@@ -152,17 +173,47 @@ def _validate(settings: SourceSettings, line: int, row: object) -> PromptRecord 
     )
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The lines of ``path``, numbered from 1, ending at ``\n``, ``\r\n`` or a lone ``\r``."""
+    number = 0
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield line_number, json.loads(raw)
-            except UnicodeDecodeError as error:
-                yield line_number, _Unreadable(f"not UTF-8: {error}")
-            except json.JSONDecodeError as error:
-                yield line_number, _Unreadable(f"invalid JSON: {error.msg} at column {error.colno}")
+        for raw in handle:
+            for part in raw.rstrip(b"\n").removesuffix(b"\r").split(b"\r"):
+                number += 1
+                yield number, part
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    for line_number, raw in _lines(path):
+        if not raw.strip():
+            continue
+        yield line_number, _parse_json_line(raw)
+
+
+def _parse_json_line(raw: bytes) -> object:
+    """The JSON value of one line, or why it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = raw[error.start : error.start + 1].hex()
+        return _Unreadable(f"not UTF-8: byte 0x{byte} at position {error.start + 1}")
+    if "\x00" in text:
+        return _Unreadable(f"holds a NUL byte at position {text.index(chr(0)) + 1}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg.startswith("Unterminated string"):
+            return _Unreadable(
+                f"invalid JSON: the line ends inside a string that starts at column {error.colno}"
+            )
+        if error.pos >= len(text.rstrip()):
+            return _Unreadable(f"invalid JSON: the line ends early ({error.msg})")
+        return _Unreadable(f"invalid JSON: {error.msg} (column {error.colno})")
+    except RecursionError:
+        return _Unreadable("invalid JSON: nested too deeply")
+    except ValueError as error:
+        # e.g. an integer longer than Python converts (4300 digits).
+        return _Unreadable(f"invalid JSON: {error}")
 
 
 def _parquet_rows(settings: SourceSettings) -> Iterator[tuple[int, object]]:

@@ -17,14 +17,13 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from google.protobuf.message import DecodeError
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
@@ -201,9 +200,15 @@ class ConsumerLag:
             registry=self.registry,
         )
 
-    def update(self, consumer: KafkaConsumer, group: str) -> dict[tuple[str, int], int]:
-        """Read the lag of the partitions ``consumer`` holds now and publish it."""
-        assigned = list(consumer.assignment())
+    def update(
+        self,
+        consumer: KafkaConsumer,
+        group: str,
+        partitions: Iterable[TopicPartition] | None = None,
+    ) -> dict[tuple[str, int], int]:
+        """Read the lag of ``partitions`` (default: those ``consumer`` holds now) for
+        ``group`` through ``consumer`` and publish it."""
+        assigned = list(consumer.assignment() if partitions is None else partitions)
         try:
             ends = (
                 consumer.end_offsets(assigned, timeout_ms=_METRICS_CALL_TIMEOUT_MS)
@@ -230,6 +235,58 @@ class ConsumerLag:
         """Serve the metrics over HTTP on ``host:port`` (0: a free port)."""
         server, thread = start_http_server(port, addr=host, registry=self.registry)
         return MetricsEndpoint(server, thread)
+
+
+class LagReporter:
+    """Measures a group's consumer lag in a thread of its own, through a consumer of its
+    own that never joins the group, so the consume loop makes no call for metrics.
+
+    Args:
+        settings: The Kafka settings.
+        group: The group whose committed offsets are read.
+        lag: Where the lag is published.
+        assigned: The partitions the worker holds now (read without a broker call).
+        interval: Seconds between measurements.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        group: str,
+        lag: ConsumerLag,
+        assigned: Callable[[], frozenset[TopicPartition]],
+        *,
+        interval: float = 5.0,
+    ):
+        self._group = group
+        self._lag = lag
+        self._assigned = assigned
+        self._interval = interval
+        self._stopping = threading.Event()
+        # Given the group id only to read its committed offsets: it never subscribes,
+        # so it never joins the group.
+        self._probe = KafkaConsumer(
+            bootstrap_servers=list(settings.bootstrap_servers),
+            client_id=_client_id(f"{group}-lag"),
+            group_id=group,
+            enable_auto_commit=False,
+        )
+        self._thread = threading.Thread(target=self._run, name=f"{group}-lag", daemon=True)
+
+    def start(self) -> None:
+        """Start measuring."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._lag.update(self._probe, self._group, self._assigned())
+            self._stopping.wait(self._interval)
+
+    def stop(self) -> None:
+        """Stop measuring and close the probe."""
+        self._stopping.set()
+        self._thread.join(timeout=_METRICS_CALL_TIMEOUT_MS / 1000 * 3)
+        self._probe.close()
 
 
 @dataclass
@@ -272,9 +329,9 @@ class MessageRunner:
             failed for the sink; none by default.
         concurrency: Cases of a batch processed at once.
         loop: The event loop the handler's engines belong to.
-        lag: Where to publish the consumer lag; None: not measured.
-        lag_interval: Seconds between consumer lag updates while no messages come;
-            the lag is also updated after every batch.
+        lag: Where to publish the consumer lag, measured off the consume loop by a
+            :class:`LagReporter`; None: not measured.
+        lag_interval: Seconds between consumer lag measurements.
     """
 
     def __init__(
@@ -299,7 +356,7 @@ class MessageRunner:
         self._loop = loop
         self._lag = lag
         self._lag_interval = lag_interval
-        self._lag_updated = 0.0
+        self._assigned: frozenset[TopicPartition] = frozenset()
         self.group = group_name(settings, stage)
         self.stopping = threading.Event()
         self._consumer = make_consumer(settings, [topic_name(settings, consumed)], self.group)
@@ -308,28 +365,32 @@ class MessageRunner:
     def run(self, done: Callable[[], bool] = lambda: False) -> None:
         """Process batches until ``done()`` holds or :meth:`stop` is called, then leave
         the group cleanly; the batch in hand is always finished and committed first."""
+        reporter = None
+        if self._lag is not None:
+            reporter = LagReporter(
+                self._settings,
+                self.group,
+                self._lag,
+                lambda: self._assigned,
+                interval=self._lag_interval,
+            )
+            reporter.start()
         try:
             while not self.stopping.is_set() and not done():
                 batch = poll_batch(self._consumer)
+                # What the group gave this worker, as the consumer knows it (no call).
+                self._assigned = frozenset(self._consumer.assignment())
                 if batch:
                     self._deliver(batch)
-                # After a batch the lag moved; while idle it moves only by new messages.
-                self._update_lag(force=bool(batch))
         finally:
+            if reporter is not None:
+                reporter.stop()
             self._consumer.close()
             self._producer.close()
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the batch in hand."""
         self.stopping.set()
-
-    def _update_lag(self, *, force: bool) -> None:
-        if self._lag is None:
-            return
-        if not force and time.monotonic() - self._lag_updated < self._lag_interval:
-            return
-        self._lag.update(self._consumer, self.group)
-        self._lag_updated = time.monotonic()
 
     def _deliver(self, batch: list[ConsumerRecord]) -> None:
         results = self._loop.run_until_complete(self._process_batch(batch))

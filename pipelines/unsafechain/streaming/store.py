@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -19,36 +19,74 @@ from unsafechain.v1 import case_pb2
 logger = logging.getLogger(__name__)
 
 
+class StoreError(RuntimeError):
+    """The case store is damaged in a way only the user can decide about."""
+
+
 class CaseStore:
     """Finished cases of one build, one JSON line each.
 
-    A line cut short by a crash is dropped on open (its case is recomputed); a case
-    id written twice is kept once.
+    A line cut short by a crash (the last one) is dropped on open and its case
+    recomputed. A damaged line anywhere else stops the build with its line number,
+    unless ``repair`` drops it (its case is then recomputed too). A case id written
+    twice is kept once, except after :meth:`forget`, when its newer line wins.
+
+    Args:
+        path: The JSONL file.
+        repair: Drop damaged lines that are not the last instead of refusing.
+
+    Raises:
+        StoreError: A line other than the last is damaged and ``repair`` is off.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, repair: bool = False):
         self._path = path
         self._ids: set[str] = set()
-        self._recover()
+        self._recover(repair)
         self._handle = self._path.open("a", encoding="utf-8")
 
-    def _recover(self) -> None:
+    def _recover(self, repair: bool) -> None:
         if not self._path.exists():
             return
         data = self._path.read_bytes()
-        keep = len(data)
         if data and not data.endswith(b"\n"):
             keep = data.rfind(b"\n") + 1
             logger.warning("%s: dropping an incomplete last line (interrupted write)", self._path)
             with self._path.open("r+b") as handle:
                 handle.truncate(keep)
-        for case in self.cases():
-            self._ids.add(case.id)
+            data = data[:keep]
+        lines = data.split(b"\n")[:-1] if data else []
+        damaged = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                self._ids.add(_parse(line).id)
+            except (ValueError, json_format.ParseError) as error:
+                damaged.append((number, str(error).splitlines()[0][:120]))
+        if not damaged:
+            return
+        where = ", ".join(f"line {number} ({reason})" for number, reason in damaged[:5])
+        if not repair:
+            raise StoreError(
+                f"{self._path}: {len(damaged)} damaged line(s): {where}; run again with "
+                "--repair to drop them and recompute their cases"
+            )
+        dropped = {number for number, _ in damaged}
+        kept = [line for number, line in enumerate(lines, start=1) if number not in dropped]
+        write_atomically(
+            self._path, "".join(line.decode("utf-8", "replace") + "\n" for line in kept)
+        )
+        logger.warning("%s: dropped %d damaged line(s): %s", self._path, len(damaged), where)
 
     @property
     def ids(self) -> frozenset[str]:
         """Ids of the stored cases."""
         return frozenset(self._ids)
+
+    def forget(self, ids: Iterable[str]) -> None:
+        """Let the cases ``ids`` be stored again (recomputed); their new lines win."""
+        self._ids.difference_update(ids)
 
     def write(self, case: case_pb2.Case) -> bool:
         """Store ``case`` durably unless its id is already stored; say whether it was."""
@@ -62,19 +100,43 @@ class CaseStore:
         return True
 
     def cases(self) -> Iterator[case_pb2.Case]:
-        """Every stored case, first stored first, each id once."""
-        seen: set[str] = set()
+        """Every stored case, each id once: its last line (a recomputed case's newest)."""
         if not self._path.exists():
             return
-        with self._path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                case = json_format.ParseDict(json.loads(line), case_pb2.Case())
-                if case.id not in seen:
-                    seen.add(case.id)
-                    yield case
+        last: dict[str, int] = {}
+        with self._path.open("rb") as handle:
+            for number, line in enumerate(handle):
+                if line.strip():
+                    last[_parse(line).id] = number
+        wanted = set(last.values())
+        with self._path.open("rb") as handle:
+            for number, line in enumerate(handle):
+                if number in wanted:
+                    yield _parse(line)
 
     def close(self) -> None:
         """Close the file."""
         self._handle.close()
+
+
+def _parse(line: bytes) -> case_pb2.Case:
+    """The case a stored line holds.
+
+    Raises:
+        ValueError: The line is not JSON, or not a case with an id.
+    """
+    case = json_format.ParseDict(json.loads(line), case_pb2.Case())
+    if not case.id:
+        raise ValueError("a case without an id")
+    return case
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one,
+    never a part: a temporary file beside it, flushed to disk, renamed over it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -36,7 +36,14 @@ class BackendUnavailable(BackendError):
 
 
 class MalformedResponse(BackendError):
-    """The backend answered with a body that does not follow its API."""
+    """The backend answered with a body that does not follow its API.
+
+    Retryable: a truncated or garbled body from a proxy or an overloaded server is
+    usually a one-off, and the retry policy bounds the tries.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=True)
 
 
 class ModelBackend(abc.ABC):
@@ -65,9 +72,31 @@ class ModelBackend(abc.ABC):
             BackendError: The call failed after the backend's own retries.
         """
 
+    async def generate_each(
+        self, requests: list[GenerationRequest]
+    ) -> list[list[Generation] | BackendError]:
+        """Run several requests, each on its own: a request that fails gets its error in
+        its place and the others their generations. Backends that can run requests
+        concurrently or batch them override this or :meth:`generate_many`."""
+        results: list[list[Generation] | BackendError] = []
+        for request in requests:
+            try:
+                results.append(await self.generate(request))
+            except BackendError as error:
+                results.append(error)
+        return results
+
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
-        """Run several requests; backends that can batch them override this."""
-        return [await self.generate(request) for request in requests]
+        """Run several requests, all or nothing.
+
+        Raises:
+            BackendError: The first request that failed, after every one has ended.
+        """
+        results = await self.generate_each(requests)
+        for result in results:
+            if isinstance(result, BackendError):
+                raise result
+        return [result for result in results if not isinstance(result, BackendError)]
 
     async def check(self) -> None:
         """Raise :class:`BackendError` when the backend cannot serve requests."""

@@ -20,7 +20,7 @@ from unsafechain.backends.base import (
 from unsafechain.backends.http_common import (
     BoundedCalls,
     error_for_status,
-    gather_all,
+    gather_each,
     parse_chat_completion,
     public_endpoint,
     redact,
@@ -182,9 +182,12 @@ class OpenAIBackend(ModelBackend):
             lambda: self._complete(prompt, request.params), description="completion"
         )
 
-    async def generate_many(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
-        """Run the requests concurrently, within ``max_concurrency``."""
-        return await gather_all(self.generate(request) for request in requests)
+    async def generate_each(
+        self, requests: list[GenerationRequest]
+    ) -> list[list[Generation] | BackendError]:
+        """Run the requests concurrently, within ``max_concurrency``; one that fails
+        gets its error and leaves the others be."""
+        return await gather_each(self.generate(request) for request in requests)
 
     async def check(self) -> None:
         """List the server's models and make sure ours is among them.

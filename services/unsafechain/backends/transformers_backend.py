@@ -4,6 +4,7 @@ token log-probabilities."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -11,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from unsafechain.backends.base import BackendError, ModelBackend
+from unsafechain.backends.base import BackendError, BackendUnavailable, ModelBackend
 from unsafechain.domain.types import (
     Generation,
     GenerationRequest,
@@ -34,7 +35,10 @@ _LOADING_LOCK = threading.Lock()
 class TransformersBackend(ModelBackend):
     """A causal LM loaded in this process.
 
-    Calls run in a worker thread, so the event loop stays free, and one at a time
+    Calls run in a daemon thread of their own, so the event loop stays free and a
+    process that is shutting down never waits on one; :meth:`aclose` stops a call in
+    progress at its next token (it fails; nothing cut short is returned). One call runs
+    at a time
     across every local model of the process: sampling draws from torch's global
     random generator, so a seeded call is reproducible only if no other model
     samples in between. ``generate_many`` batches requests with the same sampling
@@ -56,6 +60,7 @@ class TransformersBackend(ModelBackend):
         max_batch_size: int = 16,
     ):
         self._name = model
+        self._closing = threading.Event()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
@@ -91,7 +96,48 @@ class TransformersBackend(ModelBackend):
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
         if not requests:
             return []
-        return await asyncio.to_thread(self._generate_sync, list(requests))
+        return await _in_daemon_thread(self._generate_sync, list(requests))
+
+    async def generate_each(
+        self, requests: list[GenerationRequest]
+    ) -> list[list[Generation] | BackendError]:
+        """The requests batched as :meth:`generate_many` batches them. A request that
+        cannot be rendered or is longer than the model's context fails alone; a batch
+        that fails fails every request in it."""
+        results: list[list[Generation] | BackendError | None] = [None] * len(requests)
+        runnable = []
+        for position, request in enumerate(requests):
+            try:
+                self._check_fits(self.count_tokens(self.render(request)))
+            except BackendError as error:
+                results[position] = error
+            else:
+                runnable.append(position)
+        generated: list[list[Generation] | BackendError]
+        try:
+            generated = list(await self.generate_many([requests[p] for p in runnable]))
+        except BackendError as error:
+            generated = [error] * len(runnable)
+        for position, result in zip(runnable, generated, strict=True):
+            results[position] = result
+        return [result for result in results if result is not None]
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens the model takes, prompt and completion together, if known."""
+        return getattr(self._model.config, "max_position_embeddings", None)
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is for this model."""
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_fits(self, tokens: int) -> None:
+        context = self.context_length
+        if context is not None and tokens >= context:
+            raise BackendError(
+                f"{self._name}: the prompt is {tokens} tokens, the model's context is "
+                f"{context}; it is not sent"
+            )
 
     def render(self, request: GenerationRequest) -> str:
         """The exact text the model is given for ``request``."""
@@ -107,6 +153,7 @@ class TransformersBackend(ModelBackend):
         )
 
     def _generate_sync(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
+        self._refuse_if_closing()
         results: list[list[Generation] | None] = [None] * len(requests)
         groups: dict[SamplingParams, list[int]] = {}
         for position, request in enumerate(requests):
@@ -129,6 +176,14 @@ class TransformersBackend(ModelBackend):
         encoded = self._tokenizer(
             list(texts), return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self._device)
+        for length in encoded["attention_mask"].sum(dim=1).tolist():
+            self._check_fits(int(length))
+        # New tokens are capped so that the prompt and its completion fit the model's
+        # context; a capped completion ends with finish reason "length".
+        max_new_tokens = params.max_new_tokens
+        context = self.context_length
+        if context is not None:
+            max_new_tokens = min(max_new_tokens, context - encoded["input_ids"].shape[1])
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sampling = (
@@ -140,14 +195,17 @@ class TransformersBackend(ModelBackend):
             output = self._model.generate(
                 **encoded,
                 **sampling,
-                max_new_tokens=params.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 num_return_sequences=params.n,
                 stop_strings=list(params.stop) or None,
                 tokenizer=self._tokenizer if params.stop else None,
                 return_dict_in_generate=True,
+                stopping_criteria=StoppingCriteriaList([_WhenSet(self._closing)]),
                 output_logits=params.top_logprobs > 0,
                 pad_token_id=self._tokenizer.pad_token_id,
             )
+        # A call stopped by aclose() is cut short: it fails rather than look finished.
+        self._refuse_if_closing()
         prompt_length = encoded["input_ids"].shape[1]
         new_tokens = output.sequences[:, prompt_length:]
         step_logprobs = (
@@ -204,5 +262,52 @@ class TransformersBackend(ModelBackend):
             ids.add(self._tokenizer.eos_token_id)
         return ids
 
+    def _refuse_if_closing(self) -> None:
+        if self._closing.is_set():
+            raise BackendUnavailable(f"{self._name} is shutting down")
+
     async def aclose(self) -> None:
+        """Stop a call in progress at its next token and refuse new ones."""
+        self._closing.set()
         del self._model
+
+
+class _WhenSet(StoppingCriteria):
+    """Stops generation as soon as ``event`` is set."""
+
+    def __init__(self, event: threading.Event):
+        self._event = event
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> Any:
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool)
+
+
+async def _in_daemon_thread(function: Any, *args: Any) -> Any:
+    """``function(*args)`` in a daemon thread; its result or error, awaited.
+
+    Unlike ``asyncio.to_thread`` (the default executor, joined when the loop and the
+    interpreter end), nothing waits for a daemon thread at shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as failure:
+            result, error = None, failure
+        with contextlib.suppress(RuntimeError):  # the loop ended meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="transformers-generate", daemon=True).start()
+    return await future

@@ -37,6 +37,9 @@ from unsafechain.judge.llama_guard import CATEGORY_BY_CODE
 
 logger = logging.getLogger(__name__)
 
+# How an attempt whose corrector call failed is reported (a transient failure).
+CORRECTOR_CALL_FAILED = "corrector call failed"
+
 
 @dataclass(frozen=True, slots=True)
 class CorrectionTemplates:
@@ -198,7 +201,7 @@ class CorrectionEngine(Corrector):
                 GenerationRequest(messages=messages, params=params)
             )
         except BackendError as error:
-            return _failed(number, "", f"corrector call failed: {error}")
+            return _failed(number, "", f"{CORRECTOR_CALL_FAILED}: {error}")
         text = generation.text
         split = split_reasoning(text)
         problem = _format_problem(split)

@@ -14,7 +14,8 @@ from unsafechain.correction.settings import CorrectionServiceSettings
 from unsafechain.domain.convert import correction_to_pb, corrector_info_to_pb, unsafe_categories
 from unsafechain.judge.factory import build_judge_engine
 from unsafechain.runtime.metrics import ServiceMetrics
-from unsafechain.runtime.server import Servicer, require
+from unsafechain.runtime.server import Servicer, require, require_at_most
+from unsafechain.runtime.settings import RequestLimits
 from unsafechain.v1 import correction_pb2, correction_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
     Args:
         engine: Corrects and re-judges.
         pool: The models, released by :meth:`aclose`.
+        limits: Bounds on one request.
     """
 
     name = correction_pb2.DESCRIPTOR.services_by_name["CorrectionService"].full_name
@@ -35,9 +37,11 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
         engine: CorrectionEngine,
         *,
         pool: BackendPool | None = None,
+        limits: RequestLimits | None = None,
     ):
         self._engine = engine
         self._pool = pool
+        self._limits = limits or RequestLimits()
 
     def register(self, server: grpc.aio.Server) -> None:
         correction_pb2_grpc.add_CorrectionServiceServicer_to_server(self, server)
@@ -49,6 +53,8 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
         require(bool(request.prompt.strip()), "prompt", "must not be empty")
         require(request.HasField("completion"), "completion", "is required")
         require(bool(request.completion.text.strip()), "completion.text", "must not be empty")
+        size = len(request.prompt) + len(request.completion.text)
+        require_at_most(size, self._limits.max_chars, "prompt", "characters", "limits.max_chars")
         outcome = await self._engine.correct(
             request.prompt,
             request.completion.text,
@@ -82,4 +88,4 @@ def create_servicer(
         settings.correction, pool, build_judge_engine(settings.judging, pool)
     )
     assert isinstance(engine, CorrectionEngine)
-    return CorrectionServicer(engine, pool=pool)
+    return CorrectionServicer(engine, pool=pool, limits=settings.limits)

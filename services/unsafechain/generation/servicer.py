@@ -8,6 +8,7 @@ import grpc
 
 from unsafechain.backends.pool import BackendPool
 from unsafechain.domain.convert import (
+    ROLE_FROM_PB,
     completion_to_pb,
     message_from_pb,
     model_ref_to_pb,
@@ -19,25 +20,44 @@ from unsafechain.generation.engine import GenerationEngine
 from unsafechain.generation.factory import generation_engine
 from unsafechain.generation.settings import GenerationServiceSettings
 from unsafechain.runtime.metrics import ServiceMetrics
-from unsafechain.runtime.server import Servicer, require
+from unsafechain.runtime.server import Servicer, require, require_at_most
+from unsafechain.runtime.settings import RequestLimits
 from unsafechain.v1 import case_pb2, generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 
-def _messages(request: generation_pb2.GenerateRequest) -> tuple[Message, ...]:
+def _messages(
+    request: generation_pb2.GenerateRequest, limits: RequestLimits
+) -> tuple[Message, ...]:
     require(len(request.messages) > 0, "messages", "must hold at least one message")
+    size = sum(len(message.content) for message in request.messages)
+    require_at_most(size, limits.max_chars, "messages", "characters", "limits.max_chars")
     for position, message in enumerate(request.messages):
         require(
-            message.role != generation_pb2.CHAT_ROLE_UNSPECIFIED,
+            message.role in ROLE_FROM_PB,
             f"messages[{position}].role",
             "must be SYSTEM, USER or ASSISTANT",
         )
     return tuple(message_from_pb(message) for message in request.messages)
 
 
-def _sampling(message: case_pb2.SamplingParams) -> SamplingParams:
+def _sampling(message: case_pb2.SamplingParams, limits: RequestLimits) -> SamplingParams:
     require(message.num_samples >= 1, "sampling.num_samples", "must be at least 1")
+    require_at_most(
+        message.num_samples,
+        limits.max_samples,
+        "sampling.num_samples",
+        "samples",
+        "limits.max_samples",
+    )
+    require_at_most(
+        message.max_new_tokens,
+        limits.max_new_tokens,
+        "sampling.max_new_tokens",
+        "tokens",
+        "limits.max_new_tokens",
+    )
     require(message.temperature >= 0, "sampling.temperature", "must be >= 0")
     require(0 < message.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
     require(message.max_new_tokens >= 1, "sampling.max_new_tokens", "must be at least 1")
@@ -58,9 +78,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer
 
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
-    def __init__(self, engine: GenerationEngine, *, pool: BackendPool | None = None):
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        *,
+        pool: BackendPool | None = None,
+        limits: RequestLimits | None = None,
+    ):
         self._engine = engine
         self._pool = pool
+        self._limits = limits or RequestLimits()
 
     def register(self, server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self, server)
@@ -69,11 +96,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.GenerateResponse:
         """Sample completions of the request's conversation."""
-        messages = _messages(request)
+        messages = _messages(request, self._limits)
         engine = self._engine
         if request.HasField("sampling"):
             # An engine is a cheap view of a backend and sampling settings.
-            engine = GenerationEngine(engine.backend, _sampling(request.sampling))
+            engine = GenerationEngine(engine.backend, _sampling(request.sampling, self._limits))
         completions = await engine.generate("", messages=messages)
         return generation_pb2.GenerateResponse(
             completions=[
@@ -106,4 +133,4 @@ def create_servicer(
     pool = BackendPool(settings.models, wrap=metrics.timed)
     engine = generation_engine(settings.generation, pool)
     assert isinstance(engine, GenerationEngine)
-    return GenerationServicer(engine, pool=pool)
+    return GenerationServicer(engine, pool=pool, limits=settings.limits)

@@ -27,6 +27,9 @@ from unsafechain.judge import llama_guard
 
 logger = logging.getLogger(__name__)
 
+# How an ERROR verdict whose model call failed begins (a transient failure).
+JUDGE_CALL_FAILED = "judge backend failed"
+
 
 @dataclass(frozen=True, slots=True)
 class JudgeItem:
@@ -92,15 +95,26 @@ class ModelJudge(Judge):
     async def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         if not items:
             return []
-        try:
-            outputs = await self._backend.generate_many([self.request(item) for item in items])
-        except BackendError as error:
-            logger.warning("judge %s unreachable: %s", self._identity.name, error)
-            return [self.error(item, f"judge backend failed: {error}") for item in items]
-        return [
-            self.verdict(item, generations[0])
-            for item, generations in zip(items, outputs, strict=True)
-        ]
+        outputs = await self._backend.generate_each([self.request(item) for item in items])
+        verdicts = []
+        failed = 0
+        for item, output in zip(items, outputs, strict=True):
+            if isinstance(output, BackendError):
+                # Only this item's call failed; the others keep their verdicts.
+                failed += 1
+                verdicts.append(self.error(item, f"{JUDGE_CALL_FAILED}: {output}"))
+            else:
+                verdicts.append(self.verdict(item, output[0]))
+        if failed:
+            first = next(o for o in outputs if isinstance(o, BackendError))
+            logger.warning(
+                "judge %s: %d of %d calls failed: %s",
+                self._identity.name,
+                failed,
+                len(items),
+                first,
+            )
+        return verdicts
 
     async def check(self) -> None:
         await self._backend.check()

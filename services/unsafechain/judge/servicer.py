@@ -16,18 +16,21 @@ from unsafechain.judge.engine import JudgeEngine
 from unsafechain.judge.factory import build_judge_engine
 from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.runtime.metrics import ServiceMetrics
-from unsafechain.runtime.server import Servicer, require
+from unsafechain.runtime.server import Servicer, require, require_at_most
+from unsafechain.runtime.settings import RequestLimits
 from unsafechain.v1 import judge_pb2, judge_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 
 def _judge_input(
-    request: judge_pb2.JudgeRequest, prefix: str = ""
+    request: judge_pb2.JudgeRequest, limits: RequestLimits, prefix: str = ""
 ) -> tuple[tuple[str, str], tuple[JudgeTarget, ...]]:
     """The (prompt, response) pair and targets of ``request``, validated."""
     require(bool(request.prompt.strip()), f"{prefix}prompt", "must not be empty")
     require(bool(request.response.strip()), f"{prefix}response", "must not be empty")
+    size = len(request.prompt) + len(request.response)
+    require_at_most(size, limits.max_chars, f"{prefix}prompt", "characters", "limits.max_chars")
     for position, target in enumerate(request.targets):
         require(
             target in TARGET_FROM_PB,
@@ -47,6 +50,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
         batch_max_wait: Seconds a request waits for others to share its batch.
         metrics: Records batch sizes.
         pool: The models, released by :meth:`aclose`.
+        limits: Bounds on one request.
     """
 
     name = judge_pb2.DESCRIPTOR.services_by_name["JudgeService"].full_name
@@ -59,6 +63,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
         batch_max_wait: float = 0.005,
         metrics: ServiceMetrics | None = None,
         pool: BackendPool | None = None,
+        limits: RequestLimits | None = None,
     ):
         self._engine = engine
         self._batcher = JudgeBatcher(
@@ -68,6 +73,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
             observe_batch=metrics.batch_size.observe if metrics else None,
         )
         self._pool = pool
+        self._limits = limits or RequestLimits()
 
     def register(self, server: grpc.aio.Server) -> None:
         judge_pb2_grpc.add_JudgeServiceServicer_to_server(self, server)
@@ -76,7 +82,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
         self, request: judge_pb2.JudgeRequest, context: grpc.aio.ServicerContext
     ) -> judge_pb2.JudgeResponse:
         """Judge one response."""
-        pair, targets = _judge_input(request)
+        pair, targets = _judge_input(request, self._limits)
         [judgment] = await self._batcher.judge(
             [pair], targets=targets, timeout=context.time_remaining()
         )
@@ -87,7 +93,11 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
     ) -> judge_pb2.JudgeBatchResponse:
         """Judge several responses; results come in the order of the items."""
         require(len(request.items) > 0, "items", "must hold at least one item")
-        inputs = [_judge_input(item, f"items[{i}].") for i, item in enumerate(request.items)]
+        limits = self._limits
+        require_at_most(len(request.items), limits.max_items, "items", "items", "limits.max_items")
+        inputs = [
+            _judge_input(item, limits, f"items[{i}].") for i, item in enumerate(request.items)
+        ]
         timeout = context.time_remaining()
         # Each item joins the shared queue, so a batch call and single calls arriving
         # beside it fill the same model batches.
@@ -128,4 +138,5 @@ def create_servicer(settings: JudgeServiceSettings, metrics: ServiceMetrics) -> 
         batch_max_wait=settings.batching.max_wait_ms / 1000,
         metrics=metrics,
         pool=pool,
+        limits=settings.limits,
     )

@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from unsafechain.backends.base import ModelBackend
+from unsafechain.backends.base import BackendError, ModelBackend
 from unsafechain.domain.types import Generation, GenerationRequest, ModelRef
 
 # Judging takes milliseconds, generation on a large model minutes.
@@ -155,6 +155,12 @@ class TimedBackend(ModelBackend):
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
         with self._timing("generate_many"):
             return await self._inner.generate_many(requests)
+
+    async def generate_each(
+        self, requests: list[GenerationRequest]
+    ) -> list[list[Generation] | BackendError]:
+        with self._timing("generate_each"):
+            return await self._inner.generate_each(requests)
 
     async def check(self) -> None:
         await self._inner.check()

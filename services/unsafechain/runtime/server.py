@@ -20,9 +20,11 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -55,6 +57,11 @@ def require(condition: bool, field: str, problem: str) -> None:
     """Raise :class:`InvalidArgument` for ``field`` unless ``condition`` holds."""
     if not condition:
         raise InvalidArgument(field, problem)
+
+
+def require_at_most(value: int, limit: int, field: str, unit: str, setting: str) -> None:
+    """Raise :class:`InvalidArgument` for ``field`` when ``value`` is over ``limit``."""
+    require(value <= limit, field, f"{value} {unit}, over the limit of {limit} ({setting})")
 
 
 class Servicer(abc.ABC):
@@ -112,6 +119,28 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcM
     )
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request body that is not the method's request message."""
+
+    problem: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize``, answering undecodable bytes with :class:`_Undecodable` so the
+    call ends INVALID_ARGUMENT (gRPC itself would answer UNKNOWN)."""
+    if deserialize is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(f"request: not a valid request message ({error})")
+
+    return tolerant
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Authentication, deadlines, error mapping and metrics for every call.
 
@@ -151,7 +180,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap(details.method, handler.unary_unary, refusal),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler if refusal is None else _refusing_handler(handler, refusal)
@@ -165,6 +194,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     outcome.code = grpc.StatusCode.UNAUTHENTICATED.name
                     logger.warning("refused %s from %s: %s", method, context.peer(), refusal)
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+                if isinstance(request, _Undecodable):
+                    outcome.code = grpc.StatusCode.INVALID_ARGUMENT.name
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
                 try:
                     async with asyncio.timeout(context.time_remaining()):
                         response = await behavior(request, context)

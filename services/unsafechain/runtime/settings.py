@@ -36,7 +36,7 @@ from pydantic_settings import (
 )
 
 from unsafechain.backends.settings import BackendSettings
-from unsafechain.domain.settings import describe_error
+from unsafechain.domain.settings import StrictModel, describe_error
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -74,6 +74,24 @@ class _EnvSettings(BaseSettings):
         return init_settings, _EnvWithoutServiceLinks(settings_cls), file_secret_settings
 
 
+class RequestLimits(StrictModel):
+    """Bounds on one request, enforced before any model sees it: a request over one is
+    refused with INVALID_ARGUMENT naming the field and the bound.
+
+    Attributes:
+        max_chars: Characters of text in one request item (a conversation; a prompt
+            with its response or completion).
+        max_samples: Completions one generation request may ask for.
+        max_new_tokens: New tokens one completion may ask for.
+        max_items: Items of one batch request.
+    """
+
+    max_chars: Annotated[int, Field(ge=1)] = 200_000
+    max_samples: Annotated[int, Field(ge=1)] = 64
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32_768
+    max_items: Annotated[int, Field(ge=1)] = 256
+
+
 class ServerSettings(_EnvSettings):
     """What every service process has besides its stage: where it listens, how it is
     secured and limited, how it checks its backends. Logged once at start, without
@@ -96,6 +114,7 @@ class ServerSettings(_EnvSettings):
             certificate it signed (mutual TLS).
         auth_tokens: Bearer tokens accepted (``UNSAFECHAIN_AUTH_TOKENS``, comma-separated).
         auth_tokens_file: File with one accepted bearer token per line (``#`` comments).
+        limits: Bounds on one request.
     """
 
     model_config = SettingsConfigDict(
@@ -124,6 +143,7 @@ class ServerSettings(_EnvSettings):
     tls_client_ca_file: Path | None = None
     auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     auth_tokens_file: Path | None = None
+    limits: RequestLimits = RequestLimits()
 
     @field_validator("auth_tokens", mode="before")
     @classmethod
@@ -323,6 +343,19 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         server, "--health-interval", "health_interval", "seconds between backend checks", type=float
     )
     flag(server, "--health-timeout", "health_timeout", "seconds per backend check", type=float)
+    limits = parser.add_argument_group("request limits")
+    flag(
+        limits, "--limit-chars", "limits.max_chars", "characters of text per request item", type=int
+    )
+    flag(limits, "--limit-samples", "limits.max_samples", "completions per request", type=int)
+    flag(
+        limits,
+        "--limit-new-tokens",
+        "limits.max_new_tokens",
+        "new tokens per completion",
+        type=int,
+    )
+    flag(limits, "--limit-items", "limits.max_items", "items per batch request", type=int)
     security = parser.add_argument_group("security")
     flag(security, "--tls-cert", "tls_cert_file", "PEM server certificate chain")
     flag(security, "--tls-key", "tls_key_file", "PEM server private key")
