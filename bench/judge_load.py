@@ -81,7 +81,7 @@ async def _client(stub, until: float, index: int, hostile_every: int, load: Load
             code = error.code().name
         took = time.perf_counter() - started
         (load.hostile_latencies if hostile else load.latencies).append(took)
-        load.codes[("hostile " if hostile else "") + code] += 1
+        load.codes[("oversized " if hostile else "") + code] += 1
 
 
 async def _run(args: argparse.Namespace) -> Summary:

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 def _build(args: argparse.Namespace) -> int:
     from unsafechain.dataset.config import ConfigError, load_config
     from unsafechain.dataset.pipeline import BuildError, ResumeOptions, run_build
+    from unsafechain.domain.settings import SetupError
     from unsafechain.intake.sources import SourceError
 
     overrides = {"build.output": args.output} if args.output else {}
@@ -38,10 +39,12 @@ def _build(args: argparse.Namespace) -> int:
         if args.bus == "kafka":
             from unsafechain.dataset.kafka import run_kafka_build
 
-            result = run_kafka_build(config, progress=not args.no_progress, resume=resume)
+            result = run_kafka_build(
+                config, progress=not args.no_progress, resume=resume, republish=args.republish
+            )
         else:
             result = run_build(config, progress=not args.no_progress, resume=resume)
-    except (ConfigError, SourceError, BuildError) as error:
+    except (ConfigError, SourceError, BuildError, SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     counts = result.manifest["counts"]
@@ -94,13 +97,14 @@ def _topics_create(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from unsafechain.dataset.config import ConfigError, load_config
     from unsafechain.dataset.kafka import run_worker
+    from unsafechain.domain.settings import SetupError
 
     try:
         config = load_config(args.config, _kafka_overrides(args))
-    except ConfigError as error:
+        run_worker(config, args.stage, metrics_port=args.metrics_port)
+    except (ConfigError, SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_worker(config, args.stage, metrics_port=args.metrics_port)
     return 0
 
 
@@ -229,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair",
         action="store_true",
         help="drop damaged lines of the output's cases.jsonl and recompute their cases",
+    )
+    build.add_argument(
+        "--republish",
+        action="store_true",
+        help="with --bus kafka: publish again the cases an earlier run published that are "
+        "not stored yet (by default they are waited for, being in flight)",
     )
     build.add_argument(
         "--idle-timeout",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kafka import KafkaConsumer, TopicPartition
 
 from tests.support.builds import write_build_config
 from tests.support.http_servers import Fault, OpenAIServer, completion_from_text
@@ -25,7 +26,7 @@ from tests.support.kafka_broker import kafka_section
 from unsafechain.dataset.config import BuildConfig, load_config
 from unsafechain.dataset.kafka import create_build_topics, run_kafka_build, run_worker
 from unsafechain.dataset.pipeline import STAGE_NAMES, BuildError
-from unsafechain.streaming.kafka import dead_letter_topic
+from unsafechain.streaming.kafka import dead_letter_topic, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +184,29 @@ def test_cases_of_another_configuration_on_the_same_topics_are_dead_lettered_not
     assert len(failed) == len(PROMPTS)
     assert all("was made with configuration" in row["status_reason"] for row in failed)
     assert result.manifest["counts"]["dead_lettered"] == len(PROMPTS)
+
+
+def _messages_on(bootstrap: str, topic: str, partitions: int) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], consumer_timeout_ms=1500)
+    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+    consumer.seek_to_beginning()
+    count = sum(1 for _ in consumer)
+    consumer.close()
+    return count
+
+
+def test_a_restarted_build_waits_for_the_cases_in_flight_instead_of_publishing_them_again(
+    tmp_path, standin_models, bootstrap
+):
+    path = _config(tmp_path, standin_models, bootstrap, "restart", "http://127.0.0.1:9/v1")
+    config = load_config(path, {"kafka.idle_timeout_seconds": 2})
+    create_build_topics(config.kafka)
+    prompts = topic_name(config.kafka, "prompts")
+    partitions = config.kafka.partitions
+    for _ in range(2):
+        with pytest.raises(BuildError, match="no case arrived"):
+            run_kafka_build(config, progress=False)
+        assert _messages_on(bootstrap, prompts, partitions) == len(PROMPTS)
+    with pytest.raises(BuildError, match="no case arrived"):
+        run_kafka_build(config, progress=False, republish=True)
+    assert _messages_on(bootstrap, prompts, partitions) == 2 * len(PROMPTS)

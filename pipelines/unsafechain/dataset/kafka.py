@@ -12,11 +12,13 @@ for them.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from google.protobuf.message import DecodeError
 from kafka.consumer.fetcher import ConsumerRecord
@@ -39,6 +41,7 @@ from unsafechain.dataset.pipeline import (
 )
 from unsafechain.dataset.rows import status_name
 from unsafechain.streaming.kafka import (
+    BROKER_CALL_TIMEOUT_MS,
     BUILD_HEADER,
     STAGE_HEADER,
     ConsumerLag,
@@ -58,6 +61,7 @@ from unsafechain.streaming.kafka import (
     topic_name,
 )
 from unsafechain.streaming.stages import PROMPTS, RECORDS, Emitted, run_stage, stage_failed
+from unsafechain.streaming.store import write_atomically
 from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)
@@ -155,6 +159,7 @@ def run_kafka_build(
     progress: bool = True,
     stop: Callable[[], bool] = lambda: False,
     resume: ResumeOptions | None = None,
+    republish: bool = False,
 ) -> BuildResult:
     """Build the dataset ``config`` describes on Kafka: publish the cases not stored yet,
     store what the stage workers deliver to the records topic, count what they
@@ -166,6 +171,8 @@ def run_kafka_build(
         progress: Show a progress bar.
         stop: Polled between batches; the build stops (to be resumed) when it holds.
         resume: What to recompute of an earlier run's cases.
+        republish: Publish again the cases an earlier run published that are not
+            stored yet (by default they are waited for: they are in flight).
 
     Raises:
         BuildError: The output folder holds a build with a different configuration; a
@@ -177,7 +184,7 @@ def run_kafka_build(
     try:
         dead_letters = DeadLetters()
         if start.todo:
-            _sink_until_stored(config, start, dead_letters, progress, stop)
+            _sink_until_stored(config, start, dead_letters, progress, stop, republish)
         return finish_build(config, start, dead_letters)
     finally:
         start.store.close()
@@ -258,12 +265,40 @@ class _Sink:
         self.last_progress = time.monotonic()
 
 
+PUBLISHED = "published.json"
+"""The ids of the cases a Kafka build published, so a restarted build command does not
+send again the cases still in flight."""
+
+
+class _Published:
+    """The case ids a build has published, kept in the output folder."""
+
+    def __init__(self, path: Path, build_id: str):
+        self._path = path
+        self._build_id = build_id
+        self.ids: set[str] = set()
+        if path.exists():
+            try:
+                state = json.loads(path.read_text())
+            except ValueError:
+                logger.warning("%s is damaged; every unstored case is published again", path)
+                return
+            if state.get("build_id") == build_id:
+                self.ids = set(state.get("ids", []))
+
+    def add(self, ids: Iterable[str]) -> None:
+        self.ids.update(ids)
+        state = {"build_id": self._build_id, "ids": sorted(self.ids)}
+        write_atomically(self._path, json.dumps(state) + "\n")
+
+
 def _sink_until_stored(
     config: BuildConfig,
     start: BuildStart,
     dead_letters: DeadLetters,
     progress: bool,
     stop: Callable[[], bool],
+    republish: bool,
 ) -> None:
     settings = config.kafka
     since_ms = int(datetime.now(UTC).timestamp() * 1000)
@@ -282,8 +317,16 @@ def _sink_until_stored(
             # Provenance from the config, or from the services of remote stages: no
             # model is loaded to name it.
             provenance = asyncio.run(build_provenance(config, start.build_id))
-            cases = (new_case(record, provenance) for record in start.todo)
-            sent = publish_cases(settings, PROMPTS, cases)
+            published = _Published(start.output / PUBLISHED, start.build_id)
+            fresh = [r for r in start.todo if republish or r.id not in published.ids]
+            if len(fresh) < len(start.todo):
+                logger.info(
+                    "%d cases were published by an earlier run and are not stored yet: "
+                    "waiting for them (--republish sends them again)",
+                    len(start.todo) - len(fresh),
+                )
+            sent = publish_cases(settings, PROMPTS, (new_case(r, provenance) for r in fresh))
+            published.add(record.id for record in fresh)
             logger.info("published %d cases to %s", sent, topic_name(settings, PROMPTS))
             with stopped_by_signals(request_stop, group):
                 while not sink.done and not stopping and not stop():
@@ -299,10 +342,11 @@ def _sink_until_stored(
                             f"{len(start.todo)} not stored yet): are the stage workers "
                             "running on these topics (unsafechain worker generate|judge|"
                             f"route|correct --config …, kafka.topic_prefix "
-                            f"{settings.topic_prefix!r})? Run again to resume"
+                            f"{settings.topic_prefix!r})? Run again to resume (with "
+                            "--republish if the topics were lost)"
                         )
     finally:
-        consumer.close()
+        consumer.close(timeout_ms=BROKER_CALL_TIMEOUT_MS)
     if dead_letters.total:
         logger.warning(
             "%d dead letter(s): %s, %d undecodable",

@@ -26,7 +26,12 @@ from google.protobuf.message import DecodeError
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+)
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from pydantic import Field
 
@@ -42,6 +47,8 @@ ERROR_HEADER, STAGE_HEADER, ATTEMPTS_HEADER, BUILD_HEADER = "error", "stage", "a
 
 # Bound on the broker calls made only for metrics, so a rebalance never stalls a worker.
 _METRICS_CALL_TIMEOUT_MS = 2_000
+# Bound on every other blocking broker call of a worker's loop (commit, flush, send).
+BROKER_CALL_TIMEOUT_MS = 60_000
 
 Handler = Callable[[case_pb2.Case], Awaitable[Emitted]]
 
@@ -175,9 +182,9 @@ def commit(consumer: KafkaConsumer, who: str) -> None:
     """Commit what ``consumer`` has taken. A commit lost to a rebalance is logged: the
     new owner of the partitions redoes the batch, and the sink keeps each case once."""
     try:
-        consumer.commit()
-    except CommitFailedError as error:
-        logger.warning("%s: commit failed after a rebalance: %s", who, error)
+        consumer.commit(timeout_ms=BROKER_CALL_TIMEOUT_MS)
+    except (CommitFailedError, KafkaTimeoutError) as error:
+        logger.warning("%s: commit failed (a rebalance, or no answer in time): %s", who, error)
 
 
 class ConsumerLag:
@@ -286,7 +293,7 @@ class LagReporter:
         """Stop measuring and close the probe."""
         self._stopping.set()
         self._thread.join(timeout=_METRICS_CALL_TIMEOUT_MS / 1000 * 3)
-        self._probe.close()
+        self._probe.close(timeout_ms=_METRICS_CALL_TIMEOUT_MS)
 
 
 @dataclass
@@ -385,8 +392,8 @@ class MessageRunner:
         finally:
             if reporter is not None:
                 reporter.stop()
-            self._consumer.close()
-            self._producer.close()
+            self._consumer.close(timeout_ms=BROKER_CALL_TIMEOUT_MS)
+            self._producer.close(timeout=BROKER_CALL_TIMEOUT_MS / 1000)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the batch in hand."""
@@ -413,11 +420,12 @@ class MessageRunner:
                         value=case.SerializeToString(),
                     )
                 )
-        self._producer.flush()
+        self._producer.flush(timeout=BROKER_CALL_TIMEOUT_MS / 1000)
         for future in futures:
-            # A send that failed after the producer's own retries stops the worker
-            # before the commit, so the batch is redelivered rather than lost.
-            future.get()
+            # A send that failed after the producer's own retries (or found no broker in
+            # time) stops the worker before the commit, so the batch is redelivered
+            # rather than lost.
+            future.get(timeout=BROKER_CALL_TIMEOUT_MS / 1000)
         commit(self._consumer, self._stage)
 
     async def _process_batch(self, batch: list[ConsumerRecord]) -> list[Emitted | DeadLetter]:
@@ -513,11 +521,11 @@ def publish_cases(settings: KafkaSettings, topic: str, cases: Iterable[case_pb2.
             )
             for case in cases
         ]
-        producer.flush()
+        producer.flush(timeout=BROKER_CALL_TIMEOUT_MS / 1000)
         for future in futures:
-            future.get()
+            future.get(timeout=BROKER_CALL_TIMEOUT_MS / 1000)
     finally:
-        producer.close()
+        producer.close(timeout=BROKER_CALL_TIMEOUT_MS / 1000)
     return len(futures)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 from unsafechain.backends.base import ModelBackend
 from unsafechain.backends.settings import BackendSettings, create_backend
+from unsafechain.domain.settings import SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,26 @@ class BackendPool:
         return self._models[key]
 
     def get(self, key: str) -> ModelBackend:
-        """The backend of model ``key``, built now if it is not yet."""
+        """The backend of model ``key``, built now if it is not yet.
+
+        Raises:
+            SetupError: The model cannot be started; the message names its key.
+        """
         if key not in self._built:
             settings = self.settings(key)
             logger.info("starting model %r (%s)", key, settings.model)
-            backend = create_backend(settings)
+            try:
+                backend = create_backend(settings)
+            except (OSError, ValueError) as error:
+                # A path that is no model, a hub name with no network, an unset key.
+                reason = (
+                    str(error).strip().splitlines()[0]
+                    if str(error).strip()
+                    else type(error).__name__
+                )
+                raise SetupError(
+                    f"models.{key}: cannot start {settings.model}: {reason}"
+                ) from error
             self._built[key] = self._wrap(backend) if self._wrap else backend
         return self._built[key]
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import queue
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -35,8 +36,8 @@ _LOADING_LOCK = threading.Lock()
 class TransformersBackend(ModelBackend):
     """A causal LM loaded in this process.
 
-    Calls run in a daemon thread of their own, so the event loop stays free and a
-    process that is shutting down never waits on one; :meth:`aclose` stops a call in
+    Calls run on a daemon thread, so the event loop stays free and a process that is
+    shutting down never waits on one; :meth:`aclose` stops a call in
     progress at its next token (it fails; nothing cut short is returned). One call runs
     at a time
     across every local model of the process: sampling draws from torch's global
@@ -93,34 +94,15 @@ class TransformersBackend(ModelBackend):
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         return (await self.generate_many([request]))[0]
 
-    async def generate_many(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
-        if not requests:
-            return []
-        return await _in_daemon_thread(self._generate_sync, list(requests))
-
     async def generate_each(
         self, requests: list[GenerationRequest]
     ) -> list[list[Generation] | BackendError]:
-        """The requests batched as :meth:`generate_many` batches them. A request that
-        cannot be rendered or is longer than the model's context fails alone; a batch
-        that fails fails every request in it."""
-        results: list[list[Generation] | BackendError | None] = [None] * len(requests)
-        runnable = []
-        for position, request in enumerate(requests):
-            try:
-                self._check_fits(self.count_tokens(self.render(request)))
-            except BackendError as error:
-                results[position] = error
-            else:
-                runnable.append(position)
-        generated: list[list[Generation] | BackendError]
-        try:
-            generated = list(await self.generate_many([requests[p] for p in runnable]))
-        except BackendError as error:
-            generated = [error] * len(runnable)
-        for position, result in zip(runnable, generated, strict=True):
-            results[position] = result
-        return [result for result in results if result is not None]
+        """The requests batched into padded forward passes. A request that cannot be
+        rendered or is longer than the model's context fails alone; a forward pass that
+        fails fails every request in it."""
+        if not requests:
+            return []
+        return await _WORKER.run(self._generate_sync, list(requests))
 
     @property
     def context_length(self) -> int | None:
@@ -152,21 +134,37 @@ class TransformersBackend(ModelBackend):
             tokenize=False,
         )
 
-    def _generate_sync(self, requests: list[GenerationRequest]) -> list[list[Generation]]:
+    def _generate_sync(
+        self, requests: list[GenerationRequest]
+    ) -> list[list[Generation] | BackendError]:
         self._refuse_if_closing()
-        results: list[list[Generation] | None] = [None] * len(requests)
+        results: list[list[Generation] | BackendError | None] = [None] * len(requests)
+        texts: dict[int, str] = {}
         groups: dict[SamplingParams, list[int]] = {}
         for position, request in enumerate(requests):
+            try:
+                text = self.render(request)
+                self._check_fits(self.count_tokens(text))
+            except BackendError as error:
+                results[position] = error
+                continue
+            texts[position] = text
             groups.setdefault(request.params, []).append(position)
         with _SAMPLING_LOCK:
             for params, positions in groups.items():
                 per_call = max(1, self._max_batch_size // params.n)
                 for start in range(0, len(positions), per_call):
                     chunk = positions[start : start + per_call]
-                    texts = [self.render(requests[p]) for p in chunk]
-                    for p, generations in zip(chunk, self._run(texts, params), strict=True):
-                        results[p] = generations
-        return results  # type: ignore[return-value]
+                    outputs: list[list[Generation]] | BackendError
+                    try:
+                        outputs = self._run([texts[p] for p in chunk], params)
+                    except BackendError as error:
+                        outputs = error
+                    for index, p in enumerate(chunk):
+                        results[p] = (
+                            outputs if isinstance(outputs, BackendError) else outputs[index]
+                        )
+        return [result for result in results if result is not None]
 
     def _run(self, texts: Sequence[str], params: SamplingParams) -> list[list[Generation]]:
         if params.greedy and params.n > 1:
@@ -176,8 +174,6 @@ class TransformersBackend(ModelBackend):
         encoded = self._tokenizer(
             list(texts), return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self._device)
-        for length in encoded["attention_mask"].sum(dim=1).tolist():
-            self._check_fits(int(length))
         # New tokens are capped so that the prompt and its completion fit the model's
         # context; a capped completion ends with finish reason "length".
         max_new_tokens = params.max_new_tokens
@@ -284,30 +280,53 @@ class _WhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool)
 
 
-async def _in_daemon_thread(function: Any, *args: Any) -> Any:
-    """``function(*args)`` in a daemon thread; its result or error, awaited.
+class _DaemonWorker:
+    """One long-lived daemon thread that runs the process's local model calls.
 
     Unlike ``asyncio.to_thread`` (the default executor, joined when the loop and the
-    interpreter end), nothing waits for a daemon thread at shutdown.
+    interpreter end), nothing waits for it at shutdown; and unlike a thread per call
+    it keeps torch's per-thread set-up, which costs milliseconds a call. Calls are
+    serialised by the sampling lock anyway, so one thread loses no parallelism.
     """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
 
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Any, tuple[Any, ...], Any, Any]] = queue.SimpleQueue()
+        self._started = threading.Lock()
+        self._thread: threading.Thread | None = None
 
-    def run() -> None:
-        try:
-            result, error = function(*args), None
-        except BaseException as failure:
-            result, error = None, failure
-        with contextlib.suppress(RuntimeError):  # the loop ended meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, result, error)
+    async def run(self, function: Any, *args: Any) -> Any:
+        """``function(*args)`` on the worker thread; its result or error, awaited."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._started:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="transformers-generate", daemon=True
+                )
+                self._thread.start()
+        self._calls.put((function, args, loop, future))
+        return await future
 
-    threading.Thread(target=run, name="transformers-generate", daemon=True).start()
-    return await future
+    def _serve(self) -> None:
+        while True:
+            function, args, loop, future = self._calls.get()
+            if future.cancelled():
+                continue  # Nobody waits for it any more (a deadline passed).
+            try:
+                result, error = function(*args), None
+            except BaseException as failure:
+                result, error = None, failure
+            with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+_WORKER = _DaemonWorker()

@@ -20,6 +20,7 @@ from unsafechain.domain.reasoning import (
     ReasoningSplit,
     split_reasoning,
 )
+from unsafechain.domain.settings import SetupError
 from unsafechain.domain.templates import bundled_templates, load_template, read_template
 from unsafechain.domain.types import (
     Attempt,
@@ -60,8 +61,8 @@ class CorrectionTemplates:
             return cls(
                 read_template(root / "system.md").strip(), load_template(root / "user.md.j2")
             )
-        except ValueError as error:
-            raise ValueError(f"correction {error}") from error
+        except SetupError as error:
+            raise SetupError(f"correction.templates: {error}") from error
 
     def messages(
         self, prompt: str, response: str, categories: Sequence[str], feedback: str = ""

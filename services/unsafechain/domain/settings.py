@@ -11,6 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from unsafechain.domain.types import SamplingParams
 
 
+class SetupError(ValueError):
+    """What valid settings describe cannot be set up: a model that cannot be loaded, an
+    API key variable that is not set, a template that is missing. The message names
+    the setting."""
+
+
 class StrictModel(BaseModel):
     """A settings model that rejects unknown keys, so a typo names itself."""
 
