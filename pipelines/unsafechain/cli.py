@@ -119,10 +119,10 @@ def _standins(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from unsafechain.runtime.server import run_service
-    from unsafechain.runtime.settings import SettingsError
+    from unsafechain.runtime.settings import SettingsError, settings_from_args
 
     try:
-        settings = _service_part(args.service, "settings").settings_from_args(args)
+        settings = settings_from_args(_service_part(args.service, "settings").SETTINGS, args)
         return run_service(settings, _service_part(args.service, "servicer").create_servicer)
     except (SettingsError, ValueError) as error:
         # ValueError: a model setting the backend rejects, e.g. an unset API key variable.

@@ -15,7 +15,6 @@ from unsafechain.backends.pool import BackendPool
 from unsafechain.backends.settings import BackendSettings
 from unsafechain.correction.factory import correction_engine, corrector_info
 from unsafechain.correction.settings import CorrectionServiceSettings
-from unsafechain.correction.settings import settings_from_args as correction_from_args
 from unsafechain.dataset.config import load_config
 from unsafechain.generation.factory import generation_engine, generator_ref
 from unsafechain.generation.settings import GenerationServiceSettings
@@ -23,8 +22,7 @@ from unsafechain.generation.settings import add_arguments as generation_argument
 from unsafechain.judge.factory import build_judge_engine, judge_identities
 from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.judge.settings import add_arguments as judge_arguments
-from unsafechain.judge.settings import settings_from_args as judge_from_args
-from unsafechain.runtime.settings import SettingsError, settings_from_values
+from unsafechain.runtime.settings import SettingsError, settings_from_args, settings_from_values
 
 MODELS = {
     "generator": {"backend": "openai", "model": "r1", "base_url": "http://gen:8000/v1"},
@@ -57,6 +55,10 @@ def _build_config(tmp_path: Path) -> Path:
     return path
 
 
+def _judge_settings(args: argparse.Namespace) -> JudgeServiceSettings:
+    return settings_from_args(JudgeServiceSettings, args)
+
+
 def _parse(add_arguments, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -65,7 +67,7 @@ def _parse(add_arguments, argv: list[str]) -> argparse.Namespace:
 
 def test_the_judge_service_runs_the_build_configurations_judges_ensembles_included(tmp_path):
     path = _build_config(tmp_path)
-    settings = judge_from_args(_parse(judge_arguments, ["--config", str(path), "--port", "7"]))
+    settings = _judge_settings(_parse(judge_arguments, ["--config", str(path), "--port", "7"]))
     build = load_config(path)
     assert settings.judging == build.judging
     assert settings.models == build.models
@@ -81,7 +83,7 @@ def test_flags_give_one_llama_guard_judge_and_its_batching():
         ["--backend", "openai", "--model", "lg3", "--judge-name", "guard", "--threshold", "0.3",
          "--targets", "answer", "--batch-max-size", "4"],
     )  # fmt: skip
-    settings = judge_from_args(args)
+    settings = _judge_settings(args)
     [judge] = settings.judging.judges
     assert (judge.kind, judge.name, judge.model, judge.threshold) == (
         "llama_guard",
@@ -98,19 +100,19 @@ def test_a_judge_given_by_flags_and_by_the_config_file_is_refused(tmp_path):
     path = _build_config(tmp_path)
     args = _parse(judge_arguments, ["--config", str(path), "--judge-name", "other"])
     with pytest.raises(SettingsError, match=r"judge: give one judge by flags or judging\.judges"):
-        judge_from_args(args)
+        _judge_settings(args)
 
 
 def test_a_service_without_its_model_is_refused_naming_the_key():
     with pytest.raises(SettingsError, match=r"judging\.judges\.0\.model: no model named 'guard'"):
-        judge_from_args(_parse(judge_arguments, []))
+        _judge_settings(_parse(judge_arguments, []))
     with pytest.raises(SettingsError, match="generation service needs its generator"):
         settings_from_values(GenerationServiceSettings, {})
 
 
 def test_the_correction_service_re_judges_with_the_build_configurations_judges(tmp_path):
     path = _build_config(tmp_path)
-    settings = correction_from_args(argparse.Namespace(config=path))
+    settings = settings_from_args(CorrectionServiceSettings, argparse.Namespace(config=path))
     build = load_config(path)
     assert settings.correction == build.correction
     assert corrector_info(settings.correction, settings.judging, settings.models) == (
@@ -184,9 +186,7 @@ def test_kubernetes_service_link_variables_are_not_settings(monkeypatch, setting
 def test_the_generation_service_takes_its_sampling_from_flags_over_the_config(tmp_path):
     path = _build_config(tmp_path)
     args = _parse(generation_arguments, ["--config", str(path), "--samples", "2"])
-    from unsafechain.generation.settings import settings_from_args
-
-    settings = settings_from_args(args)
+    settings = settings_from_args(GenerationServiceSettings, args)
     assert settings.generation.samples == 2
     assert settings.generation.model == "generator"
     assert settings.models["generator"].model == "r1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 
 from unsafechain.domain.types import Generation, GenerationRequest, ModelRef
 
@@ -75,15 +76,21 @@ class ModelBackend(abc.ABC):
     async def generate_each(
         self, requests: list[GenerationRequest]
     ) -> list[list[Generation] | BackendError]:
-        """Run several requests, each on its own: a request that fails gets its error in
-        its place and the others their generations. Backends that can run requests
-        concurrently or batch them override this or :meth:`generate_many`."""
+        """Run several requests concurrently, each on its own: a request that fails gets
+        its error in its place and the others their generations (a backend bounds its
+        own concurrency). Backends that batch requests override this."""
+        tasks = [asyncio.ensure_future(self.generate(request)) for request in requests]
+        try:
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
         results: list[list[Generation] | BackendError] = []
-        for request in requests:
-            try:
-                results.append(await self.generate(request))
-            except BackendError as error:
-                results.append(error)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BackendError):
+                raise outcome  # a bug, not a failed call
+            results.append(outcome)
         return results
 
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[Generation]]:

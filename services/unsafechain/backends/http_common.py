@@ -131,24 +131,6 @@ class BoundedCalls:
         return await call_with_retries(limited, self._retry, description=description)
 
 
-async def gather_each(calls: Iterable[Awaitable[T]]) -> list[T | BackendError]:
-    """Await ``calls`` concurrently; each gives its result or the backend error it
-    failed with. Anything else raised (a bug) cancels the rest and is raised."""
-    tasks = [asyncio.ensure_future(call) for call in calls]
-    try:
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        raise
-    outcomes: list[T | BackendError] = []
-    for result in results:
-        if isinstance(result, BaseException) and not isinstance(result, BackendError):
-            raise result
-        outcomes.append(result)
-    return outcomes
-
-
 async def gather_all(calls: Iterable[Awaitable[T]]) -> list[T]:
     """Await ``calls`` concurrently; on the first failure cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(call) for call in calls]

@@ -20,7 +20,6 @@ from unsafechain.backends.base import (
 from unsafechain.backends.http_common import (
     BoundedCalls,
     error_for_status,
-    gather_each,
     parse_chat_completion,
     public_endpoint,
     redact,
@@ -181,13 +180,6 @@ class OpenAIBackend(ModelBackend):
         return await self._calls.run(
             lambda: self._complete(prompt, request.params), description="completion"
         )
-
-    async def generate_each(
-        self, requests: list[GenerationRequest]
-    ) -> list[list[Generation] | BackendError]:
-        """Run the requests concurrently, within ``max_concurrency``; one that fails
-        gets its error and leaves the others be."""
-        return await gather_each(self.generate(request) for request in requests)
 
     async def check(self) -> None:
         """List the server's models and make sure ours is among them.

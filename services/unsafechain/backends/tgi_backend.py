@@ -37,7 +37,6 @@ from unsafechain.backends.http_common import (
     BoundedCalls,
     error_for_status,
     gather_all,
-    gather_each,
     parse_chat_completion,
     public_endpoint,
     redact,
@@ -155,13 +154,6 @@ class TGIBackend(ModelBackend):
             )
             for seed in seeds
         )
-
-    async def generate_each(
-        self, requests: list[GenerationRequest]
-    ) -> list[list[Generation] | BackendError]:
-        """Run the requests concurrently, within ``max_concurrency``; one that fails
-        gets its error and leaves the others be."""
-        return await gather_each(self.generate(request) for request in requests)
 
     async def check(self) -> None:
         """Ask TGI's ``/health`` route whether the model is loaded and serving.

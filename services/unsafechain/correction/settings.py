@@ -28,9 +28,7 @@ from unsafechain.runtime.settings import (
     add_backend_flags,
     add_server_arguments,
     flag,
-    flag_values,
     fold_model_shorthand,
-    settings_from_values,
 )
 
 CORRECTOR = "corrector"
@@ -125,12 +123,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(group, "--templates", "correction.templates", "folder of prompt templates")
 
 
-def settings_from_args(args: argparse.Namespace) -> CorrectionServiceSettings:
-    """The correction service's settings from ``serve correction`` flags, the
-    environment and ``--config``.
-
-    Raises:
-        SettingsError: A setting is missing or invalid; the message names it.
-    """
-    values = flag_values(args, CorrectionServiceSettings)
-    return settings_from_values(CorrectionServiceSettings, values, getattr(args, "config", None))
+SETTINGS = CorrectionServiceSettings
+"""The service's settings class, for ``unsafechain serve correction``."""

@@ -19,9 +19,7 @@ from unsafechain.runtime.settings import (
     add_backend_flags,
     add_server_arguments,
     flag,
-    flag_values,
     fold_model_shorthand,
-    settings_from_values,
 )
 
 GENERATOR = "generator"
@@ -89,12 +87,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(group, "--max-new-tokens", "generation.max_new_tokens", "tokens per completion", type=int)
 
 
-def settings_from_args(args: argparse.Namespace) -> GenerationServiceSettings:
-    """The generation service's settings from ``serve generation`` flags, the environment
-    and ``--config``.
-
-    Raises:
-        SettingsError: A setting is missing or invalid; the message names it.
-    """
-    values = flag_values(args, GenerationServiceSettings)
-    return settings_from_values(GenerationServiceSettings, values, getattr(args, "config", None))
+SETTINGS = GenerationServiceSettings
+"""The service's settings class, for ``unsafechain serve generation``."""

@@ -23,9 +23,7 @@ from unsafechain.runtime.settings import (
     add_backend_flags,
     add_server_arguments,
     flag,
-    flag_values,
     fold_model_shorthand,
-    settings_from_values,
 )
 
 # Key of the default judge's model in a service's model table.
@@ -340,12 +338,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_guard_arguments(parser, batching=True)
 
 
-def settings_from_args(args: argparse.Namespace) -> JudgeServiceSettings:
-    """The judge service's settings from ``serve judge`` flags, the environment and
-    ``--config``.
-
-    Raises:
-        SettingsError: A setting is missing or invalid; the message names it.
-    """
-    values = flag_values(args, JudgeServiceSettings)
-    return settings_from_values(JudgeServiceSettings, values, getattr(args, "config", None))
+SETTINGS = JudgeServiceSettings
+"""The service's settings class, for ``unsafechain serve judge``."""

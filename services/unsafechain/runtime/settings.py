@@ -476,3 +476,13 @@ def flag_values(
     return nested_flags(
         {dotted: value for dotted, value in vars(args).items() if dotted.split(".")[0] in keys}
     )
+
+
+def settings_from_args(cls: type[SettingsT], args: argparse.Namespace) -> SettingsT:
+    """A service's settings from its parsed ``serve`` flags, the environment and the
+    file given with ``--config``.
+
+    Raises:
+        SettingsError: A setting is missing or invalid; the message names it.
+    """
+    return settings_from_values(cls, flag_values(args, cls), getattr(args, "config", None))
