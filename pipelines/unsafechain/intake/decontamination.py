@@ -1,14 +1,20 @@
 """Decontamination: removing prompts that overlap an evaluation benchmark.
 
 Benchmark prompts are read with the same readers and loaders as sources. A prompt is
-contaminated when it equals a benchmark prompt after normalisation, or when more than
-the configured fraction of its word n-grams occur in one benchmark.
+contaminated when it equals a benchmark prompt after normalisation, when more than
+the configured fraction of its word n-grams occur in one benchmark, or when its TF-IDF
+cosine similarity to one benchmark prompt reaches the configured threshold.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
+import re
 from collections import Counter
+
+import numpy as np
 
 from unsafechain.intake.dedup import CONTAMINATED, Removal
 from unsafechain.intake.settings import DecontaminationSettings
@@ -16,6 +22,8 @@ from unsafechain.intake.sources import PromptRecord, Rejection, read_source
 from unsafechain.intake.textmatch import NgramHasher, normalize, text_key
 
 logger = logging.getLogger(__name__)
+
+_WORD = re.compile(r"\w+")
 
 
 class Decontaminator:
@@ -37,8 +45,9 @@ class Decontaminator:
         self._exact: dict[bytes, tuple[str, str]] = {}
         # Per benchmark, in config order: n-gram hash -> id of the first prompt with it.
         self._ngrams: list[tuple[str, dict[int, str]]] = []
-        self.prompts_by_benchmark: Counter = Counter()
-        self.rejected_by_benchmark: Counter = Counter()
+        self.prompts_by_benchmark: Counter[str] = Counter()
+        self.rejected_by_benchmark: Counter[str] = Counter()
+        documents: list[tuple[str, str, str]] = []
         for benchmark in settings.benchmarks:
             # Listed even when empty, so the manifest shows every benchmark checked.
             self.prompts_by_benchmark[benchmark.name] = 0
@@ -53,12 +62,16 @@ class Decontaminator:
                 self._exact.setdefault(text_key(normalized), (benchmark.name, item.id))
                 for gram in self._hasher.hashes(self._hasher.words(normalized)).tolist():
                     grams.setdefault(gram, item.id)
+                documents.append((benchmark.name, item.id, normalized))
             self._ngrams.append((benchmark.name, grams))
             logger.info(
                 "benchmark %r: %d prompts indexed for decontamination",
                 benchmark.name,
                 self.prompts_by_benchmark[benchmark.name],
             )
+        self._tfidf = (
+            TfidfIndex(documents) if documents and settings.tfidf_threshold is not None else None
+        )
 
     def check(self, record: PromptRecord) -> Removal | None:
         """The removal of ``record`` if it overlaps a benchmark (the first in config
@@ -67,14 +80,87 @@ class Decontaminator:
         exact = self._exact.get(text_key(normalized))
         if exact is not None:
             benchmark, benchmark_id = exact
-            return Removal(record, CONTAMINATED, benchmark_id, benchmark=benchmark)
+            return Removal(record, CONTAMINATED, benchmark_id, benchmark=benchmark, method="exact")
         grams = self._hasher.hashes(self._hasher.words(normalized)).tolist()
-        if not grams:
-            return None
-        for benchmark, index in self._ngrams:
+        for benchmark, index in self._ngrams if grams else ():
             matched = Counter(index[gram] for gram in grams if gram in index)
             shared = sum(matched.values())
             if shared and shared / len(grams) > self._settings.threshold:
                 [(benchmark_id, _)] = matched.most_common(1)
-                return Removal(record, CONTAMINATED, benchmark_id, shared / len(grams), benchmark)
+                return Removal(
+                    record, CONTAMINATED, benchmark_id, shared / len(grams), benchmark, "ngram"
+                )
+        if self._tfidf is not None:
+            found = self._tfidf.most_similar(normalized)
+            if found is not None and found[2] >= (self._settings.tfidf_threshold or 1.0):
+                benchmark, benchmark_id, cosine = found
+                return Removal(record, CONTAMINATED, benchmark_id, cosine, benchmark, "tfidf")
         return None
+
+
+def _terms(normalized: str) -> list[str]:
+    """Word unigrams and bigrams of a normalised text."""
+    words = _WORD.findall(normalized)
+    return words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+
+
+class TfidfIndex:
+    """Benchmark prompts as TF-IDF vectors (word unigrams and bigrams, sublinear term
+    frequency, smoothed inverse document frequency from the benchmarks), searched by
+    cosine similarity through an inverted index.
+
+    A query's vector is normalised over all its terms, those the benchmarks never use
+    included (at the highest inverse document frequency), so a long prompt that shares
+    two words with a benchmark prompt does not look like it.
+
+    Args:
+        documents: ``(benchmark, prompt id, normalised text)`` of every benchmark prompt.
+    """
+
+    def __init__(self, documents: list[tuple[str, str, str]]):
+        self._documents = [(benchmark, prompt_id) for benchmark, prompt_id, _ in documents]
+        terms = [_terms(text) for _, _, text in documents]
+        frequency: Counter[str] = Counter()
+        for document in terms:
+            frequency.update(set(document))
+        count = len(documents)
+        self._idf = {term: math.log((1 + count) / (1 + df)) + 1 for term, df in frequency.items()}
+        self._unseen_idf = math.log(1 + count) + 1
+        postings: dict[str, tuple[list[int], list[float]]] = {}
+        for position, document in enumerate(terms):
+            for term, weight in self._vector(document).items():
+                docs, weights = postings.setdefault(term, ([], []))
+                docs.append(position)
+                weights.append(weight)
+        # Per term, the prompts that use it and its weight in each, as arrays: a query
+        # is then one vectorised update per term.
+        self._postings = {
+            term: (np.asarray(docs, dtype=np.int64), np.asarray(weights))
+            for term, (docs, weights) in postings.items()
+        }
+
+    def _vector(self, terms: list[str]) -> dict[str, float]:
+        counts = Counter(terms)
+        weights = {
+            term: (1 + math.log(n)) * self._idf.get(term, self._unseen_idf)
+            for term, n in counts.items()
+        }
+        norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
+        return {term: w / norm for term, w in weights.items()}
+
+    def most_similar(self, normalized: str) -> tuple[str, str, float] | None:
+        """``(benchmark, prompt id, cosine)`` of the most similar benchmark prompt, or
+        None when no benchmark prompt shares a term."""
+        scores = np.zeros(len(self._documents))
+        shared = False
+        for term, weight in self._vector(_terms(normalized)).items():
+            posting = self._postings.get(term)
+            if posting is not None:
+                docs, weights = posting
+                scores[docs] += weight * weights  # a term's prompts are distinct
+                shared = True
+        if not shared:
+            return None
+        best = int(np.argmax(scores))  # the first of equals: config order
+        benchmark, prompt_id = self._documents[best]
+        return benchmark, prompt_id, min(1.0, float(scores[best]))

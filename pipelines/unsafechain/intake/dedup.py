@@ -42,6 +42,8 @@ class Removal:
         similarity: Shingle Jaccard similarity for near-duplicates, the fraction of
             the prompt's n-grams found in the benchmark for contamination, else 1.
         benchmark: The benchmark it overlaps, for contamination.
+        method: How the contamination was found: ``exact``, ``ngram`` or ``tfidf``
+            (then ``similarity`` is the cosine); None for duplicates.
     """
 
     record: PromptRecord
@@ -49,6 +51,7 @@ class Removal:
     duplicate_of: str
     similarity: float = 1.0
     benchmark: str | None = None
+    method: str | None = None
 
     def to_row(self) -> dict:
         """The line ``removed.jsonl`` holds for it."""
@@ -62,6 +65,7 @@ class Removal:
             "duplicate_of": self.duplicate_of,
             "similarity": round(self.similarity, 4),
             "benchmark": self.benchmark,
+            "method": self.method,
         }
 
 

@@ -49,15 +49,20 @@ class PromptIntake:
         """The removals counted by reason, by benchmark and by source, for the manifest."""
         by_reason = Counter({DUPLICATE_EXACT: 0, DUPLICATE_NEAR: 0, CONTAMINATED: 0})
         by_benchmark = Counter(dict.fromkeys(self.benchmarks, 0))
+        by_method: dict[str, Counter[str]] = {name: Counter() for name in self.benchmarks}
         by_source: dict[str, Counter[str]] = {}
         for removal in self.removals:
             by_reason[removal.reason] += 1
             by_source.setdefault(removal.record.source, Counter())[removal.reason] += 1
             if removal.benchmark is not None:
                 by_benchmark[removal.benchmark] += 1
+                by_method.setdefault(removal.benchmark, Counter())[removal.method or "?"] += 1
         return {
             "by_reason": dict(by_reason),
             "contaminated_by_benchmark": dict(by_benchmark),
+            "contaminated_by_benchmark_and_method": {
+                name: dict(sorted(counts.items())) for name, counts in by_method.items()
+            },
             "by_source": {source: dict(counts) for source, counts in by_source.items()},
             "benchmark_prompts": dict(self.benchmarks),
         }

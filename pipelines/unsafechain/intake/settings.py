@@ -81,19 +81,26 @@ class DeduplicationSettings(StrictModel):
 class DecontaminationSettings(StrictModel):
     """Removing prompts that overlap an evaluation benchmark.
 
-    A prompt is contaminated when it equals a benchmark prompt after normalisation,
-    or when more than ``threshold`` of its word ``ngram``-grams occur in one benchmark.
+    A prompt is contaminated when it equals a benchmark prompt after normalisation
+    (``exact``), when more than ``threshold`` of its word ``ngram``-grams occur in one
+    benchmark (``ngram``), or when the TF-IDF cosine similarity of its words to one
+    benchmark prompt reaches ``tfidf_threshold`` (``tfidf``, as STAR-1 decontaminates:
+    this is what catches short prompts reworded, which share no 13-gram).
 
     Attributes:
         benchmarks: Benchmark prompt files, read like sources (any format and loader).
         ngram: Words per n-gram; prompts shorter than this match exactly only.
         threshold: Fraction of the prompt's n-grams that must be shared; the default 0
             removes a prompt sharing any one n-gram.
+        tfidf_threshold: Cosine similarity (word unigrams and bigrams, TF-IDF weighted
+            by the benchmarks' document frequencies) at or above which a prompt is
+            contaminated; None turns the pass off.
     """
 
     benchmarks: tuple[SourceSettings, ...] = ()
     ngram: Annotated[int, Field(ge=1)] = 13
     threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    tfidf_threshold: Annotated[float, Field(gt=0, le=1)] | None = 0.6
 
     @model_validator(mode="after")
     def _names_unique(self) -> DecontaminationSettings:
