@@ -168,8 +168,9 @@ def machine_description(device: str) -> str:
 
 
 async def _run(args: argparse.Namespace) -> list[Result]:
-    model = args.model or str(build_standin_models(Path(args.standins)).judge)
-    guard = TransformersBackend(model, device=args.device, max_batch_size=args.batch_max_size)
+    guard = TransformersBackend(
+        guard_model(args), device=args.device, max_batch_size=args.batch_max_size
+    )
     try:
         return [
             await _measure(
@@ -193,20 +194,37 @@ async def _run(args: argparse.Namespace) -> list[Result]:
         await guard.aclose()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every judge benchmark takes: which guard, on which device, how many
+    clients, where to write the results."""
     parser.add_argument("--model", help="guard model path (default: the stand-in judge)")
     parser.add_argument("--standins", default=".cache/standins", help="stand-in models folder")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=16, help="judgments per client")
-    parser.add_argument("--batch-max-size", type=int, default=32, help="micro-batch size")
-    parser.add_argument("--batch-max-wait-ms", type=float, default=5.0, help="micro-batch wait")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+
+
+def parse_guard_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed options, the device resolved and logging set up quiet."""
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def guard_model(args: argparse.Namespace) -> str:
+    """The guard model to benchmark: ``--model``, else the stand-in judge."""
+    return args.model or str(build_standin_models(Path(args.standins)).judge)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_guard_arguments(parser)
+    parser.add_argument("--requests", type=int, default=16, help="judgments per client")
+    parser.add_argument("--batch-max-size", type=int, default=32, help="micro-batch size")
+    parser.add_argument("--batch-max-wait-ms", type=float, default=5.0, help="micro-batch wait")
+    args = parse_guard_arguments(parser)
 
     results = asyncio.run(_run(args))
     machine = machine_description(args.device)

@@ -19,18 +19,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import grpc
-import torch
-from judge_batching import RESPONSES, machine_description, prompts
+from judge_batching import (
+    RESPONSES,
+    add_guard_arguments,
+    guard_model,
+    machine_description,
+    parse_guard_arguments,
+    prompts,
+)
 
-from unsafechain.demo.standins import build_standin_models
 from unsafechain.judge.servicer import create_servicer
 from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.runtime.server import ServiceServer
@@ -85,7 +88,7 @@ async def _client(stub, until: float, index: int, hostile_every: int, load: Load
 
 
 async def _run(args: argparse.Namespace) -> Summary:
-    model = args.model or str(build_standin_models(Path(args.standins)).judge)
+    model = guard_model(args)
     settings = JudgeServiceSettings(
         host="127.0.0.1",
         port=0,
@@ -131,19 +134,12 @@ async def _run(args: argparse.Namespace) -> Summary:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="guard model path (default: the stand-in judge)")
-    parser.add_argument("--standins", default=".cache/standins", help="stand-in models folder")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
+    add_guard_arguments(parser)
     parser.add_argument("--seconds", type=float, default=20, help="how long the load runs")
     parser.add_argument(
         "--hostile-every", type=int, default=20, help="every n-th call is oversized (0: none)"
     )
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = parse_guard_arguments(parser)
     summary = asyncio.run(_run(args))
     machine = machine_description(args.device)
     print(f"machine: {machine}")

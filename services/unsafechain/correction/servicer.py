@@ -40,8 +40,7 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
         limits: RequestLimits | None = None,
     ):
         self._engine = engine
-        self._pool = pool
-        self._limits = limits or RequestLimits()
+        super().__init__(pool=pool, limits=limits)
 
     def register(self, server: grpc.aio.Server) -> None:
         correction_pb2_grpc.add_CorrectionServiceServicer_to_server(self, server)
@@ -73,10 +72,6 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
 
     async def check(self) -> None:
         await self._engine.check()
-
-    async def aclose(self) -> None:
-        if self._pool is not None:
-            await self._pool.aclose()
 
 
 def create_servicer(

@@ -73,7 +73,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer
 
     Args:
         engine: Generates with the served model and the default sampling.
-        backends: Released by :meth:`aclose`.
+        pool: The models, released by :meth:`aclose`.
+        limits: Bounds on one request.
     """
 
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -86,8 +87,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer
         limits: RequestLimits | None = None,
     ):
         self._engine = engine
-        self._pool = pool
-        self._limits = limits or RequestLimits()
+        super().__init__(pool=pool, limits=limits)
 
     def register(self, server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self, server)
@@ -120,10 +120,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer
 
     async def check(self) -> None:
         await self._engine.check()
-
-    async def aclose(self) -> None:
-        if self._pool is not None:
-            await self._pool.aclose()
 
 
 def create_servicer(

@@ -72,8 +72,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
             max_wait=batch_max_wait,
             observe_batch=metrics.batch_size.observe if metrics else None,
         )
-        self._pool = pool
-        self._limits = limits or RequestLimits()
+        super().__init__(pool=pool, limits=limits)
 
     def register(self, server: grpc.aio.Server) -> None:
         judge_pb2_grpc.add_JudgeServiceServicer_to_server(self, server)
@@ -125,8 +124,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):
 
     async def aclose(self) -> None:
         await self._batcher.aclose()
-        if self._pool is not None:
-            await self._pool.aclose()
+        await super().aclose()
 
 
 def create_servicer(settings: JudgeServiceSettings, metrics: ServiceMetrics) -> JudgeServicer:

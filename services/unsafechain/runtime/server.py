@@ -29,10 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from unsafechain.backends.base import BackendError, BackendTimeout
+from unsafechain.backends.pool import BackendPool
 from unsafechain.runtime.auth import TokenAuthenticator
 from unsafechain.runtime.metrics import MetricsEndpoint, ServiceMetrics
 from unsafechain.runtime.redaction import Redactor, install_log_redaction
-from unsafechain.runtime.settings import ServerSettings
+from unsafechain.runtime.settings import RequestLimits, ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +66,22 @@ def require_at_most(value: int, limit: int, field: str, unit: str, setting: str)
 
 
 class Servicer(abc.ABC):
-    """What the bootstrap needs of a service's servicer besides its RPC methods.
+    """What the bootstrap needs of a service's servicer besides its RPC methods, and
+    what every servicer holds: the models it releases and the bounds on a request.
+
+    Args:
+        pool: The engine's models, released by :meth:`aclose`.
+        limits: Bounds on one request.
 
     Attributes:
         name: The full gRPC service name, e.g. ``unsafechain.v1.JudgeService``.
     """
 
     name: ClassVar[str]
+
+    def __init__(self, *, pool: BackendPool | None = None, limits: RequestLimits | None = None):
+        self._pool = pool
+        self._limits = limits or RequestLimits()
 
     @abc.abstractmethod
     def register(self, server: grpc.aio.Server) -> None:
@@ -82,7 +92,9 @@ class Servicer(abc.ABC):
         """Raise when the engine's backends cannot serve requests."""
 
     async def aclose(self) -> None:
-        """Release the engine's backends; called after the calls in flight drained."""
+        """Release the engine's models; called after the calls in flight drained."""
+        if self._pool is not None:
+            await self._pool.aclose()
 
 
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
