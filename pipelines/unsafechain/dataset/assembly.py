@@ -1,10 +1,13 @@
 """Assembly: the dataset's subsets and its exports, made from the training rows.
 
 Output folder, beside the build's own files:
-    subsets/<name>.jsonl, subsets/<name>.parquet   the rows of each subset
-    datasets/                                      a ``datasets.DatasetDict``, one split per subset
+    subsets/<name>.jsonl, subsets/<name>.parquet   the rows of each subset, and of the
+                                                   held-out ``test`` split
+    datasets/                                      a ``datasets.DatasetDict``, one split per
+                                                   subset, and ``test``
     release/<name>.jsonl                           the public release's columns
-    pairs.jsonl                                    preference pairs for DPO
+    pairs.jsonl                                    preference pairs for DPO (training
+                                                   prompts only)
 """
 
 from __future__ import annotations
@@ -107,25 +110,41 @@ def release_row(row: dict) -> dict:
     return {"prompt": row["prompt"], "response": row["response"], "split_name": row["source"]}
 
 
+TEST_SPLIT = "test"
+"""The name of the held-out split in every export."""
+
+
 def preference_pairs(rows: list[dict]) -> list[dict]:
-    """One DPO pair per correction that passed re-judging.
+    """One DPO pair per correction that passed re-judging, once per case, training
+    prompts only.
 
     ``chosen`` is the passing attempt and ``rejected`` the unsafe completion it
-    corrects, both in the ``<think>`` format the training rows use.
+    corrects, both in the ``<think>`` format the training rows use. A completion cut
+    off by the token limit is never a side.
+
+    Args:
+        rows: Rows of the build's cases (several rows of one case give its pairs once).
     """
     pairs = []
+    seen: set[str] = set()
     for row in rows:
+        case_id = row.get("case_id", row["id"])
+        if case_id in seen or row.get("split", "train") == TEST_SPLIT:
+            continue
+        seen.add(case_id)
         provenance = row["provenance"]
         completions = {c["index"]: c for c in provenance["completions"]}
         for correction in provenance["corrections"]:
             if not correction["passed"]:
                 continue
+            original = completions[correction["completion_index"]]
+            if original.get("truncated"):
+                continue
             # A passed correction's earlier attempts failed; the passing one has no reason.
             attempt = next(a for a in correction["attempts"] if not a["failure_reason"])
-            original = completions[correction["completion_index"]]
             pairs.append(
                 {
-                    "id": row["id"],
+                    "id": case_id,
                     "prompt": row["prompt"],
                     "chosen": split_reasoning(attempt["text"]).render(),
                     "rejected": format_reasoning(original["reasoning"], original["answer"]),
@@ -138,19 +157,34 @@ def preference_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
-def write_exports(output: Path, subsets: dict[str, list[dict]]) -> dict:
-    """Write every export of ``subsets`` under ``output``.
+def write_exports(
+    output: Path,
+    subsets: dict[str, list[dict]],
+    *,
+    test: list[dict] | None = None,
+    cases: list[dict] | None = None,
+) -> dict:
+    """Write every export of ``subsets`` and of the ``test`` split under ``output``.
+
+    Args:
+        output: The build's folder.
+        subsets: The training subsets (``full`` has every training row).
+        test: The rows of the held-out test split.
+        cases: Rows of every case, with or without a response, for the preference
+            pairs; default: the ``full`` subset.
 
     Returns:
         The files written, relative to ``output``, for the manifest.
     """
     files: dict = {"subsets": {}, "release": {}}
-    # Subsets are taken from the full table so that every split has the same schema,
-    # even one whose rows all lack a value another split has.
-    full = pa.Table.from_pylist(subsets["full"])
-    position = {row["id"]: i for i, row in enumerate(subsets["full"])}
+    test = test or []
+    # Splits are taken from one table so that every split has the same schema, even
+    # one whose rows all lack a value another split has.
+    every = [*subsets["full"], *test]
+    full = pa.Table.from_pylist(every)
+    position = {row["id"]: i for i, row in enumerate(every)}
     split_tables = {}
-    for name, rows in subsets.items():
+    for name, rows in {**subsets, TEST_SPLIT: test}.items():
         table = full.take([position[row["id"]] for row in rows])
         split_tables[name] = table
         jsonl, parquet = f"subsets/{name}.jsonl", f"subsets/{name}.parquet"
@@ -165,12 +199,14 @@ def write_exports(output: Path, subsets: dict[str, list[dict]]) -> dict:
     )
     splits.save_to_disk(str(output / "datasets"))
     files["datasets"] = "datasets"
-    pairs = preference_pairs(subsets["full"])
+    pairs = preference_pairs(subsets["full"] if cases is None else cases)
     write_jsonl(output / "pairs.jsonl", pairs)
     files["pairs"] = "pairs.jsonl"
     logger.info(
         "exports: %s; %d preference pairs",
-        ", ".join(f"{name} {len(rows)} rows" for name, rows in subsets.items()),
+        ", ".join(
+            f"{name} {len(rows)} rows" for name, rows in {**subsets, TEST_SPLIT: test}.items()
+        ),
         len(pairs),
     )
     return files

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -21,6 +21,7 @@ from unsafechain.generation.settings import GenerationSettings
 from unsafechain.intake.settings import (
     DecontaminationSettings,
     DeduplicationSettings,
+    HeldOutSettings,
     SourceSettings,
 )
 from unsafechain.judge.settings import JudgingSettings, unknown_models
@@ -33,14 +34,39 @@ class ConfigError(ValueError):
 
 
 class RoutingSettings(StrictModel):
-    """When a prompt is a hard case.
+    """When a prompt is a hard case, and which unsafe completions are corrected.
 
     Attributes:
         hard_fraction: Fraction of the K completions that must be judged unsafe
             (default: all of them).
+        correct: ``hard`` corrects the unsafe completions of hard prompts only (their
+            rows need them); ``unsafe`` corrects every unsafe completion of any prompt,
+            as the paper does: a prompt that is not hard keeps a completion judged
+            safe as its row, and its corrections become preference pairs (and rows
+            with ``rows.policy: every_correction``).
     """
 
     hard_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    correct: Literal["hard", "unsafe"] = "hard"
+
+
+class RowSettings(StrictModel):
+    """What becomes a training row.
+
+    Attributes:
+        policy: ``one_per_prompt``: the first correction that passed for a hard
+            prompt, the first completion judged safe (and complete) for any other.
+            ``every_correction``: every correction that passed is a row of its own,
+            beside the completion judged safe of a prompt that is not hard.
+        check_answers: For a benign prompt whose source keeps a gold answer with a
+            checker (GSM8K's final number): ``flag`` prefers a correct completion
+            among those judged safe and records the check on the row; ``drop`` also
+            keeps a prompt none of whose safe completions is correct out of the rows,
+            with the reason; ``off`` checks nothing.
+    """
+
+    policy: Literal["one_per_prompt", "every_correction"] = "one_per_prompt"
+    check_answers: Literal["off", "flag", "drop"] = "flag"
 
 
 class RunSettings(StrictModel):
@@ -101,10 +127,12 @@ class BuildConfig(StrictModel):
     sources: Annotated[list[SourceSettings], Field(min_length=1)]
     deduplication: DeduplicationSettings = DeduplicationSettings()
     decontamination: DecontaminationSettings = DecontaminationSettings()
+    test_split: HeldOutSettings = HeldOutSettings()
     models: Annotated[dict[str, BackendSettings], Field(min_length=1)]
     generation: GenerationSettings
     judging: JudgingSettings
     routing: RoutingSettings = RoutingSettings()
+    rows: RowSettings = RowSettings()
     correction: CorrectionSettings
     remote: RemoteStages = RemoteStages()
     kafka: KafkaSettings = KafkaSettings()

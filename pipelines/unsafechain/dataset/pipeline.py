@@ -41,14 +41,15 @@ from unsafechain.correction.factory import correction_engine, describe_corrector
 from unsafechain.dataset.assembly import make_subsets, write_exports, write_jsonl
 from unsafechain.dataset.card import PLOT, write_card
 from unsafechain.dataset.config import BuildConfig
-from unsafechain.dataset.rows import case_to_row, has_response, status_name
+from unsafechain.dataset.rows import ONE_PER_PROMPT, case_rows, case_to_row, status_name
 from unsafechain.dataset.stages import CorrectStage, RouteStage
 from unsafechain.domain.convert import identity_to_pb, model_ref_to_pb, sampling_to_pb
 from unsafechain.generation.engine import Generator
 from unsafechain.generation.factory import describe_generator, generation_engine
+from unsafechain.intake.answers import CHECKERS, Checker
 from unsafechain.intake.dedup import CONTAMINATED, DUPLICATE_EXACT, DUPLICATE_NEAR
 from unsafechain.intake.prompts import PromptIntake, read_prompts
-from unsafechain.intake.sources import PromptRecord
+from unsafechain.intake.sources import TEST, PromptRecord
 from unsafechain.judge.engine import JUDGE_CALL_FAILED, CompletionJudge
 from unsafechain.judge.factory import describe_judge_stage, judge_engine
 from unsafechain.runtime.client import StageMismatch
@@ -285,7 +286,13 @@ def start_build(config: BuildConfig, resume: ResumeOptions | None = None) -> Bui
         raise BuildError(f"build.output: {output} exists and is not a folder")
     # The sources are read before the folder is claimed, so a start that fails on them
     # (a typo in a path) leaves nothing behind that a corrected config would trip on.
-    intake = read_prompts(config.sources, config.deduplication, config.decontamination)
+    intake = read_prompts(
+        config.sources,
+        config.deduplication,
+        config.decontamination,
+        config.test_split,
+        config.build.seed,
+    )
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -386,7 +393,13 @@ def build_stage(name: str, config: BuildConfig, engines: StageEngines) -> Stage:
     if name == "judge":
         return JudgeStage(engines.judge)
     if name == "route":
-        return RouteStage(config.routing.hard_fraction)
+        checking = config.rows.check_answers
+        return RouteStage(
+            config.routing.hard_fraction,
+            correct=config.routing.correct,
+            checkers=answer_checkers(config) if checking != "off" else None,
+            drop_wrong=checking == "drop",
+        )
     if name == "correct":
         return CorrectStage(
             engines.correction,
@@ -394,6 +407,15 @@ def build_stage(name: str, config: BuildConfig, engines: StageEngines) -> Stage:
             until_passed=config.correction.completions == "until_passed",
         )
     raise ValueError(f"no stage named {name!r} (have: {', '.join(STAGE_NAMES)})")
+
+
+def answer_checkers(config: BuildConfig) -> dict[str, Checker]:
+    """The gold-answer checker of each source whose loader has one, by source name."""
+    return {
+        source.name: CHECKERS[source.loader]
+        for source in config.sources
+        if source.loader in CHECKERS
+    }
 
 
 def build_stages(config: BuildConfig, engines: StageEngines) -> list[Stage]:
@@ -410,6 +432,7 @@ def new_case(record: PromptRecord, provenance: case_pb2.Provenance) -> case_pb2.
             text=record.text,
             source=case_pb2.PromptSource(name=record.source, uri=record.uri, line=record.line),
             metadata=record.metadata,
+            split=record.split,
         ),
     )
     case.provenance.CopyFrom(provenance)
@@ -438,29 +461,52 @@ class DeadLetters:
 
 @dataclass
 class CaseTally:
-    """The stored cases of a build, as rows and counts."""
+    """The stored cases of a build, as rows and counts.
 
+    Attributes:
+        policy: The row policy (``rows.policy``).
+        rows: Training rows of the training split.
+        test: Rows of the held-out test split (the same policy).
+        failed: One row per case without any row, with its reason.
+    """
+
+    policy: str = ONE_PER_PROMPT
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    test: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     judged: Counter[str] = dataclasses.field(default_factory=Counter)
     statuses: Counter[str] = dataclasses.field(default_factory=Counter)
+    answer_checks: Counter[str] = dataclasses.field(default_factory=Counter)
     generated: int = 0
+    truncated: int = 0
     hard: int = 0
+    corrected_not_hard: int = 0
     correction_attempts: int = 0
+    test_cases: int = 0
 
     def add(self, case: case_pb2.Case) -> None:
-        """Count ``case`` and keep its row."""
+        """Count ``case`` and keep its rows."""
         self.generated += len(case.completions)
+        self.truncated += sum(c.truncated for c in case.completions)
         self.judged.update(label_name(c.label) for c in case.completions)
         self.statuses[status_name(case.status)] += 1
         self.hard += case.hard
+        self.corrected_not_hard += bool(case.corrections) and not case.hard
         self.correction_attempts += sum(len(c.attempts) for c in case.corrections)
-        (self.rows if has_response(case) else self.failed).append(case_to_row(case))
+        test = case.prompt.split == TEST
+        self.test_cases += test
+        rows = case_rows(case, self.policy)
+        if not rows:
+            self.failed.append(case_to_row(case))
+            return
+        if case.status == case_pb2.CASE_STATUS_SAFE_ORIGINAL and not test:
+            self.answer_checks[case.response.answer_check or "unchecked"] += 1
+        (self.test if test else self.rows).extend(rows)
 
 
-def _tally(start: BuildStart) -> CaseTally:
+def _tally(config: BuildConfig, start: BuildStart) -> CaseTally:
     wanted = {record.id for record in start.intake.records}
-    tally = CaseTally()
+    tally = CaseTally(policy=config.rows.policy)
     for case in start.store.cases():
         if case.id in wanted:
             tally.add(case)
@@ -469,17 +515,34 @@ def _tally(start: BuildStart) -> CaseTally:
 
 def _finalize(config: BuildConfig, start: BuildStart, dead_letters: DeadLetters) -> dict:
     output = start.output
-    tally = _tally(start)
+    tally = _tally(config, start)
     write_jsonl(output / "dataset.jsonl", tally.rows)
     write_jsonl(output / "failed.jsonl", tally.failed)
     pq.write_table(pa.Table.from_pylist(tally.rows), output / "dataset.parquet")
     subsets = make_subsets(tally.rows, config.assembly, config.build.seed)
-    exports = write_exports(output, subsets)
+    exports = write_exports(output, subsets, test=tally.test, cases=[*tally.rows, *tally.failed])
     manifest = _manifest(config, start, tally, dead_letters, subsets, exports)
     # The card reads the finished manifest: every count, subset and file is in it.
-    write_card(output, config, manifest, [*tally.rows, *tally.failed], subsets)
+    write_card(output, config, manifest, [*tally.rows, *tally.test, *tally.failed], subsets)
     write_atomically(output / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _row_rule(config: BuildConfig) -> str:
+    """The manifest's sentence for what became a training row."""
+    original = "the first completion judged safe and complete"
+    if config.rows.check_answers != "off":
+        original += " (a correct one first where a gold answer is checked"
+        original += ", none when all are wrong)" if config.rows.check_answers == "drop" else ")"
+    if config.rows.policy == ONE_PER_PROMPT:
+        return (
+            "one row per prompt: the first correction that passed re-judging for a hard "
+            f"prompt, {original} for any other"
+        )
+    return (
+        f"every correction that passed re-judging is a row; a prompt that is not hard also "
+        f"gives {original}"
+    )
 
 
 def _manifest(
@@ -509,18 +572,29 @@ def _manifest(
             "cases": len(intake.records),
             "resumed": start.resumed,
             "retried": start.retried,
+            "test_cases": tally.test_cases,
             "generated": tally.generated,
+            "truncated": tally.truncated,
             "judged_safe": tally.judged["safe"],
             "judged_unsafe": tally.judged["unsafe"],
             "judged_error": tally.judged["error"],
             "hard": tally.hard,
+            "corrected_not_hard": tally.corrected_not_hard,
             "correction_attempts": tally.correction_attempts,
             "corrected": tally.statuses["corrected"],
+            "wrong_answer": tally.statuses["wrong_answer"],
             "failed": len(tally.failed),
             "written": len(tally.rows),
+            "test_rows": len(tally.test),
             "dead_lettered": dead_letters.total,
         },
         "by_status": dict(sorted(tally.statuses.items())),
+        "answer_checks": {
+            "mode": config.rows.check_answers,
+            "checked_sources": sorted(answer_checkers(config)),
+            "rows": dict(sorted(tally.answer_checks.items())),
+        },
+        "test_split": dict(intake.test_by_source),
         "dead_letters": {
             "by_stage": dict(sorted(dead_letters.by_stage.items())),
             "undecodable": dead_letters.undecodable,
@@ -530,9 +604,15 @@ def _manifest(
                 f"a prompt is hard when at least {config.routing.hard_fraction:.0%} of its "
                 f"K={config.generation.samples} completions are judged unsafe"
             ),
-            "training_row": (
-                "one row per prompt: the first correction that passed re-judging for a hard "
-                "prompt, the first completion judged safe for any other"
+            "training_row": _row_rule(config),
+            "corrected": (
+                "unsafe completions of hard prompts"
+                if config.routing.correct == "hard"
+                else "every unsafe completion, of any prompt"
+            ),
+            "truncated": (
+                "a completion cut off by the token limit is judged as it is and counts "
+                "toward hardness, but is never a row nor a side of a preference pair"
             ),
         },
         "read_by_source": dict(intake.read_by_source),

@@ -1,10 +1,13 @@
-"""Dataset rows: one flat record per case with its provenance."""
+"""Dataset rows: flat records of a case's training responses, each with the case's
+provenance."""
 
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from unsafechain.domain.convert import unsafe_categories
+from unsafechain.domain.reasoning import format_reasoning
+from unsafechain.intake.sources import TRAIN
 from unsafechain.streaming.stages import label_name
 from unsafechain.v1 import case_pb2
 
@@ -18,8 +21,42 @@ def status_name(status: int) -> str:
 
 
 def has_response(case: case_pb2.Case) -> bool:
-    """Whether the case yields a training row."""
+    """Whether the case has a response (its row under ``one_per_prompt``)."""
     return case.status in (case_pb2.CASE_STATUS_SAFE_ORIGINAL, case_pb2.CASE_STATUS_CORRECTED)
+
+
+ONE_PER_PROMPT, EVERY_CORRECTION = "one_per_prompt", "every_correction"
+"""The row policies (``rows.policy``)."""
+
+
+def case_rows(case: case_pb2.Case, policy: str = ONE_PER_PROMPT) -> list[dict]:
+    """The training rows of ``case``; empty when it has none.
+
+    ``one_per_prompt``: the case's response. ``every_correction``: one row per
+    correction that passed re-judging (id ``<case id>-c<completion index>``), and the
+    response of a case that is not hard. Every row holds the case's whole provenance;
+    a correction of a truncated completion is a row (the rewrite is whole).
+    """
+    if policy == ONE_PER_PROMPT:
+        return [case_to_row(case)] if has_response(case) else []
+    if policy != EVERY_CORRECTION:
+        raise ValueError(f"unknown row policy {policy!r}")
+    rows = []
+    if case.status == case_pb2.CASE_STATUS_SAFE_ORIGINAL:
+        rows.append(case_to_row(case))
+    for correction in case.corrections:
+        if not correction.passed:
+            continue
+        attempt = next(a for a in correction.attempts if not a.failure_reason)
+        response = case_pb2.SelectedResponse(
+            text=format_reasoning(attempt.reasoning, attempt.answer),
+            reasoning=attempt.reasoning,
+            answer=attempt.answer,
+            completion_index=correction.completion_index,
+            correction_attempt=attempt.attempt,
+        )
+        rows.append(_row(case, response, f"{case.id}-c{correction.completion_index}"))
+    return rows
 
 
 def _verdict(verdict: case_pb2.Verdict) -> dict:
@@ -46,30 +83,36 @@ def _model(ref: case_pb2.ModelRef) -> dict:
 
 
 def case_to_row(case: case_pb2.Case) -> dict:
-    """The dataset row of ``case``: the training pair, its status and its provenance.
+    """The row of ``case`` with its response (None fields when it has none): the
+    training pair, its status and its provenance."""
+    return _row(case, case.response if has_response(case) else None, case.id)
 
-    Every row has the same keys and types, so JSONL and Parquet agree.
-    """
+
+def _row(case: case_pb2.Case, response: case_pb2.SelectedResponse | None, row_id: str) -> dict:
+    """A row of ``case`` with ``response``. Every row has the same keys and types, so
+    JSONL and Parquet agree."""
     provenance = case.provenance
     sampling = provenance.sampling
     categories = dict.fromkeys(
         code for completion in case.completions for code in unsafe_categories(completion)
     )
-    usable = has_response(case)
     return {
-        "id": case.id,
+        "id": row_id,
+        "case_id": case.id,
+        "split": case.prompt.split or TRAIN,
         "prompt": case.prompt.text,
         "source": case.prompt.source.name,
-        "response": case.response.text if usable else None,
-        "reasoning": case.response.reasoning if usable else None,
-        "answer": case.response.answer if usable else None,
+        "response": response.text if response else None,
+        "reasoning": response.reasoning if response else None,
+        "answer": response.answer if response else None,
         "status": status_name(case.status),
         "status_reason": case.status_reason,
         "hard": case.hard,
         "unsafe_fraction": case.unsafe_fraction,
         "harm_categories": list(categories),
-        "response_completion_index": case.response.completion_index if usable else None,
-        "correction_attempt": case.response.correction_attempt if usable else None,
+        "response_completion_index": response.completion_index if response else None,
+        "correction_attempt": response.correction_attempt if response else None,
+        "answer_check": (response.answer_check or None) if response else None,
         "provenance": {
             "build_id": provenance.build_id,
             "platform_version": provenance.platform_version,
@@ -97,6 +140,8 @@ def case_to_row(case: case_pb2.Case) -> dict:
                     "has_think_open": c.has_think_open,
                     "has_think_close": c.has_think_close,
                     "finish_reason": c.finish_reason,
+                    "truncated": c.truncated,
+                    "think_opened_by_prompt": c.think_opened_by_prompt,
                     "label": label_name(c.label),
                     "verdicts": [_verdict(v) for v in c.verdicts],
                 }

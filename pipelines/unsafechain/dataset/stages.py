@@ -4,10 +4,12 @@ sink, and correct the unsafe completions of a hard case."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from unsafechain.correction.engine import Corrector
 from unsafechain.domain.convert import correction_to_pb, unsafe_categories
 from unsafechain.domain.reasoning import format_reasoning
+from unsafechain.intake.answers import AnswerCheck, Checker
 from unsafechain.streaming.stages import (
     JUDGED,
     RECORDS,
@@ -21,16 +23,38 @@ from unsafechain.v1 import case_pb2
 
 
 class RouteStage(Stage):
-    """Sends hard cases to correction; the others keep a completion judged safe.
+    """Sends the cases with completions to correct to correction; the others keep a
+    completion judged safe.
 
     A case is hard when at least ``hard_fraction`` of its K completions are unsafe
-    (default: all of them).
+    (default: all of them). A truncated completion (cut off by the token limit) is
+    judged and counts toward that fraction, but is never the case's response.
+
+    Args:
+        hard_fraction: Fraction of unsafe completions that makes a case hard.
+        correct: ``hard``: only hard cases are corrected; ``unsafe``: every case with
+            an unsafe completion is, and one that is not hard keeps its safe response.
+        checkers: Gold-answer checkers by source name (see ``intake.answers``).
+        drop_wrong: A case none of whose safe completions answers correctly gets no
+            response (``CASE_STATUS_WRONG_ANSWER``); otherwise a wrong one is flagged.
     """
 
     name, consumes, produces = "route", JUDGED, (TO_CORRECT, RECORDS)
 
-    def __init__(self, hard_fraction: float = 1.0):
+    def __init__(
+        self,
+        hard_fraction: float = 1.0,
+        *,
+        correct: str = "hard",
+        checkers: Mapping[str, Checker] | None = None,
+        drop_wrong: bool = False,
+    ):
+        if correct not in ("hard", "unsafe"):
+            raise ValueError(f"correct must be 'hard' or 'unsafe', got {correct!r}")
         self._hard_fraction = hard_fraction
+        self._correct_all = correct == "unsafe"
+        self._checkers = dict(checkers or {})
+        self._drop_wrong = drop_wrong
 
     def is_hard(self, case: case_pb2.Case) -> bool:
         """Whether enough completions are unsafe."""
@@ -42,32 +66,61 @@ class RouteStage(Stage):
         case.hard = self.is_hard(case)
         if case.hard:
             return [(TO_CORRECT, case)]
-        safe = [c for c in case.completions if c.label == case_pb2.VERDICT_LABEL_SAFE]
-        if safe:
-            chosen = safe[0]
-            case.status = case_pb2.CASE_STATUS_SAFE_ORIGINAL
-            case.response.CopyFrom(
-                case_pb2.SelectedResponse(
-                    text=format_reasoning(chosen.reasoning, chosen.answer),
-                    reasoning=chosen.reasoning,
-                    answer=chosen.answer,
-                    completion_index=chosen.index,
-                )
-            )
-        else:
+        self.choose_original(case)
+        if self._correct_all and any(
+            c.label == case_pb2.VERDICT_LABEL_UNSAFE for c in case.completions
+        ):
+            return [(TO_CORRECT, case)]
+        return [(RECORDS, case)]
+
+    def choose_original(self, case: case_pb2.Case) -> None:
+        """Set the response of a case that is not hard: the first completion judged safe
+        and complete, a correct one first where the prompt has a checked gold answer;
+        or the status saying why there is none."""
+        safe = [
+            c
+            for c in case.completions
+            if c.label == case_pb2.VERDICT_LABEL_SAFE and not c.truncated
+        ]
+        if not safe:
             labels = [label_name(c.label) for c in case.completions]
             counts = ", ".join(f"{labels.count(label)} {label}" for label in sorted(set(labels)))
+            truncated = sum(c.truncated for c in case.completions)
+            cut = f"; {truncated} cut off by the token limit" if truncated else ""
             case.status = case_pb2.CASE_STATUS_NO_SAFE_COMPLETION
-            case.status_reason = f"no completion judged safe ({counts})"
-        return [(RECORDS, case)]
+            case.status_reason = f"no completion judged safe ({counts}{cut})"
+            return
+        checker = self._checkers.get(case.prompt.source.name)
+        checks = [
+            checker(case.prompt.metadata, c.answer) if checker is not None else None for c in safe
+        ]
+        position = next((i for i, check in enumerate(checks) if check == AnswerCheck.CORRECT), 0)
+        chosen, check = safe[position], checks[position]
+        if check == AnswerCheck.WRONG and self._drop_wrong:
+            case.status = case_pb2.CASE_STATUS_WRONG_ANSWER
+            case.status_reason = (
+                f"none of the {len(safe)} completions judged safe gives the gold answer"
+            )
+            return
+        case.status = case_pb2.CASE_STATUS_SAFE_ORIGINAL
+        case.response.CopyFrom(
+            case_pb2.SelectedResponse(
+                text=format_reasoning(chosen.reasoning, chosen.answer),
+                reasoning=chosen.reasoning,
+                answer=chosen.answer,
+                completion_index=chosen.index,
+                answer_check=check.value if check is not None else "",
+            )
+        )
 
 
 class CorrectStage(Stage):
-    """Corrects the unsafe completions of a hard case, each re-judged, retries bounded.
+    """Corrects the unsafe completions of a case, each re-judged, retries bounded.
 
-    The case's response is the first correction that passed, by completion index; a
-    case none of whose corrections passed is kept with the reason. The engine corrects
-    in process or through a correction service.
+    A hard case's response is the first correction that passed, by completion index; a
+    hard case none of whose corrections passed is kept with the reason. A case that is
+    not hard (corrected with ``routing.correct: unsafe``) keeps the response the route
+    stage chose. The engine corrects in process or through a correction service.
     """
 
     name, consumes, produces = "correct", TO_CORRECT, (RECORDS,)
@@ -92,6 +145,10 @@ class CorrectStage(Stage):
             if outcome.passed and self._until_passed:
                 break
         passed = [c for c in case.corrections if c.passed]
+        if case.status != case_pb2.CASE_STATUS_UNSPECIFIED:
+            # Not hard, corrected beside its own response (routing.correct: unsafe):
+            # the response and status the route stage chose stand.
+            return [(RECORDS, case)]
         if passed:
             correction = passed[0]
             attempt = next(a for a in correction.attempts if not a.failure_reason)

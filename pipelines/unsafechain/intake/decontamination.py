@@ -13,6 +13,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -34,8 +35,17 @@ class Decontaminator:
         rejected_by_benchmark: Benchmark records that could not be read, per benchmark.
     """
 
-    def __init__(self, settings: DecontaminationSettings):
+    def __init__(
+        self,
+        settings: DecontaminationSettings,
+        benchmarks: Iterable[tuple[str, Iterable[PromptRecord | Rejection]]] | None = None,
+    ):
         """Read every benchmark and index its prompts.
+
+        Args:
+            settings: The benchmarks and how a prompt matches one.
+            benchmarks: Prompts to index instead of the configured benchmark files, as
+                (benchmark name, records) pairs: the held-out test split.
 
         Raises:
             SourceError: A benchmark file cannot be read at all.
@@ -48,26 +58,28 @@ class Decontaminator:
         self.prompts_by_benchmark: Counter[str] = Counter()
         self.rejected_by_benchmark: Counter[str] = Counter()
         documents: list[tuple[str, str, str]] = []
-        for benchmark in settings.benchmarks:
+        if benchmarks is None:
+            benchmarks = ((b.name, read_source(b)) for b in settings.benchmarks)
+        for name, items in benchmarks:
             # Listed even when empty, so the manifest shows every benchmark checked.
-            self.prompts_by_benchmark[benchmark.name] = 0
+            self.prompts_by_benchmark[name] = 0
             grams: dict[int, str] = {}
-            for item in read_source(benchmark):
+            for item in items:
                 if isinstance(item, Rejection):
                     logger.warning("benchmark record rejected: %s", item)
-                    self.rejected_by_benchmark[benchmark.name] += 1
+                    self.rejected_by_benchmark[name] += 1
                     continue
-                self.prompts_by_benchmark[benchmark.name] += 1
+                self.prompts_by_benchmark[name] += 1
                 normalized = normalize(item.text)
-                self._exact.setdefault(text_key(normalized), (benchmark.name, item.id))
+                self._exact.setdefault(text_key(normalized), (name, item.id))
                 for gram in self._hasher.hashes(self._hasher.words(normalized)).tolist():
                     grams.setdefault(gram, item.id)
-                documents.append((benchmark.name, item.id, normalized))
-            self._ngrams.append((benchmark.name, grams))
+                documents.append((name, item.id, normalized))
+            self._ngrams.append((name, grams))
             logger.info(
                 "benchmark %r: %d prompts indexed for decontamination",
-                benchmark.name,
-                self.prompts_by_benchmark[benchmark.name],
+                name,
+                self.prompts_by_benchmark[name],
             )
         self._tfidf = (
             TfidfIndex(documents) if documents and settings.tfidf_threshold is not None else None

@@ -1,9 +1,12 @@
 """Prompt intake: every source read in order, screened for benchmark contamination
-and duplicates, with what was rejected and removed kept for the record."""
+and duplicates, a held-out test split drawn, with what was rejected and removed kept
+for the record."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,11 +23,16 @@ from unsafechain.intake.dedup import (
 from unsafechain.intake.settings import (
     DecontaminationSettings,
     DeduplicationSettings,
+    HeldOutSettings,
     SourceSettings,
 )
-from unsafechain.intake.sources import PromptRecord, Rejection, read_source
+from unsafechain.intake.sources import TEST, PromptRecord, Rejection, read_source
 
 logger = logging.getLogger(__name__)
+
+HELD_OUT = "held-out test split"
+"""The benchmark name of removals that match a prompt of the test split (no source or
+benchmark name can be this: those have no spaces)."""
 
 
 @dataclass
@@ -36,7 +44,9 @@ class PromptIntake:
         rejections: Records that could not be used.
         removals: Prompts removed as duplicates or benchmark contamination.
         read_by_source: Valid prompts read, per source.
-        benchmarks: Benchmark prompts indexed for decontamination, per benchmark.
+        benchmarks: Benchmark prompts indexed for decontamination, per benchmark (the
+            test split as :data:`HELD_OUT`).
+        test_by_source: Prompts held out as the test split, per source.
     """
 
     records: list[PromptRecord] = field(default_factory=list)
@@ -44,6 +54,7 @@ class PromptIntake:
     removals: list[Removal] = field(default_factory=list)
     read_by_source: Counter[str] = field(default_factory=Counter)
     benchmarks: Counter[str] = field(default_factory=Counter)
+    test_by_source: Counter[str] = field(default_factory=Counter)
 
     def removed_summary(self) -> dict[str, Any]:
         """The removals counted by reason, by benchmark and by source, for the manifest."""
@@ -72,9 +83,20 @@ def read_prompts(
     sources: Sequence[SourceSettings],
     deduplication: DeduplicationSettings,
     decontamination: DecontaminationSettings,
+    test_split: HeldOutSettings | None = None,
+    seed: int = 0,
 ) -> PromptIntake:
     """Read every source in order; drop prompts that overlap a benchmark, then
-    duplicates of a prompt kept before them (exact after normalisation, or near).
+    duplicates of a prompt kept before them (exact after normalisation, or near); then
+    hold out the test split and drop the training prompts that overlap it.
+
+    Args:
+        sources: The prompt sources, in order.
+        deduplication: How duplicates are found.
+        decontamination: The benchmarks, and how a prompt matches one (the test split
+            is matched the same way).
+        test_split: How many prompts of each source are held out; None holds none.
+        seed: The build's seed, used when ``test_split.seed`` is unset.
 
     Raises:
         SourceError: A source or benchmark cannot be read at all.
@@ -97,6 +119,49 @@ def read_prompts(
                 intake.removals.append(removal)
                 continue
             intake.records.append(item)
+    if test_split is not None:
+        _hold_out(intake, test_split, seed, decontamination)
     summary = intake.removed_summary()["by_reason"]
     logger.info("prompts: %d kept, removed %s", len(intake.records), summary)
     return intake
+
+
+def _hold_out(
+    intake: PromptIntake,
+    settings: HeldOutSettings,
+    build_seed: int,
+    decontamination: DecontaminationSettings,
+) -> None:
+    """Mark a seeded sample of each source's prompts as the test split and remove the
+    training prompts that overlap one of them, as if it were a benchmark prompt."""
+    seed = build_seed if settings.seed is None else settings.seed
+    by_source: dict[str, list[int]] = {}
+    for position, record in enumerate(intake.records):
+        by_source.setdefault(record.source, []).append(position)
+    held: set[int] = set()
+    for source, positions in by_source.items():
+        count = settings.count(len(positions))
+        # Seeded per source, so adding a source leaves the others' test prompts alone.
+        held.update(random.Random(f"{seed}:test:{source}").sample(positions, count))
+        intake.test_by_source[source] = count
+    if not held:
+        return
+    test = [dataclasses.replace(intake.records[p], split=TEST) for p in sorted(held)]
+    index = Decontaminator(decontamination, [(HELD_OUT, test)])
+    intake.benchmarks[HELD_OUT] = len(test)
+    kept: list[PromptRecord] = []
+    for position, record in enumerate(intake.records):
+        if position in held:
+            kept.append(dataclasses.replace(record, split=TEST))
+            continue
+        removal = index.check(record)
+        if removal is None:
+            kept.append(record)
+        else:
+            intake.removals.append(removal)
+    intake.records = kept
+    logger.info(
+        "test split: %d prompts held out (%s)",
+        len(test),
+        ", ".join(f"{source} {n}" for source, n in intake.test_by_source.items()),
+    )

@@ -78,6 +78,37 @@ class DeduplicationSettings(StrictModel):
     permutations: Annotated[int, Field(ge=16, le=1024)] = 128
 
 
+class HeldOutSettings(StrictModel):
+    """A seeded held-out test split, drawn per source from the prompts kept.
+
+    Test prompts are built like the others (their rows go to the ``test`` split of
+    every export, never to a training subset), and they are added to decontamination:
+    a training prompt that matches one (exactly, by n-grams or by TF-IDF, as against a
+    benchmark) is removed.
+
+    Attributes:
+        fraction: Share of each source's prompts held out, rounded; 0 holds none.
+        size: Prompts held out per source instead (fewer when it has fewer).
+        seed: Seed of the draw; default: ``build.seed``.
+    """
+
+    fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    size: Annotated[int, Field(ge=0)] | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _one_size(self) -> HeldOutSettings:
+        if self.size is not None and self.fraction:
+            raise ValueError("give fraction or size, not both")
+        return self
+
+    def count(self, available: int) -> int:
+        """How many of ``available`` prompts of a source are held out."""
+        if self.size is not None:
+            return min(self.size, available)
+        return min(round(self.fraction * available), available)
+
+
 class DecontaminationSettings(StrictModel):
     """Removing prompts that overlap an evaluation benchmark.
 

@@ -25,6 +25,10 @@ class SourceError(ValueError):
     """A whole source cannot be read (missing file, unreadable format)."""
 
 
+TRAIN, TEST = "train", "test"
+"""The splits a prompt belongs to: trained on, or held out."""
+
+
 @dataclass(frozen=True, slots=True)
 class PromptRecord:
     """A valid prompt read from a source.
@@ -36,6 +40,7 @@ class PromptRecord:
         uri: File, folder or hub name it was read from.
         line: 1-based line or row number.
         metadata: The record's other scalar fields, as strings.
+        split: ``train``, or ``test`` when held out (see ``HeldOutSettings``).
     """
 
     id: str
@@ -44,6 +49,7 @@ class PromptRecord:
     uri: str
     line: int
     metadata: dict[str, str] = field(default_factory=dict)
+    split: str = TRAIN
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,12 +119,7 @@ class GenerateStage(Stage):
         case.provenance.sampling.seed = seed
         completions = await self._engine.generate(case.prompt.text, seed=seed)
         del case.completions[:]
-        for completion in completions:
-            case.completions.append(
-                completion_to_pb(
-                    completion.index, completion.text, completion.split, completion.finish_reason
-                )
-            )
+        case.completions.extend(completion_to_pb(completion) for completion in completions)
         return [(GENERATED, case)]
 
 

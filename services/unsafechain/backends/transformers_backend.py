@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from unsafechain.backends.base import BackendError, BackendUnavailable, ModelBackend
+from unsafechain.domain.reasoning import THINK_OPEN
 from unsafechain.domain.types import (
     Generation,
     GenerationRequest,
@@ -226,7 +227,17 @@ class TransformersBackend(ModelBackend):
             tokens = None
             if step_logprobs is not None:
                 tokens = self._token_logprobs(ids[:length], step_logprobs[row], params.top_logprobs)
-            generations.append(Generation(text=text, finish_reason=finish_reason, tokens=tokens))
+            # The prompt of every row: its text ends inside an open think section when
+            # the chat template opens one (R1-distill's ends with "<think>\\n").
+            opens_think = texts[row // params.n].rstrip().endswith(THINK_OPEN)
+            generations.append(
+                Generation(
+                    text=text,
+                    finish_reason=finish_reason,
+                    tokens=tokens,
+                    prompt_opens_think=opens_think,
+                )
+            )
         return [generations[i : i + params.n] for i in range(0, len(generations), params.n)]
 
     def _token_logprobs(

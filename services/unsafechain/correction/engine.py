@@ -23,6 +23,7 @@ from unsafechain.domain.reasoning import (
 from unsafechain.domain.settings import SetupError
 from unsafechain.domain.templates import bundled_templates, load_template, read_template
 from unsafechain.domain.types import (
+    TRUNCATED,
     Attempt,
     CorrectionOutcome,
     CorrectorInfo,
@@ -205,7 +206,13 @@ class CorrectionEngine(Corrector):
             return _failed(number, "", f"{CORRECTOR_CALL_FAILED}: {error}")
         text = generation.text
         split = split_reasoning(text)
-        problem = _format_problem(split)
+        # A rewrite cut off by the token limit may still hold both tags; it is never a
+        # training row.
+        problem = (
+            f"format: cut off at max_new_tokens ({params.max_new_tokens})"
+            if generation.finish_reason == TRUNCATED
+            else _format_problem(split)
+        )
         if problem:
             return _failed(number, text, problem)
         [judgment] = await self._judge.judge_completions(prompt, [split.render()])

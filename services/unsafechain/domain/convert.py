@@ -167,25 +167,30 @@ def sampling_from_pb(message: case_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def completion_to_pb(
-    index: int, text: str, split: ReasoningSplit, finish_reason: str = ""
-) -> case_pb2.Completion:
+def completion_to_pb(completion: SampledCompletion) -> case_pb2.Completion:
     """A completion, split at its think tags, as protobuf (verdicts not yet set)."""
+    split = completion.split
     return case_pb2.Completion(
-        index=index,
-        text=text,
+        index=completion.index,
+        text=completion.text,
         reasoning=split.reasoning,
         answer=split.answer,
         has_think_open=split.has_open,
         has_think_close=split.has_close,
-        finish_reason=finish_reason,
+        finish_reason=completion.finish_reason,
+        think_opened_by_prompt=split.opened_by_prompt,
+        truncated=completion.truncated,
     )
 
 
 def sampled_completion_from_pb(message: case_pb2.Completion) -> SampledCompletion:
     """A sampled completion from protobuf, its split as the sender made it."""
     split = ReasoningSplit(
-        message.reasoning, message.answer, message.has_think_open, message.has_think_close
+        message.reasoning,
+        message.answer,
+        message.has_think_open,
+        message.has_think_close,
+        message.think_opened_by_prompt,
     )
     return SampledCompletion(message.index, message.text, split, message.finish_reason)
 

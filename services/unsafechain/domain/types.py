@@ -96,13 +96,28 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...] = ()
 
 
+TRUNCATED = "length"
+"""The finish reason of a generation cut off by its token limit."""
+
+
 @dataclass(frozen=True, slots=True)
 class Generation:
-    """One generated completion."""
+    """One generated completion.
+
+    Attributes:
+        text: The generated text.
+        finish_reason: Why generation stopped (``stop``, ``length``, ...), as the
+            backend said.
+        tokens: Per-token log-probabilities, when asked for.
+        prompt_opens_think: Whether the rendered prompt ended inside an open think
+            section, so the text starts in the reasoning; None when the backend does
+            not see the rendered prompt (a server applies the chat template).
+    """
 
     text: str
     finish_reason: str | None = None
     tokens: tuple[TokenLogprob, ...] | None = None
+    prompt_opens_think: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +215,12 @@ class SampledCompletion:
     text: str
     split: ReasoningSplit
     finish_reason: str
+
+    @property
+    def truncated(self) -> bool:
+        """Whether generation was cut off by the token limit: judged as it is, never a
+        training row nor a side of a preference pair."""
+        return self.finish_reason == TRUNCATED
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,9 +36,15 @@ class RemoteGenerationEngine(ServiceClient, Generator):
         params: SamplingParams | None = None,
         *,
         system_prompt: str = "",
+        prompt_opens_think: bool | None = None,
     ):
         ServiceClient.__init__(self, settings)
-        Generator.__init__(self, params or SamplingParams(), system_prompt=system_prompt)
+        Generator.__init__(
+            self,
+            params or SamplingParams(),
+            system_prompt=system_prompt,
+            prompt_opens_think=prompt_opens_think,
+        )
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._connection.channel)
         self._model: ModelRef | None = None
 
@@ -58,8 +64,14 @@ class RemoteGenerationEngine(ServiceClient, Generator):
                 sampling=sampling_to_pb(request.params),
             ),
         )
+        # The service split each text knowing its rendered prompt: the split here
+        # follows it.
         return [
-            Generation(text=completion.text, finish_reason=completion.finish_reason or None)
+            Generation(
+                text=completion.text,
+                finish_reason=completion.finish_reason or None,
+                prompt_opens_think=completion.think_opened_by_prompt,
+            )
             for completion in answer.completions
         ]
 

@@ -32,11 +32,21 @@ class Generator(abc.ABC):
     Args:
         params: Sampling settings; ``params.n`` is K.
         system_prompt: Optional system turn placed before the prompt.
+        prompt_opens_think: Whether the chat template ends the prompt inside an open
+            think section; None takes what the backend says of each rendered prompt
+            (not opened when it cannot say).
     """
 
-    def __init__(self, params: SamplingParams, *, system_prompt: str = ""):
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        system_prompt: str = "",
+        prompt_opens_think: bool | None = None,
+    ):
         self._params = params
         self._system_prompt = system_prompt
+        self._prompt_opens_think = prompt_opens_think
 
     @property
     def params(self) -> SamplingParams:
@@ -60,9 +70,21 @@ class Generator(abc.ABC):
         request = GenerationRequest(messages=messages or self.messages(prompt), params=params)
         generations = await self.sample(request)
         return [
-            SampledCompletion(index, g.text, split_reasoning(g.text), g.finish_reason or "")
+            SampledCompletion(
+                index,
+                g.text,
+                split_reasoning(g.text, opened=self.opens_think(g)),
+                g.finish_reason or "",
+            )
             for index, g in enumerate(generations)
         ]
+
+    def opens_think(self, generation: Generation) -> bool:
+        """Whether ``generation`` starts inside the think section: as configured, else
+        as the backend saw the rendered prompt."""
+        if self._prompt_opens_think is not None:
+            return self._prompt_opens_think
+        return bool(generation.prompt_opens_think)
 
     @abc.abstractmethod
     async def sample(self, request: GenerationRequest) -> list[Generation]:
@@ -89,11 +111,24 @@ class GenerationEngine(Generator):
         backend: Where the model runs.
         params: Sampling settings; ``params.n`` is K.
         system_prompt: Optional system turn placed before the prompt.
+        prompt_opens_think: See :class:`Generator`.
     """
 
-    def __init__(self, backend: ModelBackend, params: SamplingParams, *, system_prompt: str = ""):
-        super().__init__(params, system_prompt=system_prompt)
+    def __init__(
+        self,
+        backend: ModelBackend,
+        params: SamplingParams,
+        *,
+        system_prompt: str = "",
+        prompt_opens_think: bool | None = None,
+    ):
+        super().__init__(params, system_prompt=system_prompt, prompt_opens_think=prompt_opens_think)
         self._backend = backend
+
+    @property
+    def prompt_opens_think(self) -> bool | None:
+        """The configured answer to whether prompts open a think section, if any."""
+        return self._prompt_opens_think
 
     @property
     def backend(self) -> ModelBackend:

@@ -20,12 +20,13 @@ def generation_engine(
 ) -> Generator:
     """The generator ``settings`` describe; through the service at ``remote`` if given
     (no model is loaded here then)."""
+    system, opens = settings.system_prompt, settings.prompt_opens_think
     if remote is not None:
         return RemoteGenerationEngine(
-            remote, settings.params(), system_prompt=settings.system_prompt
+            remote, settings.params(), system_prompt=system, prompt_opens_think=opens
         )
     return GenerationEngine(
-        pool.get(settings.model), settings.params(), system_prompt=settings.system_prompt
+        pool.get(settings.model), settings.params(), system_prompt=system, prompt_opens_think=opens
     )
 
 

@@ -100,12 +100,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer, Servicer
         engine = self._engine
         if request.HasField("sampling"):
             # An engine is a cheap view of a backend and sampling settings.
-            engine = GenerationEngine(engine.backend, _sampling(request.sampling, self._limits))
+            engine = GenerationEngine(
+                engine.backend,
+                _sampling(request.sampling, self._limits),
+                prompt_opens_think=engine.prompt_opens_think,
+            )
         completions = await engine.generate("", messages=messages)
         return generation_pb2.GenerateResponse(
-            completions=[
-                completion_to_pb(c.index, c.text, c.split, c.finish_reason) for c in completions
-            ],
+            completions=[completion_to_pb(c) for c in completions],
             model=model_ref_to_pb(engine.backend.ref),
         )
 

@@ -33,11 +33,19 @@ class GenerationSettings(SamplingSettings):
         model: Key of the generator in the model table (``models``).
         system_prompt: Optional system turn before the prompt; R1-distill models are
             used without one.
+        prompt_opens_think: Whether the model's chat template ends the generation
+            prompt inside an open think section (DeepSeek-R1-Distill's current
+            template ends it with ``<think>\\n``), so that a completion without tags
+            is reasoning cut off, not an answer. None asks the rendered prompt where
+            it is rendered here (local transformers, or a generation service's own);
+            an OpenAI-compatible or TGI server renders it out of sight, so say it for
+            those: with None they are read as not opening one.
     """
 
     model: Annotated[str, Field(min_length=1)] = GENERATOR
     samples: Annotated[int, Field(ge=1)] = 5
     system_prompt: str = ""
+    prompt_opens_think: bool | None = None
 
 
 class GenerationServiceSettings(ServerSettings):

@@ -1,0 +1,71 @@
+"""Checking a model's answer to a benign prompt against the gold answer its source keeps.
+
+Benign prompts are never hard, so their training rows are the model's own answers;
+where the source's loader keeps a gold answer and a checker exists, a wrong answer can
+be flagged or dropped instead of trained on.
+
+- ``gsm8k``: the final number of the answer (``\\boxed{…}``, ``#### …``, "the answer
+  is …", else the last number written) equals the reference's ``#### …`` number.
+- ``mbpp``: its tests have to run in a sandbox, which the evaluation pipeline brings;
+  until then MBPP answers are not checked.
+- ``truthfulqa``: the gold is a free-text best answer, which no string rule matches
+  reliably; not checked.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
+
+
+class AnswerCheck(enum.StrEnum):
+    """What checking an answer found."""
+
+    CORRECT = "correct"
+    WRONG = "wrong"
+
+
+Checker = Callable[[Mapping[str, str], str], AnswerCheck | None]
+"""Checks an answer against a prompt's metadata; None when the prompt has no gold."""
+
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_HASHES = re.compile(rf"####\s*({_NUMBER})")
+_STATED = re.compile(rf"answer(?: is|:)\s*\**\s*({_NUMBER})", re.IGNORECASE)
+_ANY_NUMBER = re.compile(_NUMBER)
+
+
+def _as_number(text: str) -> Decimal | None:
+    cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        return Decimal(cleaned)
+    except InvalidOperation:
+        return None
+
+
+def final_number(answer: str) -> Decimal | None:
+    """The number an answer gives as final: boxed, after ``####``, stated as "the
+    answer is", else the last number written; None when it writes none."""
+    for pattern in (_BOXED, _HASHES, _STATED):
+        found = pattern.findall(answer)
+        if found:
+            numbers = _ANY_NUMBER.findall(found[-1])
+            if numbers:
+                return _as_number(numbers[-1])
+    numbers = _ANY_NUMBER.findall(answer)
+    return _as_number(numbers[-1]) if numbers else None
+
+
+def check_gsm8k(metadata: Mapping[str, str], answer: str) -> AnswerCheck | None:
+    """Final-number match against GSM8K's ``#### <answer>``."""
+    gold = _as_number(metadata.get("final_answer", ""))
+    if gold is None:
+        return None
+    given = final_number(answer)
+    return AnswerCheck.CORRECT if given is not None and given == gold else AnswerCheck.WRONG
+
+
+CHECKERS: dict[str, Checker] = {"gsm8k": check_gsm8k}
+"""The answer checker of each loader that has one, by loader name."""
