@@ -1,7 +1,14 @@
-"""The dataset card: ``README.md`` and its plot ``unsafe_rate.png`` in the output folder."""
+"""The dataset card: ``README.md`` and its plot ``unsafe_rate.png`` in the output folder.
+
+The card is a Hugging Face Hub dataset card: YAML front matter (configurations for the
+subsets with the test split, features, license, task categories, language, size
+category) and a body with a content warning, the counts, the models, the rules, the
+judges' targets, decontamination, limitations and the method's citation.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections import defaultdict
@@ -9,10 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import datasets
+import pyarrow.parquet as pq
+from huggingface_hub import DatasetCardData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from unsafechain.dataset.assembly import TEST_SPLIT
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.rows import NO_CATEGORY
 from unsafechain.judge.llama_guard import CATEGORY_BY_CODE
@@ -21,6 +32,24 @@ from unsafechain.judge.settings import EnsembleSettings
 logger = logging.getLogger(__name__)
 
 PLOT = "unsafe_rate.png"
+
+CITATION = """@article{tomar2025unsafechain,
+  title   = {UnsafeChain: Enhancing Reasoning Model Safety via Hard Cases},
+  author  = {Tomar, Raj Vardhan and Nakov, Preslav and Wang, Yuxia},
+  journal = {arXiv preprint arXiv:2507.21652},
+  year    = {2025}
+}"""
+"""The method's citation, as the card gives it."""
+
+_SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"))
+
+
+def size_category(rows: int) -> str:
+    """The Hub's size category for a dataset of ``rows`` rows."""
+    for bound, name in _SIZE_CATEGORIES:
+        if rows < bound:
+            return name
+    return "100K<n<1M" if rows < 1_000_000 else "n>1M"
 
 
 @dataclass
@@ -106,10 +135,47 @@ def write_card(
     by_source = rates_by(cases, "source")
     by_category = rates_by(cases, "category")
     _plot(output / PLOT, by_source, by_category)
-    (output / "README.md").write_text(
-        _card_text(config, manifest, by_source, by_category, subsets), encoding="utf-8"
-    )
+    test = [row for row in cases if row.get("split") == TEST_SPLIT and row["response"]]
+    front = front_matter(output, config, subsets, len(test))
+    body = _card_text(config, manifest, by_source, by_category, subsets, test)
+    (output / "README.md").write_text(f"---\n{front.to_yaml()}\n---\n\n{body}", encoding="utf-8")
     logger.info("dataset card written to %s", output / "README.md")
+
+
+def front_matter(
+    output: Path, config: BuildConfig, subsets: dict[str, list[dict]], test_rows: int
+) -> DatasetCardData:
+    """The card's YAML metadata: one configuration per subset, each with the test split
+    when there is one, and the features of the Parquet files they point to."""
+    card = config.card
+    schema = pq.read_schema(output / "subsets" / "full.parquet")
+    # DatasetInfo writes features the way the Hub's YAML reads them.
+    features = datasets.DatasetInfo(
+        features=datasets.Features.from_arrow_schema(schema)
+    )._to_yaml_dict()["features"]
+    configs, infos = [], []
+    for name, rows in subsets.items():
+        files = [{"split": "train", "path": f"subsets/{name}.parquet"}]
+        splits = [{"name": "train", "num_examples": len(rows)}]
+        if test_rows:
+            files.append({"split": TEST_SPLIT, "path": f"subsets/{TEST_SPLIT}.parquet"})
+            splits.append({"name": TEST_SPLIT, "num_examples": test_rows})
+        entry: dict = {"config_name": name, "data_files": files}
+        if name == "full":
+            entry["default"] = True
+        configs.append(entry)
+        # A copy each: shared objects would be written as YAML anchors.
+        infos.append({"config_name": name, "features": copy.deepcopy(features), "splits": splits})
+    return DatasetCardData(
+        pretty_name=card.pretty_name,
+        license=card.license,
+        language=list(card.language),
+        task_categories=["text-generation"],
+        tags=["safety", "alignment", "reasoning", "chain-of-thought", "red-teaming"],
+        size_categories=[size_category(len(subsets["full"]))],
+        configs=configs,
+        dataset_info=infos,
+    )
 
 
 def _percent(rate: float | None) -> str:
@@ -137,11 +203,18 @@ def _card_text(
     by_source: dict[str, Rates],
     by_category: dict[str, Rates],
     subsets: dict[str, list[dict]],
+    test: list[dict],
 ) -> str:
     generation, correction, assembly = config.generation, config.correction, config.assembly
     read = manifest["read_by_source"]
+    targets = [target.value for target in config.judging.targets]
     lines = [
-        "# UnsafeChain dataset",
+        f"# {config.card.pretty_name}",
+        "",
+        "> **Content warning.** This dataset holds prompts that ask for harmful content "
+        "(violence, weapons, crime, self-harm, hate and more), and its provenance keeps "
+        "the model completions that were judged unsafe, verbatim. It is meant for safety "
+        "research and for training models to refuse or redirect; handle it accordingly.",
         "",
         f"Build `{manifest['build_id']}`, platform {manifest['platform_version']}, "
         f"finished {manifest['finished_at']}.",
@@ -152,11 +225,12 @@ def _card_text(
         "",
         "## Sources",
         "",
-        "| source | path | prompts read | training rows |",
-        "|---|---|---:|---:|",
+        "| source | path | prompts read | training rows | test rows |",
+        "|---|---|---:|---:|---:|",
         *(
             f"| {s.name} | `{s.path}` | {read.get(s.name, 0)} "
-            f"| {sum(row['source'] == s.name for row in subsets['full'])} |"
+            f"| {sum(row['source'] == s.name for row in subsets['full'])} "
+            f"| {sum(row['source'] == s.name for row in test)} |"
             for s in config.sources
         ),
         "",
@@ -203,7 +277,7 @@ def _card_text(
         )
         + ".",
         f"- Judging: {', '.join(judge.name for judge in config.judging.reported)} on "
-        f"{', '.join(target.value for target in config.judging.targets)}.",
+        f"{', '.join(targets)}.",
         f"- Correction: at most {correction.max_attempts} attempts per unsafe completion "
         f"({correction.completions}), temperature {correction.temperature}, top-p "
         f"{correction.top_p}, at most {correction.max_new_tokens} new tokens.",
@@ -211,7 +285,19 @@ def _card_text(
         "## Rules",
         "",
         f"- Hard case: {manifest['rules']['hard_case']}.",
+        f"- Corrected: {manifest['rules']['corrected']}.",
         f"- Training row: {manifest['rules']['training_row']}.",
+        f"- Truncated completions: {manifest['rules']['truncated']} "
+        f"({manifest['counts']['truncated']} of {manifest['counts']['generated']} here).",
+        *_answer_lines(manifest),
+        "",
+        "## What the judges saw",
+        "",
+        *_target_lines(targets),
+        "",
+        "## Decontamination",
+        "",
+        *_decontamination_lines(manifest),
         "",
         "## Subsets",
         "",
@@ -222,14 +308,96 @@ def _card_text(
         f"{assembly.random_size} at most (seed {assembly.random_seed(config.build.seed)}) |",
         f"| selected | {len(subsets['selected'])} | {assembly.selected_size} at most: "
         "corrected hard cases first, balanced over sources, then harm categories |",
+        f"| test | {len(test)} | held out: {_held_out_text(config)}; never in a training subset |",
         "",
-        "Files: `subsets/<subset>.jsonl|.parquet`, `datasets/` (`datasets.load_from_disk`, "
-        "one split per subset), `release/<subset>.jsonl` (`prompt`, `response`, "
-        "`split_name`), `pairs.jsonl` (DPO: `chosen` corrected, `rejected` original "
-        "unsafe), `failed.jsonl`, `manifest.json`.",
+        "Files: `subsets/<subset>.jsonl|.parquet` and `subsets/test.*`, `datasets/` "
+        "(`datasets.load_from_disk`, one split per subset and `test`), "
+        "`release/<subset>.jsonl` (`prompt`, `response`, `split_name`), `pairs.jsonl` (DPO: "
+        "`chosen` corrected, `rejected` original unsafe, training prompts only), "
+        "`failed.jsonl`, `manifest.json`.",
+        "",
+        "## Limitations",
+        "",
+        "- Every label comes from automated judges "
+        f"({', '.join(judge.name for judge in config.judging.reported)}), not from people: "
+        "a judge's misses and false alarms are the dataset's. A row judged safe is not "
+        "guaranteed safe, and a correction passed re-judging by the same judges.",
+        "- Corrections are written by a model; they can refuse more than needed, or keep "
+        "less of the original's reasoning than a person would.",
+        "- Answers to benign prompts are the generator's own; only sources with a gold-answer "
+        "checker are checked (see Rules).",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _held_out_text(config: BuildConfig) -> str:
+    split = config.test_split
+    if split.size is not None:
+        return f"{split.size} prompts per source"
+    return f"{split.fraction:.0%} of each source" if split.fraction else "none"
+
+
+def _answer_lines(manifest: dict) -> list[str]:
+    checks = manifest["answer_checks"]
+    if checks["mode"] == "off":
+        return ["- Gold answers: not checked."]
+    rows = checks["rows"]
+    sources = ", ".join(checks["checked_sources"]) or "none of this build's sources"
+    dropped = manifest["counts"]["wrong_answer"]
+    return [
+        f"- Gold answers ({checks['mode']}): checked for {sources}; rows of prompts that "
+        "are not hard: "
+        + ", ".join(f"{name} {count}" for name, count in rows.items())
+        + (f"; {dropped} prompts dropped as answered wrongly" if checks["mode"] == "drop" else "")
+        + "."
+    ]
+
+
+def _target_lines(targets: list[str]) -> list[str]:
+    if targets == ["full"]:
+        what = (
+            "the whole completion, reasoning and answer together, in one judgment "
+            "(`targets: [full]`)"
+        )
+    else:
+        what = (
+            f"{' and '.join(f'the {t}' for t in targets)}, each judged on its own; a "
+            "completion is unsafe when any part is"
+        )
+    return [
+        f"Verdicts were given on {what}. Which part is judged changes what counts as "
+        "unsafe (harm in the reasoning under a refusing answer), so compare unsafe rates "
+        "and labels with SafeChain, STAR-1 or another build only when they judged the same "
+        "part."
+    ]
+
+
+def _decontamination_lines(manifest: dict) -> list[str]:
+    removed = manifest["removed"]
+    by_benchmark = removed["contaminated_by_benchmark"]
+    if not by_benchmark:
+        return ["No benchmark was configured: prompts were not decontaminated."]
+    methods = removed["contaminated_by_benchmark_and_method"]
+    lines = [
+        "Prompts matching a benchmark prompt (exact after normalisation, sharing word "
+        "n-grams, or by TF-IDF cosine) were removed before generation; the held-out test "
+        "split counts as a benchmark for the training prompts.",
+        "",
+        "| benchmark | prompts indexed | removed | by method |",
+        "|---|---:|---:|---|",
+    ]
+    for name, count in by_benchmark.items():
+        how = ", ".join(f"{m} {n}" for m, n in methods.get(name, {}).items()) or "–"
+        indexed = removed["benchmark_prompts"].get(name, 0)
+        lines.append(f"| {name} | {indexed} | {count} | {how} |")
+    return lines
 
 
 def _plot(path: Path, by_source: dict[str, Rates], by_category: dict[str, Rates]) -> None:

@@ -105,6 +105,21 @@ class AssemblySettings(StrictModel):
         return build_seed if self.seed is None else self.seed
 
 
+class CardSettings(StrictModel):
+    """What the dataset card says that the build cannot know.
+
+    Attributes:
+        pretty_name: The dataset's name on the Hub.
+        license: A Hub license id (``apache-2.0``, ``cc-by-4.0``, ...); ``other`` until
+            whoever publishes it decides (the prompts keep their sources' licenses).
+        language: Language codes of the prompts.
+    """
+
+    pretty_name: Annotated[str, Field(min_length=1)] = "UnsafeChain dataset"
+    license: Annotated[str, Field(min_length=1)] = "other"
+    language: Annotated[tuple[str, ...], Field(min_length=1)] = ("en",)
+
+
 class RemoteStages(StrictModel):
     """Stages sent to gRPC services instead of the in-process engines.
 
@@ -137,6 +152,7 @@ class BuildConfig(StrictModel):
     remote: RemoteStages = RemoteStages()
     kafka: KafkaSettings = KafkaSettings()
     assembly: AssemblySettings = AssemblySettings()
+    card: CardSettings = CardSettings()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> BuildConfig:
@@ -154,14 +170,15 @@ class BuildConfig(StrictModel):
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the content of cases: a resumed build
-        must have the same one. Output folder, concurrency, transport and the subsets
-        assembled from the cases do not count."""
+        must have the same one. Output folder, concurrency, transport, the subsets
+        assembled from the cases and the card do not count."""
         content = self.model_dump(
             mode="json",
             exclude={
                 "build": {"output", "concurrency", "queue_size"},
                 "kafka": True,
                 "assembly": True,
+                "card": True,
             },
         )
         for model in content["models"].values():

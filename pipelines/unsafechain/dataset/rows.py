@@ -112,7 +112,7 @@ def _row(case: case_pb2.Case, response: case_pb2.SelectedResponse | None, row_id
         "harm_categories": list(categories),
         "response_completion_index": response.completion_index if response else None,
         "correction_attempt": response.correction_attempt if response else None,
-        "answer_check": (response.answer_check or None) if response else None,
+        "answer_check": (response.answer_check or "unchecked") if response else None,
         "provenance": {
             "build_id": provenance.build_id,
             "platform_version": provenance.platform_version,
