@@ -443,6 +443,9 @@ def test_remote_generation_engine_returns_what_the_engine_returns_for_a_seed(
     first, again, local = loop.run(generate())
     assert len(first) == 2
     assert first == again == local
+    # The stand-in's R1 template opens the think section; the service says so, and the
+    # client splits each text as the service did.
+    assert all(c.split.opened_by_prompt for c in first)
 
 
 def test_generate_without_sampling_uses_the_services_defaults(loop, generation_server):
