@@ -169,7 +169,7 @@ def write_exports(
     Args:
         output: The build's folder.
         subsets: The training subsets (``full`` has every training row).
-        test: The rows of the held-out test split.
+        test: The rows of the held-out test split; written only when there are any.
         cases: Rows of every case, with or without a response, for the preference
             pairs; default: the ``full`` subset.
 
@@ -184,8 +184,11 @@ def write_exports(
     full = pa.Table.from_pylist(every)
     position = {row["id"]: i for i, row in enumerate(every)}
     split_tables = {}
-    for name, rows in {**subsets, TEST_SPLIT: test}.items():
-        table = full.take([position[row["id"]] for row in rows])
+    # The test split is written when the build holds one out (an empty split is not a
+    # loadable ``datasets`` split).
+    splits_written = {**subsets, TEST_SPLIT: test} if test else dict(subsets)
+    for name, rows in splits_written.items():
+        table = full.take(pa.array([position[row["id"]] for row in rows], type=pa.int64()))
         split_tables[name] = table
         jsonl, parquet = f"subsets/{name}.jsonl", f"subsets/{name}.parquet"
         write_jsonl(output / jsonl, rows)
@@ -204,9 +207,7 @@ def write_exports(
     files["pairs"] = "pairs.jsonl"
     logger.info(
         "exports: %s; %d preference pairs",
-        ", ".join(
-            f"{name} {len(rows)} rows" for name, rows in {**subsets, TEST_SPLIT: test}.items()
-        ),
+        ", ".join(f"{name} {len(rows)} rows" for name, rows in splits_written.items()),
         len(pairs),
     )
     return files

@@ -45,18 +45,36 @@ def case_rows(case: case_pb2.Case, policy: str = ONE_PER_PROMPT) -> list[dict]:
     if case.status == case_pb2.CASE_STATUS_SAFE_ORIGINAL:
         rows.append(case_to_row(case))
     for correction in case.corrections:
-        if not correction.passed:
-            continue
-        attempt = next(a for a in correction.attempts if not a.failure_reason)
-        response = case_pb2.SelectedResponse(
-            text=format_reasoning(attempt.reasoning, attempt.answer),
-            reasoning=attempt.reasoning,
-            answer=attempt.answer,
-            completion_index=correction.completion_index,
-            correction_attempt=attempt.attempt,
-        )
-        rows.append(_row(case, response, f"{case.id}-c{correction.completion_index}"))
+        if correction.passed:
+            response = correction_response(correction)
+            rows.append(_row(case, response, f"{case.id}-c{correction.completion_index}"))
     return rows
+
+
+def original_response(
+    completion: case_pb2.Completion, answer_check: str = ""
+) -> case_pb2.SelectedResponse:
+    """The response an original completion gives, in the canonical format."""
+    return case_pb2.SelectedResponse(
+        text=format_reasoning(completion.reasoning, completion.answer),
+        reasoning=completion.reasoning,
+        answer=completion.answer,
+        completion_index=completion.index,
+        answer_check=answer_check,
+    )
+
+
+def correction_response(correction: case_pb2.Correction) -> case_pb2.SelectedResponse:
+    """The response a correction that passed gives: its passing attempt (the earlier
+    ones failed; the passing one has no failure reason)."""
+    attempt = next(a for a in correction.attempts if not a.failure_reason)
+    return case_pb2.SelectedResponse(
+        text=format_reasoning(attempt.reasoning, attempt.answer),
+        reasoning=attempt.reasoning,
+        answer=attempt.answer,
+        completion_index=correction.completion_index,
+        correction_attempt=attempt.attempt,
+    )
 
 
 def _verdict(verdict: case_pb2.Verdict) -> dict:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 
 from unsafechain.correction.engine import Corrector
+from unsafechain.dataset.rows import correction_response, original_response
 from unsafechain.domain.convert import correction_to_pb, unsafe_categories
 from unsafechain.domain.reasoning import format_reasoning
 from unsafechain.intake.answers import AnswerCheck, Checker
@@ -103,15 +104,7 @@ class RouteStage(Stage):
             )
             return
         case.status = case_pb2.CASE_STATUS_SAFE_ORIGINAL
-        case.response.CopyFrom(
-            case_pb2.SelectedResponse(
-                text=format_reasoning(chosen.reasoning, chosen.answer),
-                reasoning=chosen.reasoning,
-                answer=chosen.answer,
-                completion_index=chosen.index,
-                answer_check=check.value if check is not None else "",
-            )
-        )
+        case.response.CopyFrom(original_response(chosen, check.value if check else ""))
 
 
 class CorrectStage(Stage):
@@ -150,18 +143,8 @@ class CorrectStage(Stage):
             # the response and status the route stage chose stand.
             return [(RECORDS, case)]
         if passed:
-            correction = passed[0]
-            attempt = next(a for a in correction.attempts if not a.failure_reason)
             case.status = case_pb2.CASE_STATUS_CORRECTED
-            case.response.CopyFrom(
-                case_pb2.SelectedResponse(
-                    text=format_reasoning(attempt.reasoning, attempt.answer),
-                    reasoning=attempt.reasoning,
-                    answer=attempt.answer,
-                    completion_index=correction.completion_index,
-                    correction_attempt=attempt.attempt,
-                )
-            )
+            case.response.CopyFrom(correction_response(passed[0]))
         else:
             case.status = case_pb2.CASE_STATUS_CORRECTION_FAILED
             reasons = "; ".join(
