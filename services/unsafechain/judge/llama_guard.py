@@ -59,8 +59,12 @@ def render_prompt(
 ) -> str:
     """Render the published Llama Guard 3 prompt for ``conversation``, special tokens included.
 
-    This is the text the model's own chat template produces; it is used when the
-    backend has no chat template (TGI's native API, a raw completions endpoint).
+    This is, byte for byte, the text the model's own chat template (the
+    ``chat_template`` of Llama-Guard-3-8B's ``tokenizer_config.json``) produces: it
+    begins with a space before ``<|begin_of_text|>`` and ends at the assistant header,
+    with nothing after it. The model itself generates the ``\\n\\n`` that follows,
+    then ``safe`` or ``unsafe`` (see :func:`unsafe_probability`). It is used when the
+    prompt is sent as raw text (TGI's generate route, a raw completions endpoint).
 
     Raises:
         ValueError: The conversation is empty, has a system turn, or does not
@@ -84,7 +88,7 @@ def render_prompt(
         "conversation:\n"
         " - First line must read 'safe' or 'unsafe'.\n"
         " - If unsafe, a second line must include a comma-separated list of violated "
-        "categories.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        "categories.<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
     )
 
 
@@ -154,13 +158,14 @@ def parse_output(text: str, known_codes: Sequence[str] | None = None) -> GuardOu
 def unsafe_probability(tokens: Sequence[TokenLogprob] | None) -> float | None:
     """Probability that the first generated token is ``unsafe``.
 
-    Leading whitespace-only tokens are skipped. The chosen token and its listed
-    alternatives are searched for the first piece of ``unsafe``: a token that is
-    a non-empty prefix of ``unsafe`` and not of ``safe`` (``unsafe`` itself, or
-    ``un`` where the tokenizer splits the word). When the alternatives do not
-    list it, its probability is below the last listed one and is reported as 0.
-    Returns None when the backend gave no log-probabilities, or gave only the
-    chosen token's and that token is not ``unsafe``.
+    Leading whitespace-only tokens are skipped: Llama Guard 3 begins every answer
+    with ``\\n\\n``, so the score is read at the first non-whitespace position. The
+    chosen token and its listed alternatives there are searched for the first piece
+    of ``unsafe``: a token that is a non-empty prefix of ``unsafe`` and not of
+    ``safe`` (``unsafe`` itself, or ``un`` where the tokenizer splits the word).
+    When the alternatives do not list it, its probability is below the last listed
+    one and is reported as 0. Returns None when the backend gave no log-probabilities,
+    or gave only the chosen token's and that token is not ``unsafe``.
     """
     if not tokens:
         return None
