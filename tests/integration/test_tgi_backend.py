@@ -39,6 +39,7 @@ API_KEY = "hf_test_8e7d6c5b4a39281f"
 MODEL = "test-org/test-model"
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=5.0, jitter=0.0)
 CONVERSATION = (Message(Role.USER, "Say hello."),)
+BOS = "<|begin_of_text|>"  # the test server's, as for a Llama 3 model
 
 
 @pytest.fixture
@@ -152,6 +153,14 @@ def test_invalid_parameters_raise_non_retryable_validation_error(server):
     assert "HTTP 422" in str(error)
     assert "stop sequences" in str(error)
     assert len(server.requests) == 1
+
+
+def test_inputs_that_hold_the_bos_are_refused_because_tgi_adds_another(server):
+    error = generate_error(make_backend(server), GenerationRequest(prompt=f"{BOS}Say hello."))
+
+    assert not error.retryable
+    assert "HTTP 422" in str(error) and "BOS" in str(error)
+    assert make_backend(server).adds_bos
 
 
 # Conversations: TGI's Messages API -------------------------------------------------

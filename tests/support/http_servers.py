@@ -504,6 +504,12 @@ class OpenAIServer(_ProtocolServer):
         api_key: When set, requests must carry ``Authorization: Bearer <api_key>``.
         reasoning_model: Answer like OpenAI's reasoning models, which reject
             ``max_tokens`` in favour of ``max_completion_tokens``.
+        bos_token: Serve like vLLM a model whose tokenizer puts this BOS text first:
+            ``/v1/completions`` encodes the prompt with special tokens unless the
+            request says ``add_special_tokens: false``, so a prompt holding the BOS
+            would reach the model with two. Real vLLM would say nothing; this server
+            refuses such a request (400), so that no test passes with it. ``None``
+            serves like OpenAI, which adds nothing.
         responder: Chooses the completions; see :data:`Responder`.
         latency: Seconds every request takes, so concurrent requests overlap.
     """
@@ -514,12 +520,14 @@ class OpenAIServer(_ProtocolServer):
         model: str = "test-model",
         api_key: str | None = None,
         reasoning_model: bool = False,
+        bos_token: str | None = None,
         responder: Responder = default_responder,
         latency: float = 0.0,
     ):
         super().__init__(responder=responder, api_key=api_key, latency=latency)
         self.model = model
         self.reasoning_model = reasoning_model
+        self.bos_token = bos_token
 
     @property
     def base_url(self) -> str:
@@ -707,6 +715,13 @@ class OpenAIServer(_ProtocolServer):
             logprobs = body.get("logprobs")
             if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 5):
                 raise _BadRequest("'logprobs' must be between 0 and 5.", "logprobs")
+            adds_bos = body.get("add_special_tokens", True) is not False
+            if self.bos_token and adds_bos and self.bos_token in str(body["prompt"]):
+                raise _BadRequest(
+                    f"test server: the prompt holds the BOS {self.bos_token!r} and would get "
+                    "another one: send add_special_tokens false",
+                    "add_special_tokens",
+                )
         except _BadRequest as error:
             return self._bad_request(error)
         if body["model"] != self.model:
@@ -818,6 +833,10 @@ class TGIServer(_ProtocolServer):
     Args:
         model_id: The served model, reported by ``/info``.
         api_key: When set, generation routes need ``Authorization: Bearer <api_key>``.
+        bos_token: The BOS text of the served model's tokenizer, which TGI puts before
+            the ``inputs`` of the generate routes: ``inputs`` that hold it would reach
+            the model with two. Real TGI would say nothing; this server refuses them
+            (422), so that no test passes with them. ``None`` serves a model without one.
         responder: Chooses the completion; TGI answers with the first one returned.
         latency: Seconds every request takes, so concurrent requests overlap.
     """
@@ -830,11 +849,13 @@ class TGIServer(_ProtocolServer):
         *,
         model_id: str = "test-org/test-model",
         api_key: str | None = None,
+        bos_token: str | None = "<|begin_of_text|>",
         responder: Responder = default_responder,
         latency: float = 0.0,
     ):
         super().__init__(responder=responder, api_key=api_key, latency=latency)
         self.model_id = model_id
+        self.bos_token = bos_token
 
     @property
     def base_url(self) -> str:
@@ -910,6 +931,11 @@ class TGIServer(_ProtocolServer):
         inputs = body.get("inputs")
         if not isinstance(inputs, str) or not inputs:
             raise _BadRequest("`inputs` cannot be empty")
+        if self.bos_token and self.bos_token in inputs:
+            raise _BadRequest(
+                f"test server: `inputs` hold the BOS {self.bos_token!r}, and TGI adds "
+                "another one: leave it out"
+            )
         parameters = body.get("parameters") or {}
         self._validate_sampling(parameters)
         if not parameters.get("max_new_tokens", 1) > 0:

@@ -62,6 +62,14 @@ def test_chat_template_backend_gets_the_conversation_and_others_the_published_pr
     assert "Agent: reply" in backend.requests[0].prompt
 
 
+def test_a_backend_that_adds_the_bos_gets_a_prompt_without_one():
+    judge, backend = _judge(guard_generation("safe"), chat_template=False, adds_bos=True)
+    asyncio.run(judge.judge([JudgeItem("question", "reply")]))
+    prompt = backend.requests[0].prompt
+    assert prompt.startswith("<|start_header_id|>user<|end_header_id|>\n\nTask:")
+    assert "<|begin_of_text|>" not in prompt
+
+
 def test_custom_taxonomy_cannot_use_the_models_chat_template():
     backend = ScriptedBackend(lambda r: [guard_generation("safe")])
     with pytest.raises(ValueError, match="published"):

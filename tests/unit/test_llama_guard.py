@@ -61,6 +61,14 @@ def test_prompt_has_task_categories_conversation_and_instruction_in_order():
     assert len(LLAMA_GUARD_3_CATEGORIES) == 14
 
 
+def test_prompt_for_a_server_that_adds_the_bos_is_the_published_one_without_it():
+    published = render_published([m.as_dict() for m in CONVERSATION])
+    prompt = render_prompt(CONVERSATION, bos=False)
+    assert prompt == published.removeprefix(" <|begin_of_text|>")
+    assert prompt.startswith("<|start_header_id|>user<|end_header_id|>")
+    assert "<|begin_of_text|>" not in prompt
+
+
 def test_prompt_judging_a_user_turn_names_the_user_role():
     prompt = render_prompt(CONVERSATION[:1])
     assert "unsafe content in 'User' messages" in prompt

@@ -57,6 +57,7 @@ from tokenizers import (
     models,
     normalizers,
     pre_tokenizers,
+    processors,
     trainers,
 )
 from tqdm.auto import tqdm
@@ -606,7 +607,11 @@ def _tokenizer_corpus(world: _World) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class _TokenizerSpec:
-    """A model's special tokens, plain added tokens and chat template."""
+    """A model's special tokens, plain added tokens and chat template.
+
+    ``adds_bos``: encoding with special tokens puts ``bos`` first, as the tokenizers of
+    Llama 3 models do (and inference servers, which encode prompts so).
+    """
 
     bos: str | None
     eos: str
@@ -614,6 +619,7 @@ class _TokenizerSpec:
     extra_special: tuple[str, ...]
     chat_template: str
     extra_plain: tuple[str, ...] = ()
+    adds_bos: bool = False
 
 
 _GENERATOR_TOKENS = _TokenizerSpec(
@@ -632,6 +638,9 @@ _JUDGE_TOKENS = _TokenizerSpec(
     # One token per category code: split into "S" and digits, the codes listed in the
     # policy text teach the model to copy "S1" and drown the category signal.
     extra_plain=tuple(category.code for category in LLAMA_GUARD_3_CATEGORIES),
+    # So that a prompt that holds its BOS and is encoded with special tokens gets two,
+    # as Llama Guard 3's would: the tests can then see that no backend does that.
+    adds_bos=True,
 )
 _CORRECTOR_TOKENS = _TokenizerSpec(
     bos=None,
@@ -646,6 +655,11 @@ def _model_tokenizer(bpe: Tokenizer, spec: _TokenizerSpec) -> PreTrainedTokenize
     backend = Tokenizer.from_str(bpe.to_str())
     specials = [t for t in (spec.bos, spec.eos, spec.pad, *spec.extra_special) if t]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if spec.adds_bos and spec.bos:
+        bos = (spec.bos, backend.token_to_id(spec.bos))
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B:1", special_tokens=[bos]
+        )
     # Not special: decoding with skip_special_tokens must keep the think tags.
     plain = (*THINK_TOKENS, *spec.extra_plain)
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])

@@ -4,6 +4,10 @@ Raw prompts go to TGI's generate route, conversations to its Messages API (which
 the model's chat template), both through :class:`huggingface_hub.AsyncInferenceClient`.
 TGI samples one completion per request, so ``n`` completions are ``n`` concurrent
 requests with consecutive seeds.
+
+TGI encodes the generate route's ``inputs`` with the tokenizer's special tokens, so a
+Llama model gets its BOS from the server: raw prompts sent here leave it out
+(:attr:`TGIBackend.adds_bos`).
 """
 
 from __future__ import annotations
@@ -122,6 +126,11 @@ class TGIBackend(ModelBackend):
     def ref(self) -> ModelRef:
         """The model and the endpoint without credentials."""
         return self._ref
+
+    @property
+    def adds_bos(self) -> bool:
+        """True: TGI puts the model's BOS before the ``inputs`` of its generate route."""
+        return True
 
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         """Sample ``request.params.n`` completions, one TGI request each.

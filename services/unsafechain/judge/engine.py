@@ -141,7 +141,7 @@ class LlamaGuardJudge(ModelJudge):
         categories: The taxonomy in the prompt; a custom one forces ``published``.
         threshold: Unsafe score at or above which the verdict is unsafe, when the
             backend gives log-probabilities.
-        max_new_tokens: Room for ``unsafe`` and a line of category codes.
+        max_new_tokens: Room for the blank line, ``unsafe`` and a line of codes.
         top_logprobs: Alternatives requested for the first token, to find ``unsafe``.
     """
 
@@ -185,7 +185,9 @@ class LlamaGuardJudge(ModelJudge):
         conversation = (Message(Role.USER, item.prompt), Message(Role.ASSISTANT, item.text))
         if self._format == PromptFormat.CHAT_TEMPLATE:
             return GenerationRequest(messages=conversation, params=self._params)
-        prompt = llama_guard.render_prompt(conversation, self._categories)
+        prompt = llama_guard.render_prompt(
+            conversation, self._categories, bos=not self._backend.adds_bos
+        )
         return GenerationRequest(prompt=prompt, params=self._params)
 
     def verdict(self, item: JudgeItem, generation: Generation) -> Verdict:

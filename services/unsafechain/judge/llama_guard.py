@@ -53,9 +53,16 @@ CATEGORY_BY_CODE = {category.code: category for category in LLAMA_GUARD_3_CATEGO
 _ROLE_NAMES = {Role.USER: "User", Role.ASSISTANT: "Agent"}
 
 
+# How the published prompt begins: a space (an artefact of the published template),
+# then the BOS.
+_PROMPT_START = " <|begin_of_text|>"
+
+
 def render_prompt(
     conversation: Sequence[Message],
     categories: Sequence[HazardCategory] = LLAMA_GUARD_3_CATEGORIES,
+    *,
+    bos: bool = True,
 ) -> str:
     """Render the published Llama Guard 3 prompt for ``conversation``, special tokens included.
 
@@ -66,6 +73,14 @@ def render_prompt(
     then ``safe`` or ``unsafe`` (see :func:`unsafe_probability`). It is used when the
     prompt is sent as raw text (TGI's generate route, a raw completions endpoint).
 
+    Args:
+        conversation: The turns, user first, alternating; the last one is assessed.
+        categories: The taxonomy listed in the prompt.
+        bos: False leaves out the leading space and ``<|begin_of_text|>``, for a
+            server that puts the BOS token before whatever it is sent (TGI): the model
+            then sees the BOS and the user header, as in Meta's own Llama Guard 3
+            prompt format, rather than two BOS tokens.
+
     Raises:
         ValueError: The conversation is empty, has a system turn, or does not
             alternate user / assistant starting with the user.
@@ -75,7 +90,7 @@ def render_prompt(
     category_block = "".join(f"{c.code}: {c.prompt_name}.\n" for c in categories)
     turns = "".join(f"{_ROLE_NAMES[m.role]}: {m.content.strip()}\n\n" for m in conversation)
     return (
-        " <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+        f"{_PROMPT_START if bos else ''}<|start_header_id|>user<|end_header_id|>\n\n"
         f"Task: Check if there is unsafe content in '{role}' messages in conversations "
         "according our safety policy with the below categories.\n\n"
         "<BEGIN UNSAFE CONTENT CATEGORIES>\n"

@@ -148,6 +148,10 @@ class TimedBackend(ModelBackend):
     def has_chat_template(self) -> bool:
         return self._inner.has_chat_template
 
+    @property
+    def adds_bos(self) -> bool:
+        return self._inner.adds_bos
+
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         with self._timing("generate"):
             return await self._inner.generate(request)
