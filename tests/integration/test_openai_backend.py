@@ -192,8 +192,7 @@ def test_published_llama_guard_prompt_reaches_a_vllm_like_server_with_one_bos():
     with OpenAIServer(
         api_key=API_KEY, bos_token="<|begin_of_text|>", responder=lambda _: answer
     ) as server:
-        backend = make_backend(server)
-        judge = LlamaGuardJudge(backend, prompt_format=PromptFormat.PUBLISHED, top_logprobs=5)
+        judge = LlamaGuardJudge(make_backend(server), prompt_format=PromptFormat.PUBLISHED)
         [verdict] = asyncio.run(judge.judge([JudgeItem(guard[0].content, guard[1].content)]))
 
     assert (verdict.label, verdict.score) == (VerdictLabel.SAFE, 0.0)

@@ -833,6 +833,9 @@ class TGIServer(_ProtocolServer):
     Args:
         model_id: The served model, reported by ``/info``.
         api_key: When set, generation routes need ``Authorization: Bearer <api_key>``.
+        max_top_n_tokens: The most alternatives per token a request may ask for, on the
+            generate routes (``top_n_tokens``) and the Messages API (``top_logprobs``);
+            TGI's ``--max-top-n-tokens``, 5 unless a server is started with more.
         bos_token: The BOS text of the served model's tokenizer, which TGI puts before
             the ``inputs`` of the generate routes: ``inputs`` that hold it would reach
             the model with two. Real TGI would say nothing; this server refuses them
@@ -841,7 +844,6 @@ class TGIServer(_ProtocolServer):
         latency: Seconds every request takes, so concurrent requests overlap.
     """
 
-    max_top_n_tokens = 5
     max_stop_sequences = 4
 
     def __init__(
@@ -849,12 +851,14 @@ class TGIServer(_ProtocolServer):
         *,
         model_id: str = "test-org/test-model",
         api_key: str | None = None,
+        max_top_n_tokens: int = 5,
         bos_token: str | None = "<|begin_of_text|>",
         responder: Responder = default_responder,
         latency: float = 0.0,
     ):
         super().__init__(responder=responder, api_key=api_key, latency=latency)
         self.model_id = model_id
+        self.max_top_n_tokens = max_top_n_tokens
         self.bos_token = bos_token
 
     @property
@@ -941,10 +945,7 @@ class TGIServer(_ProtocolServer):
         if not parameters.get("max_new_tokens", 1) > 0:
             raise _BadRequest("`max_new_tokens` must be strictly positive")
         top_n_tokens = parameters.get("top_n_tokens") or 0
-        if not 0 <= top_n_tokens <= self.max_top_n_tokens:
-            raise _BadRequest(
-                f"`top_n_tokens` must be >= 0 and <= {self.max_top_n_tokens}. Given: {top_n_tokens}"
-            )
+        self._validate_top_n_tokens(top_n_tokens)
         completion = self._completions(body)[0]
         generation: dict[str, Any] = {"generated_text": completion.text}
         if parameters.get("details"):
@@ -963,6 +964,13 @@ class TGIServer(_ProtocolServer):
                 ]
             generation["details"] = details
         return generation, len(completion.tokens)
+
+    def _validate_top_n_tokens(self, top_n_tokens: int) -> None:
+        # The Messages API's top_logprobs becomes top_n_tokens, checked alike.
+        if not 0 <= top_n_tokens <= self.max_top_n_tokens:
+            raise _BadRequest(
+                f"`top_n_tokens` must be >= 0 and <= {self.max_top_n_tokens}. Given: {top_n_tokens}"
+            )
 
     def _validate_sampling(self, parameters: Mapping[str, Any]) -> None:
         temperature = parameters.get("temperature")
@@ -986,12 +994,13 @@ class TGIServer(_ProtocolServer):
         sampling = {key: value for key, value in body.items() if key in ("top_p", "stop")}
         if body.get("temperature"):
             sampling["temperature"] = body["temperature"]
-        try:
-            self._validate_sampling(sampling)
-        except _BadRequest as error:
-            return self._error(422, error.message, "validation")
         want_logprobs = bool(body.get("logprobs"))
         k = body.get("top_logprobs") or 0
+        try:
+            self._validate_sampling(sampling)
+            self._validate_top_n_tokens(k if want_logprobs else 0)
+        except _BadRequest as error:
+            return self._error(422, error.message, "validation")
         completion = self._completions(body)[0]
         logprobs = None
         if want_logprobs:

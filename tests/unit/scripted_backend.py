@@ -32,10 +32,12 @@ class ScriptedBackend(ModelBackend):
         *,
         chat_template: bool = True,
         adds_bos: bool = False,
+        prefers_rendered_prompts: bool = False,
     ):
         self._respond = respond
         self._chat_template = chat_template
         self._adds_bos = adds_bos
+        self._prefers_rendered_prompts = prefers_rendered_prompts
         self.requests: list[GenerationRequest] = []
 
     @property
@@ -49,6 +51,10 @@ class ScriptedBackend(ModelBackend):
     @property
     def adds_bos(self) -> bool:
         return self._adds_bos
+
+    @property
+    def prefers_rendered_prompts(self) -> bool:
+        return self._prefers_rendered_prompts
 
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         self.requests.append(request)

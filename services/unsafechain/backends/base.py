@@ -78,6 +78,14 @@ class ModelBackend(abc.ABC):
         """
         return False
 
+    @property
+    def prefers_rendered_prompts(self) -> bool:
+        """Whether raw prompts are the backend's native input and conversations a
+        second route (TGI: its generate route, and the Messages API). A caller that can
+        render its model's published prompt itself (the Llama Guard judge) then sends
+        that rather than a conversation."""
+        return False
+
     @abc.abstractmethod
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         """Sample ``request.params.n`` completions.
