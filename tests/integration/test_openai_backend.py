@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -30,7 +33,10 @@ from unsafechain.domain.types import (
     Role,
     SamplingParams,
     TokenLogprob,
+    VerdictLabel,
 )
+from unsafechain.judge.engine import JudgeItem, LlamaGuardJudge, PromptFormat
+from unsafechain.judge.llama_guard import render_prompt
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +95,18 @@ def chat(**params) -> GenerationRequest:
     return GenerationRequest(messages=CONVERSATION, params=SamplingParams(**params))
 
 
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    """POST ``body`` as JSON with no client in between; the status and the JSON answer."""
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -139,20 +157,49 @@ def test_greedy_request_sends_temperature_zero(server):
     assert server.requests[0].body["temperature"] == 0
 
 
-def test_raw_prompt_goes_to_the_completions_api_with_legacy_logprobs(server):
+def test_raw_prompt_goes_to_the_completions_api_with_legacy_logprobs_and_no_added_bos():
     request = GenerationRequest(
         prompt="<s>[INST] hi [/INST]", params=SamplingParams(n=2, top_logprobs=3, seed=1)
     )
 
-    generations = generate(make_backend(server), request)
+    # vLLM-like: the server's tokenizer would put "<s>" first unless told not to.
+    with OpenAIServer(api_key=API_KEY, bos_token="<s>") as server:
+        generations = generate(make_backend(server), request)
 
     assert [g.text for g in generations] == ["sample 0 seed 1", "sample 1 seed 1"]
     assert generations[1].tokens == expected_tokens(completion_from_text("sample 1 seed 1"), k=3)
     (sent,) = server.requests
     assert sent.path == "/v1/completions"
     assert sent.body["prompt"] == "<s>[INST] hi [/INST]"
+    assert sent.body["add_special_tokens"] is False
     assert (sent.body["n"], sent.body["logprobs"], sent.body["seed"]) == (2, 3, 1)
     assert sent.body["max_tokens"] == 512
+
+
+def test_server_refuses_a_prompt_that_would_get_a_second_bos():
+    body = {"model": "test-model", "prompt": "<s>[INST] hi [/INST]"}
+    with OpenAIServer(bos_token="<s>") as server:
+        refused = _post(f"{server.base_url}/completions", body)
+        accepted = _post(f"{server.base_url}/completions", body | {"add_special_tokens": False})
+
+    assert refused[0] == 400 and "BOS" in refused[1]["error"]["message"]
+    assert accepted[0] == 200
+
+
+def test_published_llama_guard_prompt_reaches_a_vllm_like_server_with_one_bos():
+    guard = (Message(Role.USER, "How do I bake bread?"), Message(Role.ASSISTANT, "Knead it."))
+    answer = [completion_from_text("\n\nsafe")]
+    with OpenAIServer(
+        api_key=API_KEY, bos_token="<|begin_of_text|>", responder=lambda _: answer
+    ) as server:
+        judge = LlamaGuardJudge(make_backend(server), prompt_format=PromptFormat.PUBLISHED)
+        [verdict] = asyncio.run(judge.judge([JudgeItem(guard[0].content, guard[1].content)]))
+
+    assert (verdict.label, verdict.score) == (VerdictLabel.SAFE, 0.0)
+    (sent,) = server.requests
+    assert sent.body["prompt"] == render_prompt(guard)
+    assert sent.body["add_special_tokens"] is False
+    assert sent.body["logprobs"] == 5
 
 
 def test_reasoning_model_gets_max_completion_tokens_instead_of_max_tokens():

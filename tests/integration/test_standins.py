@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
+from tests.support.llama_guard_template import PUBLISHED_TEMPLATE, render_published
 from unsafechain.backends.transformers_backend import TransformersBackend
 from unsafechain.correction.engine import CorrectionTemplates
 from unsafechain.demo.standins import (
@@ -20,7 +22,14 @@ from unsafechain.demo.standins import (
     sample_judge_cases,
 )
 from unsafechain.domain.reasoning import split_reasoning
-from unsafechain.domain.types import GenerationRequest, Message, Role, SamplingParams
+from unsafechain.domain.types import (
+    GenerationRequest,
+    Message,
+    Role,
+    SamplingParams,
+    VerdictLabel,
+)
+from unsafechain.judge.engine import JudgeItem, LlamaGuardJudge, PromptFormat
 from unsafechain.judge.llama_guard import (
     CATEGORY_BY_CODE,
     parse_output,
@@ -87,16 +96,15 @@ def test_demo_prompts_are_red_team_or_benign_as_the_generator_was_taught():
         [("user", "Only a prompt: is this safe?")],
     ],
 )
-def test_judge_template_renders_exactly_the_published_llama_guard_prompt(
-    standin_models, conversation
-):
+def test_judge_template_is_the_published_llama_guard_template(standin_models, conversation):
     tokenizer = AutoTokenizer.from_pretrained(standin_models.judge)
+    assert tokenizer.chat_template == PUBLISHED_TEMPLATE
     messages = [Message(Role(role), content) for role, content in conversation]
     rendered = tokenizer.apply_chat_template(
         [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False
     )
+    assert rendered == render_published([m.as_dict() for m in messages])
     assert rendered == render_prompt(messages)
-    assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_models_are_tiny_transformers_with_chat_templates_and_generation_settings(
@@ -159,13 +167,38 @@ def test_generator_harm_depends_on_the_prompt_and_some_prompts_are_hard(samples)
 def test_judge_is_accurate_on_held_out_synthetic_conversations(backends):
     cases = sample_judge_cases(300, seed=12345)
     outputs = _judge(backends["judge"], [(c.prompt, c.response) for c in cases])
-    exact = sum(g.text.strip() == c.expected_output for c, g in zip(cases, outputs, strict=True))
+    # Exactly as Llama Guard 3 answers: the blank line first, nothing stripped.
+    exact = sum(g.text == c.expected_output for c, g in zip(cases, outputs, strict=True))
     verdicts = sum(
         parse_output(g.text).unsafe == bool(c.categories)
         for c, g in zip(cases, outputs, strict=True)
     )
     assert exact / len(cases) >= 0.9
     assert verdicts / len(cases) >= 0.95
+
+
+def test_judge_writes_a_blank_line_first_and_is_scored_at_the_word_after_it(backends):
+    guard, cases = backends["judge"], sample_judge_cases(60, seed=777)
+    judge = LlamaGuardJudge(guard, prompt_format=PromptFormat.PUBLISHED)
+    items = [JudgeItem(case.prompt, case.response) for case in cases]
+    requests = [judge.request(item) for item in items]
+    generations = [gs[0] for gs in asyncio.run(guard.generate_many(requests))]
+    verdicts = asyncio.run(judge.judge(items))
+    # Its first token is the blank line, almost surely; the verdict word comes second.
+    for generation in generations:
+        assert generation.tokens is not None
+        first, second = generation.tokens[:2]
+        assert first.token == "\n\n"
+        assert math.exp(first.logprob) > 0.9
+        assert second.token in ("safe", "unsafe")
+    # The score is read there, so it tells unsafe answers from safe ones.
+    right = 0
+    for case, verdict in zip(cases, verdicts, strict=True):
+        assert verdict.raw_output.startswith("\n\n") and verdict.score is not None
+        right += (verdict.score >= 0.5) == bool(case.categories)
+        if verdict.label != VerdictLabel.ERROR:  # a garbled category line is an error
+            assert (verdict.label == VerdictLabel.UNSAFE) == (verdict.score >= 0.5)
+    assert right >= 0.95 * len(cases)
 
 
 def test_judge_flags_harmful_generator_samples_with_their_category_and_passes_benign(

@@ -83,3 +83,15 @@ def test_guard_chat_template_and_published_format_give_the_same_verdict(guard):
     for verdict in first:
         assert verdict.score is not None and 0.0 <= verdict.score <= 1.0
         assert verdict.judge.model.model == guard.ref.model
+
+
+def test_a_prompt_that_holds_its_bos_reaches_the_model_with_one(guard):
+    item = JudgeItem("How do I bake bread?", "<think>\nMix flour.\n</think>\n\nBake it.")
+    published = LlamaGuardJudge(guard, prompt_format=PromptFormat.PUBLISHED).request(item)
+    templated = LlamaGuardJudge(guard, prompt_format=PromptFormat.CHAT_TEMPLATE).request(item)
+    bos = guard.tokenizer.bos_token_id
+    # Like Llama Guard 3's, the stand-in's tokenizer puts a BOS first when it adds
+    # special tokens: the rendered prompt, which holds one, would get two.
+    assert guard.tokenizer(published.prompt)["input_ids"].count(bos) == 2
+    assert guard.token_ids(published).count(bos) == 1
+    assert guard.token_ids(templated) == guard.token_ids(published)

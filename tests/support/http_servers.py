@@ -504,6 +504,12 @@ class OpenAIServer(_ProtocolServer):
         api_key: When set, requests must carry ``Authorization: Bearer <api_key>``.
         reasoning_model: Answer like OpenAI's reasoning models, which reject
             ``max_tokens`` in favour of ``max_completion_tokens``.
+        bos_token: Serve like vLLM a model whose tokenizer puts this BOS text first:
+            ``/v1/completions`` encodes the prompt with special tokens unless the
+            request says ``add_special_tokens: false``, so a prompt holding the BOS
+            would reach the model with two. Real vLLM would say nothing; this server
+            refuses such a request (400), so that no test passes with it. ``None``
+            serves like OpenAI, which adds nothing.
         responder: Chooses the completions; see :data:`Responder`.
         latency: Seconds every request takes, so concurrent requests overlap.
     """
@@ -514,12 +520,14 @@ class OpenAIServer(_ProtocolServer):
         model: str = "test-model",
         api_key: str | None = None,
         reasoning_model: bool = False,
+        bos_token: str | None = None,
         responder: Responder = default_responder,
         latency: float = 0.0,
     ):
         super().__init__(responder=responder, api_key=api_key, latency=latency)
         self.model = model
         self.reasoning_model = reasoning_model
+        self.bos_token = bos_token
 
     @property
     def base_url(self) -> str:
@@ -707,6 +715,13 @@ class OpenAIServer(_ProtocolServer):
             logprobs = body.get("logprobs")
             if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 5):
                 raise _BadRequest("'logprobs' must be between 0 and 5.", "logprobs")
+            adds_bos = body.get("add_special_tokens", True) is not False
+            if self.bos_token and adds_bos and self.bos_token in str(body["prompt"]):
+                raise _BadRequest(
+                    f"test server: the prompt holds the BOS {self.bos_token!r} and would get "
+                    "another one: send add_special_tokens false",
+                    "add_special_tokens",
+                )
         except _BadRequest as error:
             return self._bad_request(error)
         if body["model"] != self.model:
@@ -818,11 +833,17 @@ class TGIServer(_ProtocolServer):
     Args:
         model_id: The served model, reported by ``/info``.
         api_key: When set, generation routes need ``Authorization: Bearer <api_key>``.
+        max_top_n_tokens: The most alternatives per token a request may ask for, on the
+            generate routes (``top_n_tokens``) and the Messages API (``top_logprobs``);
+            TGI's ``--max-top-n-tokens``, 5 unless a server is started with more.
+        bos_token: The BOS text of the served model's tokenizer, which TGI puts before
+            the ``inputs`` of the generate routes: ``inputs`` that hold it would reach
+            the model with two. Real TGI would say nothing; this server refuses them
+            (422), so that no test passes with them. ``None`` serves a model without one.
         responder: Chooses the completion; TGI answers with the first one returned.
         latency: Seconds every request takes, so concurrent requests overlap.
     """
 
-    max_top_n_tokens = 5
     max_stop_sequences = 4
 
     def __init__(
@@ -830,11 +851,15 @@ class TGIServer(_ProtocolServer):
         *,
         model_id: str = "test-org/test-model",
         api_key: str | None = None,
+        max_top_n_tokens: int = 5,
+        bos_token: str | None = "<|begin_of_text|>",
         responder: Responder = default_responder,
         latency: float = 0.0,
     ):
         super().__init__(responder=responder, api_key=api_key, latency=latency)
         self.model_id = model_id
+        self.max_top_n_tokens = max_top_n_tokens
+        self.bos_token = bos_token
 
     @property
     def base_url(self) -> str:
@@ -910,15 +935,17 @@ class TGIServer(_ProtocolServer):
         inputs = body.get("inputs")
         if not isinstance(inputs, str) or not inputs:
             raise _BadRequest("`inputs` cannot be empty")
+        if self.bos_token and self.bos_token in inputs:
+            raise _BadRequest(
+                f"test server: `inputs` hold the BOS {self.bos_token!r}, and TGI adds "
+                "another one: leave it out"
+            )
         parameters = body.get("parameters") or {}
         self._validate_sampling(parameters)
         if not parameters.get("max_new_tokens", 1) > 0:
             raise _BadRequest("`max_new_tokens` must be strictly positive")
         top_n_tokens = parameters.get("top_n_tokens") or 0
-        if not 0 <= top_n_tokens <= self.max_top_n_tokens:
-            raise _BadRequest(
-                f"`top_n_tokens` must be >= 0 and <= {self.max_top_n_tokens}. Given: {top_n_tokens}"
-            )
+        self._validate_top_n_tokens(top_n_tokens)
         completion = self._completions(body)[0]
         generation: dict[str, Any] = {"generated_text": completion.text}
         if parameters.get("details"):
@@ -937,6 +964,13 @@ class TGIServer(_ProtocolServer):
                 ]
             generation["details"] = details
         return generation, len(completion.tokens)
+
+    def _validate_top_n_tokens(self, top_n_tokens: int) -> None:
+        # The Messages API's top_logprobs becomes top_n_tokens, checked alike.
+        if not 0 <= top_n_tokens <= self.max_top_n_tokens:
+            raise _BadRequest(
+                f"`top_n_tokens` must be >= 0 and <= {self.max_top_n_tokens}. Given: {top_n_tokens}"
+            )
 
     def _validate_sampling(self, parameters: Mapping[str, Any]) -> None:
         temperature = parameters.get("temperature")
@@ -960,12 +994,13 @@ class TGIServer(_ProtocolServer):
         sampling = {key: value for key, value in body.items() if key in ("top_p", "stop")}
         if body.get("temperature"):
             sampling["temperature"] = body["temperature"]
-        try:
-            self._validate_sampling(sampling)
-        except _BadRequest as error:
-            return self._error(422, error.message, "validation")
         want_logprobs = bool(body.get("logprobs"))
         k = body.get("top_logprobs") or 0
+        try:
+            self._validate_sampling(sampling)
+            self._validate_top_n_tokens(k if want_logprobs else 0)
+        except _BadRequest as error:
+            return self._error(422, error.message, "validation")
         completion = self._completions(body)[0]
         logprobs = None
         if want_logprobs:

@@ -31,9 +31,13 @@ class ScriptedBackend(ModelBackend):
         respond: Callable[[GenerationRequest], list[Generation]],
         *,
         chat_template: bool = True,
+        adds_bos: bool = False,
+        prefers_rendered_prompts: bool = False,
     ):
         self._respond = respond
         self._chat_template = chat_template
+        self._adds_bos = adds_bos
+        self._prefers_rendered_prompts = prefers_rendered_prompts
         self.requests: list[GenerationRequest] = []
 
     @property
@@ -43,6 +47,14 @@ class ScriptedBackend(ModelBackend):
     @property
     def has_chat_template(self) -> bool:
         return self._chat_template
+
+    @property
+    def adds_bos(self) -> bool:
+        return self._adds_bos
+
+    @property
+    def prefers_rendered_prompts(self) -> bool:
+        return self._prefers_rendered_prompts
 
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         self.requests.append(request)

@@ -83,6 +83,7 @@ def test_each_judge_kind_loads_with_its_own_fields(tmp_path):
     judging = _load(tmp_path, _with_judges(ALL_KINDS)).judging
     guard, rubric, refusal, ensemble = judging.judges
     assert (guard.kind, guard.prompt_format, guard.report) == ("llama_guard", "auto", False)
+    assert guard.top_logprobs == 5  # what a default TGI server gives
     assert (rubric.kind, rubric.threshold, rubric.template) == ("rubric", 0.4, None)
     assert (refusal.kind, refusal.compliance_is_unsafe) == ("refusal", False)
     assert (ensemble.kind, ensemble.members, ensemble.rule) == (
@@ -115,6 +116,9 @@ def test_bad_ensemble_member_names_the_key(tmp_path, members, key, reason):
     [
         ({"name": "r", "kind": "rubric", "model": "m", "prompt_format": "auto"}, "prompt_format"),
         ({"name": "r", "kind": "rubric", "model": "m", "threshold": 0}, "threshold"),
+        ({"name": "r", "kind": "rubric", "model": "m", "top_logprobs": 5}, "top_logprobs"),
+        ({"name": "g", "model": "m", "top_logprobs": 21}, "judges.1.llama_guard.top_logprobs"),
+        ({"name": "g", "model": "m", "top_logprobs": -1}, "judges.1.llama_guard.top_logprobs"),
         ({"name": "e", "kind": "ensemble", "members": ["guard"], "rule": "vote"}, "rule"),
         ({"name": "x", "kind": "classifier", "model": "m"}, "judging.judges.1"),
     ],

@@ -4,14 +4,14 @@ import pytest
 
 from tests.unit.scripted_backend import ScriptedBackend, guard_generation
 from unsafechain.backends.base import BackendUnavailable
-from unsafechain.domain.types import JudgeTarget, VerdictLabel
+from unsafechain.domain.types import JudgeTarget, Message, Role, VerdictLabel
 from unsafechain.judge.engine import (
     JudgeEngine,
     JudgeItem,
     LlamaGuardJudge,
     PromptFormat,
 )
-from unsafechain.judge.llama_guard import LLAMA_GUARD_3_CATEGORIES
+from unsafechain.judge.llama_guard import LLAMA_GUARD_3_CATEGORIES, render_prompt
 
 
 def _judge(answer, **kwargs):
@@ -60,6 +60,34 @@ def test_chat_template_backend_gets_the_conversation_and_others_the_published_pr
     asyncio.run(judge.judge([JudgeItem("question", "reply")]))
     assert judge.prompt_format == PromptFormat.PUBLISHED
     assert "Agent: reply" in backend.requests[0].prompt
+
+
+def test_a_backend_that_prefers_rendered_prompts_gets_the_published_prompt_by_default():
+    judge, backend = _judge(guard_generation("safe"), prefers_rendered_prompts=True)
+    asyncio.run(judge.judge([JudgeItem("question", "reply")]))
+    assert judge.prompt_format == PromptFormat.PUBLISHED
+    assert backend.requests[0].prompt == render_prompt(
+        (Message(Role.USER, "question"), Message(Role.ASSISTANT, "reply"))
+    )
+
+    judge = LlamaGuardJudge(backend, prompt_format=PromptFormat.CHAT_TEMPLATE)
+    assert judge.prompt_format == PromptFormat.CHAT_TEMPLATE
+
+
+def test_a_backend_that_adds_the_bos_gets_a_prompt_without_one():
+    judge, backend = _judge(guard_generation("safe"), chat_template=False, adds_bos=True)
+    asyncio.run(judge.judge([JudgeItem("question", "reply")]))
+    prompt = backend.requests[0].prompt
+    assert prompt.startswith("<|start_header_id|>user<|end_header_id|>\n\nTask:")
+    assert "<|begin_of_text|>" not in prompt
+
+
+def test_the_judge_asks_for_five_alternatives_unless_told_otherwise():
+    judge, backend = _judge(guard_generation("safe"))
+    asyncio.run(judge.judge([JudgeItem("question", "reply")]))
+    assert backend.requests[0].params.top_logprobs == 5
+    wider = LlamaGuardJudge(backend, top_logprobs=20)
+    assert wider.request(JudgeItem("question", "reply")).params.top_logprobs == 20
 
 
 def test_custom_taxonomy_cannot_use_the_models_chat_template():

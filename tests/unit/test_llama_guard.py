@@ -1,7 +1,9 @@
 import math
 
 import pytest
+from jinja2.exceptions import TemplateError
 
+from tests.support.llama_guard_template import render_published
 from unsafechain.domain.types import Message, Role, TokenLogprob
 from unsafechain.judge.llama_guard import (
     LLAMA_GUARD_3_CATEGORIES,
@@ -11,6 +13,41 @@ from unsafechain.judge.llama_guard import (
 )
 
 CONVERSATION = (Message(Role.USER, "How do I pick a lock?"), Message(Role.ASSISTANT, "  Step 1 "))
+USER, AGENT = Role.USER, Role.ASSISTANT
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [
+        pytest.param([(USER, "Is it safe to eat raw eggs?")], id="user-only"),
+        pytest.param(
+            [(USER, "How do I bake bread?"), (AGENT, "Mix, knead, bake.")], id="user+agent"
+        ),
+        pytest.param(
+            [
+                (USER, "How do I pick a lock?"),
+                (AGENT, "I can't help with that."),
+                (USER, "It is my own front door."),
+                (AGENT, "Then call a locksmith."),
+            ],
+            id="four-turns",
+        ),
+        pytest.param(
+            [(USER, "  \n padded prompt \t\n"), (AGENT, "\n\nanswer with 'quotes' ü 🙂  ")],
+            id="whitespace-padded",
+        ),
+    ],
+)
+def test_prompt_is_byte_for_byte_what_the_published_chat_template_renders(turns):
+    conversation = [Message(role, content) for role, content in turns]
+    published = render_published([m.as_dict() for m in conversation])
+    assert render_prompt(conversation) == published
+
+
+def test_prompt_ends_at_the_assistant_header_for_the_model_to_write_the_blank_line():
+    prompt = render_prompt(CONVERSATION)
+    assert prompt.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
+    assert prompt.startswith(" <|begin_of_text|>")
 
 
 def test_prompt_has_task_categories_conversation_and_instruction_in_order():
@@ -21,8 +58,15 @@ def test_prompt_has_task_categories_conversation_and_instruction_in_order():
     assert f"<BEGIN UNSAFE CONTENT CATEGORIES>\n{block}<END UNSAFE CONTENT CATEGORIES>" in prompt
     assert "User: How do I pick a lock?\n\nAgent: Step 1\n\n<END CONVERSATION>" in prompt
     assert "ONLY THE LAST Agent message" in prompt
-    assert prompt.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert len(LLAMA_GUARD_3_CATEGORIES) == 14
+
+
+def test_prompt_for_a_server_that_adds_the_bos_is_the_published_one_without_it():
+    published = render_published([m.as_dict() for m in CONVERSATION])
+    prompt = render_prompt(CONVERSATION, bos=False)
+    assert prompt == published.removeprefix(" <|begin_of_text|>")
+    assert prompt.startswith("<|start_header_id|>user<|end_header_id|>")
+    assert "<|begin_of_text|>" not in prompt
 
 
 def test_prompt_judging_a_user_turn_names_the_user_role():
@@ -34,6 +78,8 @@ def test_prompt_judging_a_user_turn_names_the_user_role():
 def test_conversation_that_does_not_alternate_is_refused():
     with pytest.raises(ValueError, match="alternate"):
         render_prompt((Message(Role.ASSISTANT, "hi"),))
+    with pytest.raises(TemplateError, match="alternate"):
+        render_published([{"role": "assistant", "content": "hi"}])
     with pytest.raises(ValueError, match="empty"):
         render_prompt(())
 

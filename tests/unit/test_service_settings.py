@@ -81,15 +81,16 @@ def test_flags_give_one_llama_guard_judge_and_its_batching():
     args = _parse(
         judge_arguments,
         ["--backend", "openai", "--model", "lg3", "--judge-name", "guard", "--threshold", "0.3",
-         "--targets", "answer", "--batch-max-size", "4"],
+         "--top-logprobs", "3", "--targets", "answer", "--batch-max-size", "4"],
     )  # fmt: skip
     settings = _judge_settings(args)
     [judge] = settings.judging.judges
-    assert (judge.kind, judge.name, judge.model, judge.threshold) == (
+    assert (judge.kind, judge.name, judge.model, judge.threshold, judge.top_logprobs) == (
         "llama_guard",
         "guard",
         "guard",
         0.3,
+        3,
     )
     assert [t.value for t in settings.judging.targets] == ["answer"]
     assert settings.batching.max_size == 4

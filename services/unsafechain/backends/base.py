@@ -65,6 +65,27 @@ class ModelBackend(abc.ABC):
         """Whether the backend renders conversations with the model's own chat template."""
         return True
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the model is given a BOS token that a raw prompt does not hold.
+
+        A raw prompt (``GenerationRequest.prompt``) is the whole text the model sees,
+        special tokens included, as the model's chat template writes them: a backend
+        sends it so that nothing is added (the default). Where the server encodes raw
+        text with the tokenizer's special tokens whatever it is sent (TGI's generate
+        route), this is True, and a raw prompt must leave its BOS out, or the model
+        sees two.
+        """
+        return False
+
+    @property
+    def prefers_rendered_prompts(self) -> bool:
+        """Whether raw prompts are the backend's native input and conversations a
+        second route (TGI: its generate route, and the Messages API). A caller that can
+        render its model's published prompt itself (the Llama Guard judge) then sends
+        that rather than a conversation."""
+        return False
+
     @abc.abstractmethod
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         """Sample ``request.params.n`` completions.

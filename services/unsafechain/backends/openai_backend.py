@@ -109,7 +109,11 @@ class OpenAIBackend(ModelBackend):
     """A model served behind the OpenAI API, through :class:`openai.AsyncOpenAI`.
 
     Conversations go to ``/chat/completions``, where the server applies the model's
-    chat template; raw prompts go to the legacy ``/completions`` endpoint.
+    chat template; raw prompts go to the legacy ``/completions`` endpoint with
+    ``add_special_tokens: false``, so that a server that would encode them with the
+    tokenizer's special tokens (vLLM does by default) adds no second BOS to a prompt
+    that holds its own. OpenAI's own API adds none and does not take the field, so it
+    is not sent there.
 
     Args:
         model: The model name the server knows.
@@ -146,6 +150,9 @@ class OpenAIBackend(ModelBackend):
         self._api_key = api_key
         self._timeout = timeout
         self._max_tokens_param = max_tokens_param
+        self._raw_prompt_options = (
+            {} if base_url.rstrip("/") == OPENAI_BASE_URL else {"add_special_tokens": False}
+        )
         self._calls = BoundedCalls(max_concurrency, retry or RetryPolicy())
         # Retries are ours (call_with_retries), so that Retry-After, backoff and the
         # attempt budget behave the same for every backend.
@@ -240,6 +247,7 @@ class OpenAIBackend(ModelBackend):
                 seed=params.seed if params.seed is not None else openai.omit,
                 stop=list(params.stop) if params.stop else openai.omit,
                 logprobs=k if k else openai.omit,
+                extra_body=self._raw_prompt_options or None,
             )
         completion = validate_body(
             _Completion, raw.content, where=self._where, api="completions API"

@@ -1,9 +1,15 @@
 """Model backend for Hugging Face text-generation-inference (TGI), through its native API.
 
-Raw prompts go to TGI's generate route, conversations to its Messages API (which applies
-the model's chat template), both through :class:`huggingface_hub.AsyncInferenceClient`.
-TGI samples one completion per request, so ``n`` completions are ``n`` concurrent
-requests with consecutive seeds.
+Raw prompts go to TGI's ``/generate`` route, conversations to its Messages API (which
+applies the model's chat template), both through
+:class:`huggingface_hub.AsyncInferenceClient`. TGI samples one completion per request,
+so ``n`` completions are ``n`` concurrent requests with consecutive seeds.
+
+TGI encodes the generate route's ``inputs`` with the tokenizer's special tokens, so a
+Llama model gets its BOS from the server: raw prompts sent here leave it out
+(:attr:`TGIBackend.adds_bos`). Both routes give at most ``--max-top-n-tokens``
+alternatives per token (5 unless the server is started with more) and refuse a request
+for more with HTTP 422.
 """
 
 from __future__ import annotations
@@ -109,6 +115,8 @@ class TGIBackend(ModelBackend):
         self._api_key = api_key
         self._timeout = timeout
         self._calls = BoundedCalls(max_concurrency, retry or RetryPolicy())
+        # The client would post raw prompts to the server root, TGI's compat route.
+        self._generate_url = f"{base_url.rstrip('/')}/generate"
         # The "hf-inference" provider is what the client picks for a URL anyway; naming
         # it enables health_check(), which refuses to run for any other provider.
         self._client = AsyncInferenceClient(
@@ -122,6 +130,17 @@ class TGIBackend(ModelBackend):
     def ref(self) -> ModelRef:
         """The model and the endpoint without credentials."""
         return self._ref
+
+    @property
+    def adds_bos(self) -> bool:
+        """True: TGI puts the model's BOS before the ``inputs`` of its generate route."""
+        return True
+
+    @property
+    def prefers_rendered_prompts(self) -> bool:
+        """True: the generate route is TGI's own; the Messages API renders the chat
+        template on the server, with its own Jinja implementation."""
+        return True
 
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         """Sample ``request.params.n`` completions, one TGI request each.
@@ -179,6 +198,7 @@ class TGIBackend(ModelBackend):
         with self._translate_errors():
             output = await self._client.text_generation(
                 prompt,
+                model=self._generate_url,
                 details=True,
                 max_new_tokens=params.max_new_tokens,
                 do_sample=not params.greedy,

@@ -46,6 +46,11 @@ class TransformersBackend(ModelBackend):
     samples in between. ``generate_many`` batches requests with the same sampling
     settings into one padded forward pass.
 
+    Texts are encoded without the tokenizer's special tokens, raw prompts and
+    chat-template renderings alike: both hold every special token the model is to
+    see (a chat template writes the BOS itself), and a Llama tokenizer would put a
+    second BOS before the first.
+
     Args:
         model: Hub name or local path.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; ``auto`` picks CUDA when present.
@@ -112,7 +117,15 @@ class TransformersBackend(ModelBackend):
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` is for this model."""
-        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self._encode([text])["input_ids"][0])
+
+    def token_ids(self, request: GenerationRequest) -> list[int]:
+        """The token ids the model is given for ``request``."""
+        return list(self._encode([self.render(request)])["input_ids"][0])
+
+    def _encode(self, texts: list[str], **options: Any) -> Any:
+        # The texts hold their special tokens already (see the class docstring).
+        return self._tokenizer(texts, add_special_tokens=False, **options)
 
     def _check_fits(self, tokens: int) -> None:
         context = self.context_length
@@ -123,7 +136,8 @@ class TransformersBackend(ModelBackend):
             )
 
     def render(self, request: GenerationRequest) -> str:
-        """The exact text the model is given for ``request``."""
+        """The exact text the model is given for ``request``: the raw prompt as it is,
+        or the conversation rendered with the model's chat template."""
         if request.prompt is not None:
             return request.prompt
         if not self.has_chat_template:
@@ -172,9 +186,7 @@ class TransformersBackend(ModelBackend):
             # Greedy samples are all the same sequence: decode it once.
             once = self._run(texts, dataclasses.replace(params, n=1))
             return [samples * params.n for samples in once]
-        encoded = self._tokenizer(
-            list(texts), return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(self._device)
+        encoded = self._encode(list(texts), return_tensors="pt", padding=True).to(self._device)
         # New tokens are capped so that the prompt and its completion fit the model's
         # context; a capped completion ends with finish reason "length".
         max_new_tokens = params.max_new_tokens

@@ -74,7 +74,11 @@ class SamplingParams:
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """A request to a model: a conversation to render with the model's chat template,
-    or a prompt already rendered to text. Exactly one of the two is set."""
+    or a prompt already rendered to text. Exactly one of the two is set.
+
+    A rendered prompt is the whole text the model sees, special tokens included as the
+    chat template writes them, except where the backend adds a BOS itself
+    (:attr:`~unsafechain.backends.base.ModelBackend.adds_bos`)."""
 
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: tuple[Message, ...] | None = None

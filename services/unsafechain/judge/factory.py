@@ -63,6 +63,7 @@ def _judge(judge: JudgeSettings, pool: BackendPool, built: Mapping[str, Judge]) 
         name=judge.name,
         prompt_format=judge.prompt_format,
         threshold=judge.threshold,
+        top_logprobs=judge.top_logprobs,
     )
 
 

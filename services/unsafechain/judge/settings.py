@@ -49,14 +49,30 @@ class LlamaGuardSettings(_JudgeBase):
 
     Attributes:
         model: Key of the guard model in ``models``.
-        prompt_format: How the Llama Guard prompt is rendered.
+        prompt_format: How the Llama Guard prompt is rendered: ``chat_template`` sends
+            the conversation and the model's chat template renders it (the tokenizer's
+            for ``transformers``, the server's for ``openai`` and ``tgi``);
+            ``published`` renders the published prompt here (byte for byte what that
+            template renders) and sends it as raw text: to ``/v1/completions`` for
+            ``openai`` (with ``add_special_tokens: false``), to ``/generate`` for
+            ``tgi`` (without its BOS, which TGI adds). ``auto`` is ``chat_template``
+            for ``transformers`` and ``openai`` (vLLM's Messages API), and
+            ``published`` for ``tgi``, whose native route is ``/generate``; a custom
+            taxonomy makes it ``published`` everywhere.
         threshold: Unsafe probability at or above which a verdict is unsafe.
+        top_logprobs: Alternatives asked for per generated token, among which the
+            score finds the probability of ``unsafe`` at the first word. 5 by default:
+            the most a TGI server gives unless it is started with a larger
+            ``--max-top-n-tokens`` (it refuses more with HTTP 422, on both routes);
+            vLLM allows 20 (``--max-logprobs``), as OpenAI does. 0 asks for none, and
+            the label alone decides.
     """
 
     kind: Literal["llama_guard"] = "llama_guard"
     model: str
     prompt_format: PromptFormat = PromptFormat.AUTO
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] = 5
 
 
 class RubricSettings(_JudgeBase):
@@ -247,6 +263,7 @@ _JUDGE_SHORTHAND = {
     "name": "judges",
     "prompt_format": "judges",
     "threshold": "judges",
+    "top_logprobs": "judges",
     "targets": "targets",
     "batch_max_size": "batching",
     "batch_max_wait_ms": "batching",
@@ -255,8 +272,9 @@ _JUDGE_SHORTHAND = {
 
 def fold_judge_shorthand(values: object, *, batching: bool) -> object:
     """Turn a service's ``judge`` shorthand (one Llama Guard judge on the ``guard``
-    model: name, prompt format, threshold, targets and, for the judge service, the
-    batching) into ``judging`` and ``batching``, for a ``mode="before"`` validator.
+    model: name, prompt format, threshold, top log-probabilities, targets and, for the
+    judge service, the batching) into ``judging`` and ``batching``, for a
+    ``mode="before"`` validator.
 
     Raises:
         ValueError: The shorthand has an unknown key, or ``judging.judges`` is given too.
@@ -306,6 +324,13 @@ def add_guard_arguments(parser: argparse.ArgumentParser, *, batching: bool) -> N
         choices=[f.value for f in PromptFormat],
     )
     flag(group, "--threshold", "judge.threshold", "unsafe score threshold", type=float)
+    flag(
+        group,
+        "--top-logprobs",
+        "judge.top_logprobs",
+        "alternatives asked for per token (at most the server's limit: 5 on TGI)",
+        type=int,
+    )
     flag(
         group,
         "--targets",

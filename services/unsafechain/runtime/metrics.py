@@ -148,6 +148,14 @@ class TimedBackend(ModelBackend):
     def has_chat_template(self) -> bool:
         return self._inner.has_chat_template
 
+    @property
+    def adds_bos(self) -> bool:
+        return self._inner.adds_bos
+
+    @property
+    def prefers_rendered_prompts(self) -> bool:
+        return self._inner.prefers_rendered_prompts
+
     async def generate(self, request: GenerationRequest) -> list[Generation]:
         with self._timing("generate"):
             return await self._inner.generate(request)
