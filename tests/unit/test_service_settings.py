@@ -185,9 +185,10 @@ def test_kubernetes_service_link_variables_are_not_settings(monkeypatch, setting
 
 def test_the_generation_service_takes_its_sampling_from_flags_over_the_config(tmp_path):
     path = _build_config(tmp_path)
-    args = _parse(generation_arguments, ["--config", str(path), "--samples", "2"])
+    args = _parse(generation_arguments, ["--config", str(path), "--samples", "2", "--top-k", "20"])
     settings = settings_from_args(GenerationServiceSettings, args)
     assert settings.generation.samples == 2
+    assert settings.generation.params().top_k == 20
     assert settings.generation.model == "generator"
     assert settings.models["generator"].model == "r1"
 

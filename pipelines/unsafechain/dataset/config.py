@@ -14,7 +14,7 @@ from typing import Annotated
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from unsafechain.backends.settings import BackendSettings
+from unsafechain.backends.settings import BackendSettings, top_k_problem
 from unsafechain.correction.settings import CorrectionSettings
 from unsafechain.domain.settings import StrictModel, describe_error
 from unsafechain.generation.settings import GenerationSettings
@@ -116,6 +116,12 @@ class BuildConfig(StrictModel):
         references += [(f"judging.{key}", name) for key, name in self.judging.model_references()]
         references.append(("correction.model", self.correction.model))
         problem = unknown_models(references, self.models)
+        problem = problem or top_k_problem(
+            "generation", self.generation.params(), self.generation.model, self.models
+        )
+        problem = problem or top_k_problem(
+            "correction", self.correction.params(), self.correction.model, self.models
+        )
         if problem:
             raise ValueError(problem)
         names = [source.name for source in self.sources]

@@ -80,6 +80,7 @@ def case_to_row(case: case_pb2.Case) -> dict:
                 "samples": sampling.num_samples,
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
+                "top_k": sampling.top_k,
                 "max_new_tokens": sampling.max_new_tokens,
                 "seed": sampling.seed,
             },

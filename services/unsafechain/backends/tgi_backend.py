@@ -2,6 +2,7 @@
 
 Raw prompts go to TGI's generate route, conversations to its Messages API (which applies
 the model's chat template), both through :class:`huggingface_hub.AsyncInferenceClient`.
+The Messages API has no ``top_k``: a conversation sampled with one is refused.
 TGI samples one completion per request, so ``n`` completions are ``n`` concurrent
 requests with consecutive seeds.
 """
@@ -138,6 +139,13 @@ class TGIBackend(ModelBackend):
         params = request.params
         seeds = [None if params.seed is None else params.seed + index for index in range(params.n)]
         if request.messages is not None:
+            if params.sampled_top_k:
+                # The Messages API has no top_k field and ignores one it is sent: the
+                # completions would be sampled without the cut the settings ask for.
+                raise BackendError(
+                    f"{self._where}: TGI's Messages API takes no top_k; set top_k to 0 "
+                    "(off), or reach TGI through a backend that renders the prompt"
+                )
             messages = request.messages
             return await gather_all(
                 self._calls.run(
@@ -185,6 +193,8 @@ class TGIBackend(ModelBackend):
                 # TGI rejects temperature 0; greedy decoding is do_sample=False instead.
                 temperature=None if params.greedy else params.temperature,
                 top_p=_tgi_top_p(params),
+                # TGI rejects top_k 0 and samples whenever one is sent: off is left out.
+                top_k=params.sampled_top_k or None,
                 top_n_tokens=k or None,
                 seed=seed,
                 stop=list(params.stop) or None,

@@ -92,7 +92,7 @@ async def describe_corrector(
             f"{where} runs {describe_model(reported.model)}; the configuration names "
             f"{describe_model(expected.model)} (models.{settings.model})"
         )
-    for name in ("temperature", "top_p", "max_new_tokens"):
+    for name in ("temperature", "top_p", "top_k", "max_new_tokens"):
         ours, theirs = getattr(expected.params, name), getattr(reported.params, name)
         if abs(ours - theirs) > 1e-6:
             raise StageMismatch(f"{where} samples with {name} {theirs}; the configuration: {ours}")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from unsafechain.backends.settings import BackendSettings
+from unsafechain.backends.settings import BackendSettings, top_k_problem
 from unsafechain.domain.settings import StrictModel
 from unsafechain.domain.types import SamplingParams
 from unsafechain.judge.settings import (
@@ -40,6 +40,8 @@ class CorrectionSettings(StrictModel):
     Attributes:
         model: Key of the corrector in the model table (``models``).
         max_attempts: Tries per unsafe completion before giving up.
+        temperature, top_p, top_k, max_new_tokens: The corrector's sampling per
+            attempt; ``top_k`` 0 is off.
         completions: ``all`` corrects every unsafe completion of a hard case (the
             method); ``until_passed`` stops at the first correction that passes. The
             build's correct stage reads it; the service corrects one completion a call.
@@ -50,6 +52,7 @@ class CorrectionSettings(StrictModel):
     max_attempts: Annotated[int, Field(ge=1)] = 3
     temperature: Annotated[float, Field(ge=0)] = 0.7
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, Field(ge=0)] = 0
     max_new_tokens: Annotated[int, Field(ge=1)] = 2048
     completions: Literal["all", "until_passed"] = "all"
     templates: str | None = None
@@ -60,6 +63,7 @@ class CorrectionSettings(StrictModel):
             n=1,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
         )
 
@@ -103,6 +107,11 @@ class CorrectionServiceSettings(ServerSettings):
                 f"{problem}; give the corrector with --backend and --model, the re-judging "
                 "guard with --judge-backend and --judge-model, or both in --config"
             )
+        problem = top_k_problem(
+            "correction", self.correction.params(), self.correction.model, self.models
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
     def backends(self) -> Iterable[BackendSettings]:
@@ -119,6 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(group, "--max-attempts", "correction.max_attempts", "tries per completion", type=int)
     flag(group, "--temperature", "correction.temperature", "corrector temperature", type=float)
     flag(group, "--top-p", "correction.top_p", "corrector nucleus mass", type=float)
+    flag(group, "--top-k", "correction.top_k", "corrector top-k; 0 is off", type=int)
     flag(group, "--max-new-tokens", "correction.max_new_tokens", "tokens per attempt", type=int)
     flag(group, "--templates", "correction.templates", "folder of prompt templates")
 

@@ -38,6 +38,10 @@ class SamplingParams:
         n: Number of completions to sample (K).
         temperature: 0 selects greedy decoding.
         top_p: Nucleus sampling mass.
+        top_k: Sample only from the k most likely tokens; 0 is off (every token is a
+            candidate, as in SafeChain and STAR-1). Off really is off: the local
+            backend overrides transformers' default of 50, and remote backends are
+            sent no top-k at all.
         max_new_tokens: Upper bound on generated tokens per completion.
         seed: Seed for reproducible sampling, where the backend supports one.
         top_logprobs: Alternatives to return per generated token; 0 returns no
@@ -48,6 +52,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 0.6
     top_p: float = 0.95
+    top_k: int = 0
     max_new_tokens: int = 512
     seed: int | None = None
     top_logprobs: int = 0
@@ -60,6 +65,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.top_logprobs < 0:
@@ -69,6 +76,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether decoding is greedy (temperature 0)."""
         return self.temperature == 0
+
+    @property
+    def sampled_top_k(self) -> int:
+        """The top-k a backend applies: ``top_k`` when sampling, 0 (off) when greedy,
+        where there is nothing to cut and some servers would start sampling if sent one."""
+        return 0 if self.greedy else self.top_k
 
 
 @dataclass(frozen=True, slots=True)
