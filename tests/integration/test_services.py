@@ -295,7 +295,20 @@ def test_invalid_requests_are_refused_with_invalid_argument_naming_the_field(
                         ),
                     )
                 ),
+                generation.Generate(
+                    generation_pb2.GenerateRequest(
+                        messages=[user],
+                        sampling=case_pb2.SamplingParams(
+                            num_samples=1, top_p=0.9, top_k=-1, max_new_tokens=8
+                        ),
+                    )
+                ),
                 correction.Correct(correction_pb2.CorrectRequest(prompt="p")),
+                correction.Correct(
+                    correction_pb2.CorrectRequest(
+                        prompt="p", completion=case_pb2.Completion(text="c"), targets=[1, 0]
+                    )
+                ),
                 generation.Generate(
                     generation_pb2.GenerateRequest(
                         messages=[generation_pb2.ChatMessage(role=99, content="hi")]  # type: ignore[arg-type]
@@ -316,7 +329,9 @@ def test_invalid_requests_are_refused_with_invalid_argument_naming_the_field(
         "messages",
         "messages[0].role",
         "sampling.top_p",
+        "sampling.top_k",
         "completion",
+        "targets[1]",
         "messages[0].role",
         "request",
     ]

@@ -208,7 +208,13 @@ def _card_text(
         f"- Correction: at most {correction.max_attempts} attempts per unsafe completion "
         f"({correction.completions}), temperature {correction.temperature}, top-p "
         f"{correction.top_p}, top-k {correction.top_k or 'off'}, at most "
-        f"{correction.max_new_tokens} new tokens.",
+        f"{correction.max_new_tokens} new tokens; refusal check "
+        + (
+            f"`{check.mode.value}` by judge `{check.judge}`"
+            if (check := correction.refusal_check).judge and check.mode != "off"
+            else "off"
+        )
+        + ".",
         "",
         "## Rules",
         "",

@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from unsafechain.backends.settings import BackendSettings, top_k_problem
-from unsafechain.correction.settings import CorrectionSettings
+from unsafechain.correction.settings import CorrectionSettings, refusal_check_problem
 from unsafechain.domain.settings import StrictModel, describe_error
 from unsafechain.generation.settings import GenerationSettings
 from unsafechain.intake.settings import (
@@ -122,6 +122,7 @@ class BuildConfig(StrictModel):
         problem = problem or top_k_problem(
             "correction", self.correction.params(), self.correction.model, self.models
         )
+        problem = problem or refusal_check_problem(self.correction, self.judging)
         if problem:
             raise ValueError(problem)
         names = [source.name for source in self.sources]

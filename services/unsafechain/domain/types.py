@@ -144,6 +144,29 @@ class RefusalClass(enum.StrEnum):
     PARTIAL_REFUSAL = "partial_refusal"
 
 
+class RequestClass(enum.StrEnum):
+    """How a refusal judge reads a request: one a helpful assistant answers fully, or
+    one whose answer would do real harm."""
+
+    BENIGN = "benign"
+    HARMFUL = "harmful"
+
+
+class RefusalCheckMode(enum.StrEnum):
+    """What the correction stage does with a refusal judge's second look at each
+    correction that passed re-judging.
+
+    ``OFF`` takes no second look; ``RECORD`` keeps the refusal class on the attempt
+    (and, for a full refusal, how the judge reads the request); ``REJECT`` also fails
+    an attempt that fully refuses a request the judge reads as benign, or that the
+    judge could not classify, and tells the corrector why.
+    """
+
+    OFF = "off"
+    RECORD = "record"
+    REJECT = "reject"
+
+
 class JudgeTarget(enum.StrEnum):
     """Which part of a completion is judged."""
 
@@ -233,6 +256,62 @@ class CompletionJudgment:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestReading:
+    """How a refusal judge read a request.
+
+    Attributes:
+        request: The class; None when the judge gave none (``error`` says why).
+        raw_output: The judge's answer exactly as generated.
+        error: Why there is no class; empty when there is one.
+    """
+
+    request: RequestClass | None
+    raw_output: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalCheck:
+    """A refusal judge's second look at a correction attempt that passed re-judging.
+
+    Attributes:
+        verdict: The judge's verdict on the attempt; ``verdict.refusal`` is the class,
+            None when the judge gave none (``verdict.error`` says why).
+        request: How the judge read the prompt; asked only when the attempt is a full
+            refusal, None otherwise.
+    """
+
+    verdict: Verdict
+    request: RequestReading | None = None
+
+    @property
+    def refusal(self) -> RefusalClass | None:
+        """How the attempt answers its prompt; None when the judge could not say."""
+        return self.verdict.refusal
+
+    @property
+    def refuses_benign_request(self) -> bool:
+        """Whether the attempt fully refuses a request the judge reads as benign."""
+        return (
+            self.refusal == RefusalClass.FULL_REFUSAL
+            and self.request is not None
+            and self.request.request == RequestClass.BENIGN
+        )
+
+    @property
+    def error(self) -> str:
+        """Why the check could not decide whether the attempt over-refuses; empty when
+        it could."""
+        if self.refusal is None:
+            return f"refusal class: {self.verdict.error or 'missing'}"
+        if self.refusal == RefusalClass.FULL_REFUSAL and (
+            self.request is None or self.request.request is None
+        ):
+            return f"request class: {self.request.error if self.request else 'not asked'}"
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """One try at a correction.
 
@@ -244,6 +323,8 @@ class Attempt:
         label: The combined re-judged label; ``ERROR`` when not judged.
         failure_reason: Why the attempt did not pass; empty when it passed.
         finished_at: When the attempt ended.
+        refusal_check: The refusal judge's second look, taken at attempts that passed
+            re-judging when the correction settings ask for one; None otherwise.
     """
 
     number: int
@@ -253,6 +334,7 @@ class Attempt:
     label: VerdictLabel
     failure_reason: str
     finished_at: datetime
+    refusal_check: RefusalCheck | None = None
 
     @property
     def passed(self) -> bool:
@@ -288,9 +370,13 @@ class CorrectorInfo:
         params: Its sampling settings for one attempt (``n`` is 1; the seed varies).
         max_attempts: Bound on tries per unsafe completion.
         judges: The judges that re-judge every attempt.
+        refusal_check: What is done with a refusal judge's second look at attempts.
+        refusal_judge: The judge that takes it; None when the check is off.
     """
 
     model: ModelRef
     params: SamplingParams
     max_attempts: int
     judges: tuple[JudgeIdentity, ...]
+    refusal_check: RefusalCheckMode = RefusalCheckMode.OFF
+    refusal_judge: JudgeIdentity | None = None
