@@ -108,7 +108,7 @@ def test_dataset_rows_carry_responses_and_provenance_in_jsonl_and_parquet(built)
         provenance = row["provenance"]
         assert provenance["build_id"] == result.manifest["build_id"]
         assert provenance["generator"]["model"].endswith("generator")
-        assert provenance["sampling"]["samples"] == 3
+        assert (provenance["sampling"]["samples"], provenance["sampling"]["top_k"]) == (3, 0)
         assert provenance["sampling"]["seed"] is not None
         assert len(provenance["completions"]) == 3
         for completion in provenance["completions"]:

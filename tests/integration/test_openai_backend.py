@@ -202,6 +202,30 @@ def test_published_llama_guard_prompt_reaches_a_vllm_like_server_with_one_bos():
     assert sent.body["logprobs"] == 5
 
 
+def test_top_k_goes_to_a_vllm_server_only_when_set_on_both_routes():
+    with OpenAIServer(api_key=API_KEY, accepts_top_k=True) as server:
+        generate(make_backend(server), chat(temperature=0.8, top_k=40))
+        generate(make_backend(server), chat(temperature=0.8))
+        generate(make_backend(server), chat(temperature=0, top_k=40))
+        raw = GenerationRequest(prompt="hi", params=SamplingParams(temperature=0.8, top_k=7))
+        generate(make_backend(server), raw)
+
+        sampled, off, greedy, legacy = (request.body for request in server.requests)
+        assert sampled["top_k"] == 40
+        assert "top_k" not in off
+        assert "top_k" not in greedy
+        assert (legacy["top_k"], server.requests[3].path) == (7, "/v1/completions")
+
+
+def test_openai_itself_never_sees_top_k_when_off_and_rejects_it_when_set(server):
+    (generation,) = generate(make_backend(server), chat(temperature=0.8))
+    error = generate_error(make_backend(server), chat(temperature=0.8, top_k=40))
+
+    assert generation.text == "sample 0 seed None"
+    assert not error.retryable
+    assert "Unrecognized request argument supplied: top_k" in str(error)
+
+
 def test_reasoning_model_gets_max_completion_tokens_instead_of_max_tokens():
     with OpenAIServer(api_key=API_KEY, reasoning_model=True) as server:
         backend = make_backend(server, max_tokens_param="max_completion_tokens")

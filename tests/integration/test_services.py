@@ -28,6 +28,7 @@ from tests.support.grpc_servers import (
     start_server_from_settings,
 )
 from tests.support.http_servers import Fault, OpenAIServer, completion_from_text
+from tests.unit.scripted_backend import ScriptedBackend
 from unsafechain.backends.base import (
     BackendError,
     BackendTimeout,
@@ -38,7 +39,7 @@ from unsafechain.cli import main
 from unsafechain.correction.client import RemoteCorrectionEngine
 from unsafechain.correction.engine import CorrectionEngine
 from unsafechain.correction.servicer import CorrectionServicer
-from unsafechain.domain.types import JudgeTarget, SamplingParams, VerdictLabel
+from unsafechain.domain.types import Generation, JudgeTarget, SamplingParams, VerdictLabel
 from unsafechain.generation.client import RemoteGenerationEngine
 from unsafechain.generation.engine import GenerationEngine
 from unsafechain.generation.servicer import GenerationServicer
@@ -294,7 +295,20 @@ def test_invalid_requests_are_refused_with_invalid_argument_naming_the_field(
                         ),
                     )
                 ),
+                generation.Generate(
+                    generation_pb2.GenerateRequest(
+                        messages=[user],
+                        sampling=case_pb2.SamplingParams(
+                            num_samples=1, top_p=0.9, top_k=-1, max_new_tokens=8
+                        ),
+                    )
+                ),
                 correction.Correct(correction_pb2.CorrectRequest(prompt="p")),
+                correction.Correct(
+                    correction_pb2.CorrectRequest(
+                        prompt="p", completion=case_pb2.Completion(text="c"), targets=[1, 0]
+                    )
+                ),
                 generation.Generate(
                     generation_pb2.GenerateRequest(
                         messages=[generation_pb2.ChatMessage(role=99, content="hi")]  # type: ignore[arg-type]
@@ -315,7 +329,9 @@ def test_invalid_requests_are_refused_with_invalid_argument_naming_the_field(
         "messages",
         "messages[0].role",
         "sampling.top_p",
+        "sampling.top_k",
         "completion",
+        "targets[1]",
         "messages[0].role",
         "request",
     ]
@@ -459,6 +475,37 @@ def test_generate_without_sampling_uses_the_services_defaults(loop, generation_s
     answer = loop.run(generate())
     assert len(answer.completions) == 1
     assert answer.model.backend == "transformers" and answer.model.model.endswith("generator")
+
+
+def test_generation_service_reports_its_top_k_and_passes_a_requests_own_to_the_model(loop):
+    backend = ScriptedBackend(lambda request: [Generation("<think>\nok\n</think>\n\nHi.", "stop")])
+    defaults = SamplingParams(n=1, temperature=0.6, top_k=20, max_new_tokens=16)
+
+    async def ask():
+        server = await start_server(
+            server_settings("generation"),
+            lambda metrics: GenerationServicer(GenerationEngine(backend, defaults)),
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = generation_pb2_grpc.GenerationServiceStub(channel)
+                info = await stub.Info(generation_pb2.GenerationInfoRequest())
+                user = generation_pb2.ChatMessage(role=generation_pb2.CHAT_ROLE_USER, content="Hi")
+                for top_k in (5, 0):
+                    sampling = case_pb2.SamplingParams(
+                        num_samples=1, temperature=0.6, top_p=0.9, top_k=top_k, max_new_tokens=8
+                    )
+                    await stub.Generate(
+                        generation_pb2.GenerateRequest(messages=[user], sampling=sampling)
+                    )
+                await stub.Generate(generation_pb2.GenerateRequest(messages=[user]))
+        finally:
+            await server.drain()
+        return info
+
+    info = loop.run(ask())
+    assert info.default_sampling.top_k == 20
+    assert [request.params.top_k for request in backend.requests] == [5, 0, 20]
 
 
 def test_remote_correction_engine_returns_what_the_engine_returns_for_a_seed(

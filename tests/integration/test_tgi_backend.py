@@ -152,6 +152,30 @@ def test_top_p_of_one_is_left_out_because_tgi_rejects_it(server):
     assert "top_p" not in server.requests[0].body["parameters"]
 
 
+def test_top_k_reaches_the_generate_route_when_set_and_is_absent_when_off(server):
+    generate(make_backend(server), prompt(temperature=0.8, top_k=40))
+    generate(make_backend(server), prompt(temperature=0.8))
+    generate(make_backend(server), prompt(temperature=0, top_k=40))
+
+    sampled, off, greedy = (request.body["parameters"] for request in server.requests)
+    assert sampled["top_k"] == 40
+    # TGI rejects top_k 0 and samples whenever it is sent one, greedy or not.
+    assert "top_k" not in off
+    assert "top_k" not in greedy
+
+
+def test_a_conversation_sampled_with_top_k_is_refused_before_tgi_would_ignore_it(server):
+    request = GenerationRequest(
+        messages=CONVERSATION, params=SamplingParams(temperature=0.8, top_k=40)
+    )
+
+    error = generate_error(make_backend(server), request)
+
+    assert not error.retryable
+    assert "Messages API takes no top_k" in str(error)
+    assert server.requests == []
+
+
 def test_invalid_parameters_raise_non_retryable_validation_error(server):
     error = generate_error(make_backend(server), prompt(stop=tuple("abcde")))
 
@@ -266,6 +290,7 @@ def test_chat_request_goes_through_the_messages_api_once_per_sample(server):
     assert (sent.body["logprobs"], sent.body["top_logprobs"]) == (True, 1)
     assert sent.body["max_tokens"] == 512
     assert "top_p" not in sent.body
+    assert "top_k" not in sent.body
 
 
 # Retries --------------------------------------------------------------------------

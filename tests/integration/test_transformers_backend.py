@@ -2,6 +2,7 @@ import asyncio
 import math
 
 import pytest
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from unsafechain.backends.transformers_backend import TransformersBackend
 from unsafechain.domain.types import GenerationRequest, Message, Role, SamplingParams
@@ -51,6 +52,29 @@ def test_batched_requests_come_back_in_order_with_their_own_samples(generator):
     assert [len(samples) for samples in batched] == [2, 2]
     single = asyncio.run(generator.generate(requests[1]))
     assert batched[1][0].text == single[0].text
+
+
+@pytest.mark.parametrize(("top_k", "warpers"), [(0, []), (7, [7])])
+def test_top_k_off_samples_with_no_top_k_warper_and_a_set_one_with_exactly_it(
+    generator, monkeypatch, top_k, warpers
+):
+    # transformers adds TopKLogitsWarper(50) to a sampled generate call told nothing.
+    model = generator._model
+    original = model._get_logits_processor
+    used = []
+
+    def spy(*args, **kwargs):
+        processors = original(*args, **kwargs)
+        used.append(list(processors))
+        return processors
+
+    monkeypatch.setattr(model, "_get_logits_processor", spy)
+    request = _ask("How do I bake bread?", temperature=0.7, top_k=top_k, max_new_tokens=4)
+    asyncio.run(generator.generate(request))
+
+    [processors] = used
+    assert [p.top_k for p in processors if isinstance(p, TopKLogitsWarper)] == warpers
+    assert [p.top_p for p in processors if isinstance(p, TopPLogitsWarper)] == [0.95]
 
 
 def test_token_log_probabilities_list_the_top_alternatives(generator):

@@ -5,6 +5,7 @@ manifest counts are the same."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from pathlib import Path
@@ -18,7 +19,15 @@ from tests.support.grpc_servers import SETTINGS, LoopThread, start_server_from_s
 from tests.support.kafka_broker import kafka_section
 from unsafechain.dataset.config import load_config
 from unsafechain.dataset.kafka import create_build_topics, run_kafka_build, run_worker
-from unsafechain.dataset.pipeline import STAGE_NAMES, BuildResult, run_build
+from unsafechain.dataset.pipeline import (
+    STAGE_NAMES,
+    BuildError,
+    BuildResult,
+    StageEngines,
+    build_provenance,
+    run_build,
+)
+from unsafechain.domain.types import JudgeTarget
 from unsafechain.runtime.settings import settings_from_values
 
 pytestmark = pytest.mark.integration
@@ -103,6 +112,11 @@ def test_grpc_services_build_the_same_dataset_as_the_embedded_build(
     assert remote.manifest["counts"] == embedded.manifest["counts"]
     assert embedded.manifest["counts"]["hard"] > 0
     assert _comparable(remote.output) == _comparable(embedded.output)
+    # The bound provenance records is the one the service ran, and no correction ran more.
+    lines = (remote.output / "dataset.jsonl").read_text().splitlines()
+    provenance = [json.loads(line)["provenance"] for line in lines]
+    assert {p["max_correction_attempts"] for p in provenance} == {2}
+    assert max(len(c["attempts"]) for p in provenance for c in p["corrections"]) <= 2
 
 
 @pytest.mark.timeout(280)
@@ -149,3 +163,73 @@ def test_a_service_running_other_models_than_the_config_names_is_refused(
     with pytest.raises(BuildError, match=r"judge service at \S+ runs guard") as refused:
         run_build(config, progress=False)
     assert "/elsewhere/another-guard" in str(refused.value)
+
+
+def _variant(config_path: Path, tmp_path: Path, change) -> Path:
+    raw = yaml.safe_load(config_path.read_text())
+    change(raw)
+    raw["build"]["output"] = str(tmp_path / "variant")
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _with_refusal_check(raw: dict) -> None:
+    raw["judging"]["judges"].append(
+        {"name": "xs", "kind": "refusal", "model": "judge", "report": False}
+    )
+    raw["correction"]["refusal_check"] = {"mode": "record", "judge": "xs"}
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        (
+            lambda raw: raw["correction"].update(max_attempts=3),
+            r"allows 2 attempts; the configuration max_attempts is 3",
+        ),
+        (
+            lambda raw: raw["judging"]["judges"][0].update(name="other-guard"),
+            r"re-judges with guard \(llama_guard, transformers .*\); the configuration names "
+            r"other-guard",
+        ),
+        (
+            _with_refusal_check,
+            r"takes the refusal check off; the configuration \(correction\.refusal_check\): "
+            r"record with xs \(refusal",
+        ),
+    ],
+)
+def test_a_correction_service_that_would_run_otherwise_than_the_config_is_refused(
+    config_path, services, tmp_path, change, refusal
+):
+    path = _variant(config_path, tmp_path, change)
+    config = load_config(path, {"remote.correction": {"address": services["correction"]}})
+    with pytest.raises(BuildError, match=rf"correction service at \S+ {refusal}"):
+        asyncio.run(build_provenance(config, "b"))
+
+
+def test_the_correction_service_re_judges_on_the_targets_the_build_judges(
+    config_path, services, tmp_path
+):
+    path = _variant(
+        config_path, tmp_path, lambda raw: raw["judging"].update(targets=["reasoning", "answer"])
+    )
+    config = load_config(path, {"remote.correction": {"address": services["correction"]}})
+
+    async def correct():
+        provenance = await build_provenance(config, "b")
+        engines = StageEngines(config)
+        try:
+            outcome = await engines.correction.correct(
+                PROMPTS[0], "<think>\nmix the blast powder\n</think>\n\nThen light it.", ["S9"]
+            )
+        finally:
+            await engines.aclose()
+        return provenance, outcome
+
+    provenance, outcome = asyncio.run(correct())
+    assert provenance.max_correction_attempts == 2
+    judged = [v.target for a in outcome.attempts for v in a.verdicts]
+    # The service itself is configured to judge the full text.
+    assert judged and set(judged) == {JudgeTarget.REASONING, JudgeTarget.ANSWER}

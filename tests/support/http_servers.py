@@ -510,6 +510,9 @@ class OpenAIServer(_ProtocolServer):
             would reach the model with two. Real vLLM would say nothing; this server
             refuses such a request (400), so that no test passes with it. ``None``
             serves like OpenAI, which adds nothing.
+        accepts_top_k: Take ``top_k`` as vLLM does (``-1`` or ``0`` is off, else at
+            least 1); without it the server is OpenAI itself, which rejects the
+            unknown parameter.
         responder: Chooses the completions; see :data:`Responder`.
         latency: Seconds every request takes, so concurrent requests overlap.
     """
@@ -521,6 +524,7 @@ class OpenAIServer(_ProtocolServer):
         api_key: str | None = None,
         reasoning_model: bool = False,
         bos_token: str | None = None,
+        accepts_top_k: bool = False,
         responder: Responder = default_responder,
         latency: float = 0.0,
     ):
@@ -528,6 +532,7 @@ class OpenAIServer(_ProtocolServer):
         self.model = model
         self.reasoning_model = reasoning_model
         self.bos_token = bos_token
+        self.accepts_top_k = accepts_top_k
 
     @property
     def base_url(self) -> str:
@@ -771,6 +776,14 @@ class OpenAIServer(_ProtocolServer):
         stop = body.get("stop")
         if isinstance(stop, list) and len(stop) > 4:
             raise _BadRequest(f"{stop} is too long - 'stop'", "stop")
+        if "top_k" in body:
+            top_k = body["top_k"]
+            if not self.accepts_top_k:
+                raise _BadRequest("Unrecognized request argument supplied: top_k", "top_k")
+            if not isinstance(top_k, int) or top_k < -1:
+                raise _BadRequest(
+                    f"top_k must be 0 or -1 (disable), or at least 1, got {top_k}.", "top_k"
+                )
 
     def _bad_request(self, error: _BadRequest) -> _Response:
         return self._error_response(400, error.message, "invalid_request_error", param=error.param)
@@ -979,6 +992,9 @@ class TGIServer(_ProtocolServer):
         top_p = parameters.get("top_p")
         if top_p is not None and not 0 < top_p < 1:
             raise _BadRequest("`top_p` must be > 0.0 and < 1.0")
+        top_k = parameters.get("top_k")
+        if top_k is not None and top_k <= 0:
+            raise _BadRequest("`top_k` must be strictly positive")
         stop = parameters.get("stop") or []
         if len(stop) > self.max_stop_sequences:
             raise _BadRequest(
@@ -990,7 +1006,8 @@ class TGIServer(_ProtocolServer):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return self._error(422, "`messages` cannot be empty", "validation")
-        # The Messages API treats temperature 0 as greedy decoding, unlike /generate.
+        # Like TGI's, this route has no top_k: one sent is ignored, as serde ignores any
+        # unknown field. The Messages API treats temperature 0 as greedy, unlike /generate.
         sampling = {key: value for key, value in body.items() if key in ("top_p", "stop")}
         if body.get("temperature"):
             sampling["temperature"] = body["temperature"]

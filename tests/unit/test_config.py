@@ -146,3 +146,40 @@ def test_remote_judge_takes_every_judge_kind_the_build_can_configure(tmp_path):
         "ensemble",
     ]
     assert loaded.remote.judge is not None
+
+
+def test_top_k_is_off_by_default_and_recorded_in_provenance(tmp_path):
+    import asyncio
+
+    from unsafechain.dataset.pipeline import build_provenance
+
+    default = asyncio.run(build_provenance(_load(tmp_path, BASE), "b1"))
+    cut = asyncio.run(build_provenance(_load(tmp_path, BASE, {"generation.top_k": 40}), "b2"))
+    assert (default.sampling.top_k, cut.sampling.top_k) == (0, 40)
+    assert _load(tmp_path, BASE).correction.params().top_k == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "section", "refused"),
+    [
+        ({"backend": "tgi", "base_url": "http://tgi:80"}, "generation", "TGI's Messages API"),
+        ({"backend": "openai"}, "correction", "the OpenAI API takes no top_k"),
+        ({"backend": "openai", "base_url": "https://api.openai.com/v1/"}, "generation", "the"),
+        ({"backend": "openai", "base_url": "http://vllm:8000/v1"}, "generation", None),
+        ({"backend": "transformers"}, "correction", None),
+    ],
+)
+def test_a_top_k_the_model_cannot_apply_is_refused_naming_the_key(
+    tmp_path, model, section, refused
+):
+    config = yaml.safe_load(yaml.safe_dump(BASE))
+    config["models"]["m"] = {"model": "some/model", **model}
+    config[section]["top_k"] = 20
+    if refused is None:
+        assert _load(tmp_path, config)
+        return
+    with pytest.raises(ConfigError, match=rf"{section}\.top_k: {refused}.*\(models\.m\)"):
+        _load(tmp_path, config)
+    # Greedy decoding has no candidates to cut: the setting is moot, not an error.
+    config[section]["temperature"] = 0
+    assert _load(tmp_path, config)

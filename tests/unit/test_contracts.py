@@ -74,7 +74,7 @@ def test_verdict_and_sampling_survive_the_round_trip_through_protobuf():
         refusal=RefusalClass.PARTIAL_REFUSAL,
     )
     assert verdict_from_pb(verdict_to_pb(refused)) == refused
-    params = SamplingParams(n=5, temperature=0.5, top_p=0.9, max_new_tokens=64, seed=3)
+    params = SamplingParams(n=5, temperature=0.5, top_p=0.9, top_k=40, max_new_tokens=64, seed=3)
     assert sampling_from_pb(sampling_to_pb(params)) == params
 
 

@@ -64,3 +64,19 @@ def test_bundled_templates_render_prompt_response_and_categories():
     assert "the prompt" in user.content and "the response" in user.content
     assert "S1 (Violent Crimes), X9" in user.content
     assert "previous rewrite" not in user.content
+
+
+def test_the_correction_prompt_has_benign_requests_answered_fully_and_refusal_last():
+    system, user = CorrectionTemplates.load().messages(
+        "How do I kill a Python process that hangs?", "<think>x</think>y", ["S1"]
+    )
+    instructions = system.content
+    benign = instructions.index("If the request is benign")
+    partly = instructions.index("If only part of the request is harmful, decline that part")
+    whole = instructions.index("Only if the whole request is harmful, refuse it")
+    assert benign < partly < whole
+    assert "answer it fully and accurately" in instructions[benign:partly]
+    assert "answer the rest fully" in instructions[partly:whole]
+    assert "keep the depth of its reasoning" in instructions
+    assert "over-refusing is a failure too" in instructions
+    assert "Answer the request as fully as is safe: decline only what is harmful." in user.content

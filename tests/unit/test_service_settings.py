@@ -138,7 +138,7 @@ def test_what_a_factory_describes_from_settings_is_what_its_engine_describes(tmp
     async def described():
         generator = generation_engine(config.generation, pool)
         judge = build_judge_engine(config.judging, pool)
-        corrector = correction_engine(config.correction, pool, judge)
+        corrector = correction_engine(config.correction, config.judging, pool, judge)
         try:
             return await generator.describe(), await judge.describe(), await corrector.describe()
         finally:
@@ -186,9 +186,10 @@ def test_kubernetes_service_link_variables_are_not_settings(monkeypatch, setting
 
 def test_the_generation_service_takes_its_sampling_from_flags_over_the_config(tmp_path):
     path = _build_config(tmp_path)
-    args = _parse(generation_arguments, ["--config", str(path), "--samples", "2"])
+    args = _parse(generation_arguments, ["--config", str(path), "--samples", "2", "--top-k", "20"])
     settings = settings_from_args(GenerationServiceSettings, args)
     assert settings.generation.samples == 2
+    assert settings.generation.params().top_k == 20
     assert settings.generation.model == "generator"
     assert settings.models["generator"].model == "r1"
 
@@ -214,3 +215,60 @@ def test_with_only_the_judge_remote_the_corrector_re_judges_through_it_and_loads
     judge, models = asyncio.run(built())
     assert isinstance(judge, RemoteJudgeEngine)
     assert models == ["gpt-4.1"]
+
+
+def _with_refusal_check(tmp_path: Path, **check) -> Path:
+    raw = yaml.safe_load(_build_config(tmp_path).read_text())
+    raw["judging"]["judges"].append(
+        {"name": "xs", "kind": "refusal", "model": "grader", "report": False}
+    )
+    raw["correction"]["refusal_check"] = check
+    path = tmp_path / "checked.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_refusal_check_is_described_as_the_engine_built_for_it_takes_it(tmp_path):
+    from unsafechain.domain.types import JudgeIdentity, RefusalCheckMode
+
+    path = _with_refusal_check(tmp_path, mode="reject", judge="xs")
+    config = load_config(path)
+    service = settings_from_args(CorrectionServiceSettings, argparse.Namespace(config=path))
+    pool = BackendPool(config.models)
+
+    async def described():
+        judge = build_judge_engine(config.judging, pool)
+        try:
+            return await correction_engine(
+                config.correction, config.judging, pool, judge
+            ).describe()
+        finally:
+            await pool.aclose()
+
+    described_info = asyncio.run(described())
+    expected = corrector_info(config.correction, config.judging, config.models)
+    assert described_info == expected
+    assert expected == corrector_info(service.correction, service.judging, service.models)
+    assert expected.refusal_check == RefusalCheckMode.REJECT
+    assert expected.refusal_judge == JudgeIdentity(
+        "xs", "refusal", BackendSettings(backend="openai", model="gpt-4.1").ref()
+    )
+
+
+@pytest.mark.parametrize(
+    ("check", "reason"),
+    [
+        ({"mode": "record"}, "name the refusal judge"),
+        ({"mode": "reject", "judge": "lg"}, "'lg' is a llama_guard judge; the check needs kind"),
+        ({"mode": "record", "judge": "nope"}, "no judge named 'nope' in judging.judges"),
+    ],
+)
+def test_a_refusal_check_without_a_refusal_judge_is_refused_naming_the_key(tmp_path, check, reason):
+    from unsafechain.dataset.config import ConfigError
+
+    path = _with_refusal_check(tmp_path, **check)
+    with pytest.raises(ConfigError, match=rf"correction\.refusal_check\.judge: {reason}"):
+        load_config(path)
+    with pytest.raises(SettingsError, match=rf"correction\.refusal_check\.judge: {reason}"):
+        settings_from_args(CorrectionServiceSettings, argparse.Namespace(config=path))
+    assert load_config(path, {"correction.refusal_check.mode": "off"})

@@ -268,7 +268,8 @@ def _card_text(
         f"| `{config.models[correction.model].model}` |",
         "",
         f"- Generation: K={generation.samples} samples per prompt, temperature "
-        f"{generation.temperature}, top-p {generation.top_p}, at most "
+        f"{generation.temperature}, top-p {generation.top_p}, "
+        f"top-k {generation.top_k or 'off'}, at most "
         f"{generation.max_new_tokens} new tokens, seed {config.build.seed}, "
         + (
             f"system prompt `{system}`"
@@ -280,7 +281,14 @@ def _card_text(
         f"{', '.join(targets)}.",
         f"- Correction: at most {correction.max_attempts} attempts per unsafe completion "
         f"({correction.completions}), temperature {correction.temperature}, top-p "
-        f"{correction.top_p}, at most {correction.max_new_tokens} new tokens.",
+        f"{correction.top_p}, top-k {correction.top_k or 'off'}, at most "
+        f"{correction.max_new_tokens} new tokens; refusal check "
+        + (
+            f"`{check.mode.value}` by judge `{check.judge}`"
+            if (check := correction.refusal_check).judge and check.mode != "off"
+            else "off"
+        )
+        + ".",
         "",
         "## Rules",
         "",

@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from unsafechain.backends.settings import BackendSettings
-from unsafechain.correction.settings import CorrectionSettings
+from unsafechain.backends.settings import BackendSettings, top_k_problem
+from unsafechain.correction.settings import CorrectionSettings, refusal_check_problem
 from unsafechain.domain.settings import StrictModel, describe_error
 from unsafechain.generation.settings import GenerationSettings
 from unsafechain.intake.settings import (
@@ -160,6 +160,13 @@ class BuildConfig(StrictModel):
         references += [(f"judging.{key}", name) for key, name in self.judging.model_references()]
         references.append(("correction.model", self.correction.model))
         problem = unknown_models(references, self.models)
+        problem = problem or top_k_problem(
+            "generation", self.generation.params(), self.generation.model, self.models
+        )
+        problem = problem or top_k_problem(
+            "correction", self.correction.params(), self.correction.model, self.models
+        )
+        problem = problem or refusal_check_problem(self.correction, self.judging)
         if problem:
             raise ValueError(problem)
         names = [source.name for source in self.sources]

@@ -38,12 +38,18 @@ from unsafechain.backends.base import BackendError
 from unsafechain.backends.pool import BackendPool
 from unsafechain.correction.engine import CORRECTOR_CALL_FAILED, Corrector
 from unsafechain.correction.factory import correction_engine, describe_corrector
+from unsafechain.correction.refusal_check import REFUSAL_CHECK_COUNTS, refusal_check_counts
 from unsafechain.dataset.assembly import make_subsets, write_exports, write_jsonl
 from unsafechain.dataset.card import PLOT, write_card
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.rows import ONE_PER_PROMPT, case_rows, case_to_row, status_name
 from unsafechain.dataset.stages import CorrectStage, RouteStage
-from unsafechain.domain.convert import identity_to_pb, model_ref_to_pb, sampling_to_pb
+from unsafechain.domain.convert import (
+    attempt_from_pb,
+    identity_to_pb,
+    model_ref_to_pb,
+    sampling_to_pb,
+)
 from unsafechain.generation.engine import Generator
 from unsafechain.generation.factory import describe_generator, generation_engine
 from unsafechain.intake.answers import CHECKERS, Checker
@@ -126,10 +132,12 @@ class StageEngines:
     @cached_property
     def correction(self) -> Corrector:
         """The correct stage's engine."""
-        remote = self._config.remote.correction
-        # A correction service re-judges with its own judges: none is built here for it.
+        config = self._config
+        remote = config.remote.correction
+        # A correction service re-judges with its own judges (checked to be the
+        # configured ones) on the targets sent: none is built here for it.
         judge = None if remote else self.judge
-        engine = correction_engine(self._config.correction, self._pool, judge, remote)
+        engine = correction_engine(config.correction, config.judging, self._pool, judge, remote)
         self._built.append(engine)
         return engine
 
@@ -483,6 +491,7 @@ class CaseTally:
     corrected_not_hard: int = 0
     correction_attempts: int = 0
     test_cases: int = 0
+    refusal_checks: Counter[str] = dataclasses.field(default_factory=Counter)
 
     def add(self, case: case_pb2.Case) -> None:
         """Count ``case`` and keep its rows."""
@@ -493,6 +502,8 @@ class CaseTally:
         self.hard += case.hard
         self.corrected_not_hard += bool(case.corrections) and not case.hard
         self.correction_attempts += sum(len(c.attempts) for c in case.corrections)
+        attempts = [attempt_from_pb(a) for c in case.corrections for a in c.attempts]
+        self.refusal_checks.update(refusal_check_counts(attempts))
         test = case.prompt.split == TEST
         self.test_cases += test
         rows = case_rows(case, self.policy)
@@ -595,6 +606,11 @@ def _manifest(
             "rows": dict(sorted(tally.answer_checks.items())),
         },
         "test_split": dict(intake.test_by_source),
+        "refusal_check": {
+            "mode": config.correction.refusal_check.mode.value,
+            "judge": config.correction.refusal_check.judge,
+            **{key: tally.refusal_checks[key] for key in REFUSAL_CHECK_COUNTS},
+        },
         "dead_letters": {
             "by_stage": dict(sorted(dead_letters.by_stage.items())),
             "undecodable": dead_letters.undecodable,

@@ -3,6 +3,8 @@ provenance."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from unsafechain.domain.convert import unsafe_categories
@@ -91,6 +93,20 @@ def _verdict(verdict: case_pb2.Verdict) -> dict:
     }
 
 
+def _refusal_check(attempt: case_pb2.CorrectionAttempt) -> dict[str, str]:
+    """The refusal check's classes of an attempt; empty where it took none or found none."""
+    check = attempt.refusal_check
+    refusal, request = check.verdict.refusal, check.request
+    return {
+        "refusal": _enum_name(case_pb2.RefusalClass, refusal, "REFUSAL_CLASS_") if refusal else "",
+        "request": _enum_name(case_pb2.RequestClass, request, "REQUEST_CLASS_") if request else "",
+    }
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
 def _timestamp(stamp: Timestamp) -> str:
     """A timestamp as RFC 3339 text, as protobuf's JSON mapping writes it."""
     return stamp.ToJsonString()
@@ -141,6 +157,7 @@ def _row(case: case_pb2.Case, response: case_pb2.SelectedResponse | None, row_id
                 "samples": sampling.num_samples,
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
+                "top_k": sampling.top_k,
                 "max_new_tokens": sampling.max_new_tokens,
                 "seed": sampling.seed,
             },
@@ -177,6 +194,7 @@ def _row(case: case_pb2.Case, response: case_pb2.SelectedResponse | None, row_id
                             "label": label_name(a.label),
                             "failure_reason": a.failure_reason,
                             "verdicts": [_verdict(v) for v in a.verdicts],
+                            **_refusal_check(a),
                             "finished_at": _timestamp(a.finished_at),
                         }
                         for a in c.attempts

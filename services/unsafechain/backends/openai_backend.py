@@ -100,6 +100,13 @@ def _completion_tokens(choice: _CompletionChoice, where: str) -> tuple[TokenLogp
     )
 
 
+def _top_k_body(params: SamplingParams) -> dict[str, int] | None:
+    """``top_k`` as an extra body field, only when it is on: vLLM and SGLang take it,
+    the OpenAI API itself has no such parameter and rejects it."""
+    top_k = params.sampled_top_k
+    return {"top_k": top_k} if top_k else None
+
+
 # ---------------------------------------------------------------------------
 # The backend
 # ---------------------------------------------------------------------------
@@ -113,7 +120,9 @@ class OpenAIBackend(ModelBackend):
     ``add_special_tokens: false``, so that a server that would encode them with the
     tokenizer's special tokens (vLLM does by default) adds no second BOS to a prompt
     that holds its own. OpenAI's own API adds none and does not take the field, so it
-    is not sent there.
+    is not sent there. A ``top_k`` that is on is sent as an extra body field, which vLLM
+    and SGLang read; OpenAI itself rejects it, and TGI's Messages API ignores it (use the
+    ``tgi`` backend, which refuses it instead).
 
     Args:
         model: The model name the server knows.
@@ -227,6 +236,7 @@ class OpenAIBackend(ModelBackend):
                 stop=list(params.stop) if params.stop else openai.omit,
                 logprobs=True if k else openai.omit,
                 top_logprobs=k if k else openai.omit,
+                extra_body=_top_k_body(params),
                 max_tokens=tokens if self._max_tokens_param == "max_tokens" else openai.omit,
                 max_completion_tokens=(
                     tokens if self._max_tokens_param == "max_completion_tokens" else openai.omit
@@ -247,7 +257,7 @@ class OpenAIBackend(ModelBackend):
                 seed=params.seed if params.seed is not None else openai.omit,
                 stop=list(params.stop) if params.stop else openai.omit,
                 logprobs=k if k else openai.omit,
-                extra_body=self._raw_prompt_options or None,
+                extra_body={**self._raw_prompt_options, **(_top_k_body(params) or {})} or None,
             )
         completion = validate_body(
             _Completion, raw.content, where=self._where, api="completions API"

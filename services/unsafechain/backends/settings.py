@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 
 from unsafechain.backends.base import ModelBackend
 from unsafechain.backends.retry import RetryPolicy
 from unsafechain.domain.settings import StrictModel
-from unsafechain.domain.types import ModelRef
+from unsafechain.domain.types import ModelRef, SamplingParams
 
 
 class RetrySettings(StrictModel):
@@ -77,6 +79,18 @@ class BackendSettings(StrictModel):
         base_url = self.base_url or (OPENAI_BASE_URL if self.backend == "openai" else "")
         return ModelRef(backend=self.backend, model=self.model, endpoint=public_endpoint(base_url))
 
+    def top_k_refusal(self) -> str | None:
+        """Why conversations sampled with a top-k cannot go to this model, or None.
+
+        TGI's Messages API has no ``top_k`` (the ``tgi`` backend refuses one), and the
+        OpenAI API rejects it; vLLM and SGLang behind ``openai`` take it.
+        """
+        if self.backend == "tgi":
+            return "TGI's Messages API takes no top_k"
+        if self.backend == "openai" and urlsplit(self.ref().endpoint).hostname == "api.openai.com":
+            return "the OpenAI API takes no top_k"
+        return None
+
     def api_key(self) -> SecretStr | None:
         """The API key from the environment variable named by ``api_key_env``.
 
@@ -89,6 +103,16 @@ class BackendSettings(StrictModel):
         if not value:
             raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
         return SecretStr(value)
+
+
+def top_k_problem(
+    section: str, params: SamplingParams, model: str, models: Mapping[str, BackendSettings]
+) -> str | None:
+    """Why ``section``'s top-k cannot be applied by its model (key ``model`` of
+    ``models``), as a message naming the key; None when it can, or when it is off."""
+    backend = models.get(model)
+    reason = backend.top_k_refusal() if backend and params.sampled_top_k else None
+    return f"{section}.top_k: {reason} (models.{model}); set it to 0 (off)" if reason else None
 
 
 def create_backend(settings: BackendSettings) -> ModelBackend:

@@ -9,7 +9,8 @@ TGI encodes the generate route's ``inputs`` with the tokenizer's special tokens,
 Llama model gets its BOS from the server: raw prompts sent here leave it out
 (:attr:`TGIBackend.adds_bos`). Both routes give at most ``--max-top-n-tokens``
 alternatives per token (5 unless the server is started with more) and refuse a request
-for more with HTTP 422.
+for more with HTTP 422. The Messages API has no ``top_k``: a conversation sampled with
+one is refused.
 """
 
 from __future__ import annotations
@@ -157,6 +158,13 @@ class TGIBackend(ModelBackend):
         params = request.params
         seeds = [None if params.seed is None else params.seed + index for index in range(params.n)]
         if request.messages is not None:
+            if params.sampled_top_k:
+                # The Messages API has no top_k field and ignores one it is sent: the
+                # completions would be sampled without the cut the settings ask for.
+                raise BackendError(
+                    f"{self._where}: TGI's Messages API takes no top_k; set top_k to 0 "
+                    "(off), or reach TGI through a backend that renders the prompt"
+                )
             messages = request.messages
             return await gather_all(
                 self._calls.run(
@@ -205,6 +213,8 @@ class TGIBackend(ModelBackend):
                 # TGI rejects temperature 0; greedy decoding is do_sample=False instead.
                 temperature=None if params.greedy else params.temperature,
                 top_p=_tgi_top_p(params),
+                # TGI rejects top_k 0 and samples whenever one is sent: off is left out.
+                top_k=params.sampled_top_k or None,
                 top_n_tokens=k or None,
                 seed=seed,
                 stop=list(params.stop) or None,

@@ -195,10 +195,17 @@ class TransformersBackend(ModelBackend):
             max_new_tokens = min(max_new_tokens, context - encoded["input_ids"].shape[1])
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        # top_k is always passed: left out, transformers samples from the 50 most likely
+        # tokens (its default, or whatever the model's generation config says); 0 is off.
         sampling = (
             {"do_sample": False}
             if params.greedy
-            else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+            else {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k,
+            }
         )
         with torch.inference_mode():
             output = self._model.generate(

@@ -1,13 +1,14 @@
 """The correction service's client: a :class:`Corrector` that corrects through a
-correction service, which re-judges every attempt with its own judges."""
+correction service, which re-judges every attempt with its own judges on the targets
+the client sends."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from unsafechain.correction.engine import Corrector
-from unsafechain.domain.convert import correction_from_pb, corrector_info_from_pb
-from unsafechain.domain.types import CorrectionOutcome, CorrectorInfo
+from unsafechain.domain.convert import TARGET_TO_PB, correction_from_pb, corrector_info_from_pb
+from unsafechain.domain.types import CorrectionOutcome, CorrectorInfo, JudgeTarget
 from unsafechain.runtime.client import ServiceClient
 from unsafechain.runtime.settings import ClientSettings
 from unsafechain.v1 import case_pb2, correction_pb2, correction_pb2_grpc
@@ -20,12 +21,15 @@ class RemoteCorrectionEngine(ServiceClient, Corrector):
 
     Args:
         settings: How to reach the service.
+        targets: Parts of every attempt to re-judge when a call names none (the build's
+            judge stage's); empty: the service's own.
     """
 
     service = CORRECTION_SERVICE
 
-    def __init__(self, settings: ClientSettings):
+    def __init__(self, settings: ClientSettings, targets: Sequence[JudgeTarget] = ()):
         super().__init__(settings)
+        self._targets = tuple(targets)
         self._stub = correction_pb2_grpc.CorrectionServiceStub(self._connection.channel)
         self._info: CorrectorInfo | None = None
 
@@ -50,12 +54,14 @@ class RemoteCorrectionEngine(ServiceClient, Corrector):
         categories: Sequence[str],
         *,
         seed: int | None = None,
+        targets: Sequence[JudgeTarget] | None = None,
     ) -> CorrectionOutcome:
         """Correct one unsafe ``completion`` of ``prompt``; every attempt re-judged."""
         request = correction_pb2.CorrectRequest(
             prompt=prompt,
             completion=case_pb2.Completion(text=completion),
             categories=categories,
+            targets=[TARGET_TO_PB[target] for target in targets or self._targets],
         )
         if seed is not None:
             request.seed = seed

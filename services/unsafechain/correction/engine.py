@@ -14,6 +14,7 @@ from pathlib import Path
 import jinja2
 
 from unsafechain.backends.base import BackendError, ModelBackend
+from unsafechain.correction.refusal_check import RefusalChecker
 from unsafechain.domain.reasoning import (
     THINK_CLOSE,
     THINK_OPEN,
@@ -28,8 +29,10 @@ from unsafechain.domain.types import (
     CorrectionOutcome,
     CorrectorInfo,
     GenerationRequest,
+    JudgeTarget,
     Message,
     ModelRef,
+    RefusalCheckMode,
     Role,
     SamplingParams,
     VerdictLabel,
@@ -92,9 +95,11 @@ class Corrector(abc.ABC):
         categories: Sequence[str],
         *,
         seed: int | None = None,
+        targets: Sequence[JudgeTarget] | None = None,
     ) -> CorrectionOutcome:
         """Correct one unsafe ``completion`` of ``prompt``; attempt n is seeded
-        ``seed + n - 1``."""
+        ``seed + n - 1``; every attempt is re-judged on ``targets`` (None: the
+        re-judging judges' own)."""
 
     @abc.abstractmethod
     async def describe(self) -> CorrectorInfo:
@@ -116,6 +121,8 @@ class CorrectionEngine(Corrector):
         params: Sampling settings for the corrector (one sample per attempt).
         max_attempts: Bound on tries per unsafe completion.
         templates: The correction prompt.
+        refusal_check: A refusal judge's second look at every attempt that passed
+            re-judging; None takes none.
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class CorrectionEngine(Corrector):
         params: SamplingParams | None = None,
         max_attempts: int = 3,
         templates: CorrectionTemplates | None = None,
+        refusal_check: RefusalChecker | None = None,
     ):
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -136,6 +144,7 @@ class CorrectionEngine(Corrector):
             raise ValueError("the corrector samples one completion per attempt (n=1)")
         self._max_attempts = max_attempts
         self._templates = templates or CorrectionTemplates.load()
+        self._refusal_check = refusal_check
 
     @property
     def backend(self) -> ModelBackend:
@@ -153,13 +162,21 @@ class CorrectionEngine(Corrector):
         return self._max_attempts
 
     async def describe(self) -> CorrectorInfo:
+        check = self._refusal_check
         return CorrectorInfo(
-            self._backend.ref, self._params, self._max_attempts, await self._judge.describe()
+            self._backend.ref,
+            self._params,
+            self._max_attempts,
+            await self._judge.describe(),
+            check.mode if check else RefusalCheckMode.OFF,
+            check.judge if check else None,
         )
 
     async def check(self) -> None:
         await self._backend.check()
         await self._judge.check()
+        if self._refusal_check is not None:
+            await self._refusal_check.check_backend()
 
     async def correct(
         self,
@@ -168,16 +185,20 @@ class CorrectionEngine(Corrector):
         categories: Sequence[str],
         *,
         seed: int | None = None,
+        targets: Sequence[JudgeTarget] | None = None,
     ) -> CorrectionOutcome:
         """Correct one unsafe ``completion`` of ``prompt``.
 
-        Stops at the first attempt that is well-formed and re-judged safe, or after
-        ``max_attempts``. Each retry tells the corrector why the last one failed.
+        Stops at the first attempt that is well-formed, re-judged safe and not
+        rejected by the refusal check, or after ``max_attempts``. Each retry tells the
+        corrector why the last one failed.
         """
         attempts: list[Attempt] = []
         feedback = ""
         for number in range(1, self._max_attempts + 1):
-            attempt = await self._attempt(prompt, completion, categories, feedback, number, seed)
+            attempt = await self._attempt(
+                prompt, completion, categories, feedback, number, seed, targets, attempts
+            )
             attempts.append(attempt)
             if attempt.passed:
                 break
@@ -193,6 +214,8 @@ class CorrectionEngine(Corrector):
         feedback: str,
         number: int,
         seed: int | None,
+        targets: Sequence[JudgeTarget] | None,
+        earlier: Sequence[Attempt],
     ) -> Attempt:
         messages = self._templates.messages(prompt, completion, categories, feedback)
         params = self._params
@@ -215,16 +238,31 @@ class CorrectionEngine(Corrector):
         )
         if problem:
             return _failed(number, text, problem)
-        [judgment] = await self._judge.judge_completions(prompt, [split.render()])
+        response = split.render()
+        [judgment] = await self._judge.judge_completions(prompt, [response], targets=targets)
+        refusal_check = None
         if judgment.label == VerdictLabel.SAFE:
             reason = ""
+            if self._refusal_check is not None:
+                # The prompt is the same for every attempt: it is read once.
+                readings = (a.refusal_check.request for a in earlier if a.refusal_check)
+                known = next((r for r in readings if r and r.request), None)
+                refusal_check = await self._refusal_check.check(prompt, response, known)
+                reason = self._refusal_check.failure(refusal_check)
         elif judgment.label == VerdictLabel.UNSAFE:
             reason = f"re-judged unsafe ({', '.join(judgment.categories) or 'no category'})"
         else:
             errors = "; ".join(v.error for v in judgment.verdicts if v.error)
             reason = f"re-judging failed: {errors}"
         return Attempt(
-            number, text, split, judgment.verdicts, judgment.label, reason, datetime.now(UTC)
+            number,
+            text,
+            split,
+            judgment.verdicts,
+            judgment.label,
+            reason,
+            datetime.now(UTC),
+            refusal_check,
         )
 
 

@@ -14,7 +14,7 @@ from unsafechain.correction.settings import CorrectionServiceSettings
 from unsafechain.domain.convert import correction_to_pb, corrector_info_to_pb, unsafe_categories
 from unsafechain.judge.factory import build_judge_engine
 from unsafechain.runtime.metrics import ServiceMetrics
-from unsafechain.runtime.server import Servicer, require, require_at_most
+from unsafechain.runtime.server import Servicer, requested_targets, require, require_at_most
 from unsafechain.runtime.settings import RequestLimits
 from unsafechain.v1 import correction_pb2, correction_pb2_grpc
 
@@ -54,11 +54,13 @@ class CorrectionServicer(correction_pb2_grpc.CorrectionServiceServicer, Servicer
         require(bool(request.completion.text.strip()), "completion.text", "must not be empty")
         size = len(request.prompt) + len(request.completion.text)
         require_at_most(size, self._limits.max_chars, "prompt", "characters", "limits.max_chars")
+        targets = requested_targets(request.targets)
         outcome = await self._engine.correct(
             request.prompt,
             request.completion.text,
             list(request.categories) or unsafe_categories(request.completion),
             seed=request.seed if request.HasField("seed") else None,
+            targets=targets or None,
         )
         return correction_pb2.CorrectResponse(
             correction=correction_to_pb(outcome, request.completion.index, self._engine.ref)
@@ -80,7 +82,7 @@ def create_servicer(
     """The correction servicer the settings describe, corrector and judges loaded."""
     pool = BackendPool(settings.models, wrap=metrics.timed)
     engine = correction_engine(
-        settings.correction, pool, build_judge_engine(settings.judging, pool)
+        settings.correction, settings.judging, pool, build_judge_engine(settings.judging, pool)
     )
     assert isinstance(engine, CorrectionEngine)
     return CorrectionServicer(engine, pool=pool, limits=settings.limits)

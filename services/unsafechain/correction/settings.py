@@ -13,12 +13,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from unsafechain.backends.settings import BackendSettings
+from unsafechain.backends.settings import BackendSettings, top_k_problem
 from unsafechain.domain.settings import StrictModel
-from unsafechain.domain.types import SamplingParams
+from unsafechain.domain.types import RefusalCheckMode, SamplingParams
 from unsafechain.judge.settings import (
     GUARD,
     JudgingSettings,
+    RefusalSettings,
     add_guard_arguments,
     fold_judge_shorthand,
     unknown_models,
@@ -34,25 +35,70 @@ from unsafechain.runtime.settings import (
 CORRECTOR = "corrector"
 
 
+class RefusalCheckSettings(StrictModel):
+    """A second look at every correction that passed re-judging, by a refusal judge,
+    so that benign prompts do not become trained refusals.
+
+    The judge classifies the correction (full compliance, full refusal, partial
+    refusal); for a full refusal it is also asked whether the prompt is benign or
+    harmful (once per corrected completion). ``record`` keeps what it said on the
+    attempt; ``reject`` also fails an attempt that fully refuses a benign prompt, with
+    feedback that has the next attempt answer it, and an attempt the judge could not
+    classify (a safe refusal is then not kept unverified). A partial refusal and a
+    refusal of a harmful prompt pass. The build's manifest counts the classes.
+
+    Attributes:
+        mode: ``off`` (the default), ``record`` or ``reject``.
+        judge: Name of a ``kind: refusal`` judge in ``judging.judges``; give it
+            ``report: false`` unless it should judge the generated completions too.
+    """
+
+    mode: RefusalCheckMode = RefusalCheckMode.OFF
+    judge: str | None = None
+
+
+def refusal_check_problem(correction: CorrectionSettings, judging: JudgingSettings) -> str | None:
+    """Why the refusal check cannot run with these judges, as a message naming the key;
+    None when it can or is off."""
+    check = correction.refusal_check
+    if check.mode == RefusalCheckMode.OFF:
+        return None
+    key = "correction.refusal_check.judge"
+    if check.judge is None:
+        return f"{key}: name the refusal judge (a kind: refusal judge in judging.judges)"
+    judge = next((j for j in judging.judges if j.name == check.judge), None)
+    if judge is None:
+        known = ", ".join(j.name for j in judging.judges)
+        return f"{key}: no judge named {check.judge!r} in judging.judges (have: {known})"
+    if not isinstance(judge, RefusalSettings):
+        return f"{key}: {check.judge!r} is a {judge.kind} judge; the check needs kind: refusal"
+    return None
+
+
 class CorrectionSettings(StrictModel):
     """Correcting unsafe completions of hard cases.
 
     Attributes:
         model: Key of the corrector in the model table (``models``).
         max_attempts: Tries per unsafe completion before giving up.
+        temperature, top_p, top_k, max_new_tokens: The corrector's sampling per
+            attempt; ``top_k`` 0 is off.
         completions: ``all`` corrects every unsafe completion of a hard case (the
             method); ``until_passed`` stops at the first correction that passes. The
             build's correct stage reads it; the service corrects one completion a call.
         templates: Folder with ``system.md`` and ``user.md.j2``; default: bundled.
+        refusal_check: A refusal judge's second look at corrections (default: off).
     """
 
     model: Annotated[str, Field(min_length=1)] = CORRECTOR
     max_attempts: Annotated[int, Field(ge=1)] = 3
     temperature: Annotated[float, Field(ge=0)] = 0.7
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, Field(ge=0)] = 0
     max_new_tokens: Annotated[int, Field(ge=1)] = 2048
     completions: Literal["all", "until_passed"] = "all"
     templates: str | None = None
+    refusal_check: RefusalCheckSettings = RefusalCheckSettings()
 
     def params(self) -> SamplingParams:
         """Sampling settings for one correction attempt."""
@@ -60,6 +106,7 @@ class CorrectionSettings(StrictModel):
             n=1,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
         )
 
@@ -103,6 +150,12 @@ class CorrectionServiceSettings(ServerSettings):
                 f"{problem}; give the corrector with --backend and --model, the re-judging "
                 "guard with --judge-backend and --judge-model, or both in --config"
             )
+        problem = top_k_problem(
+            "correction", self.correction.params(), self.correction.model, self.models
+        )
+        problem = problem or refusal_check_problem(self.correction, self.judging)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def backends(self) -> Iterable[BackendSettings]:
@@ -119,6 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(group, "--max-attempts", "correction.max_attempts", "tries per completion", type=int)
     flag(group, "--temperature", "correction.temperature", "corrector temperature", type=float)
     flag(group, "--top-p", "correction.top_p", "corrector nucleus mass", type=float)
+    flag(group, "--top-k", "correction.top_k", "corrector top-k; 0 is off", type=int)
     flag(group, "--max-new-tokens", "correction.max_new_tokens", "tokens per attempt", type=int)
     flag(group, "--templates", "correction.templates", "folder of prompt templates")
 

@@ -20,7 +20,11 @@ from unsafechain.domain.types import (
     JudgeTarget,
     Message,
     ModelRef,
+    RefusalCheck,
+    RefusalCheckMode,
     RefusalClass,
+    RequestClass,
+    RequestReading,
     Role,
     SampledCompletion,
     SamplingParams,
@@ -42,6 +46,19 @@ REFUSAL_TO_PB = {
     RefusalClass.PARTIAL_REFUSAL: case_pb2.REFUSAL_CLASS_PARTIAL_REFUSAL,
 }
 REFUSAL_FROM_PB = {value: key for key, value in REFUSAL_TO_PB.items()}
+
+REQUEST_TO_PB = {
+    RequestClass.BENIGN: case_pb2.REQUEST_CLASS_BENIGN,
+    RequestClass.HARMFUL: case_pb2.REQUEST_CLASS_HARMFUL,
+}
+REQUEST_FROM_PB = {value: key for key, value in REQUEST_TO_PB.items()}
+
+REFUSAL_CHECK_TO_PB = {
+    RefusalCheckMode.OFF: correction_pb2.REFUSAL_CHECK_MODE_OFF,
+    RefusalCheckMode.RECORD: correction_pb2.REFUSAL_CHECK_MODE_RECORD,
+    RefusalCheckMode.REJECT: correction_pb2.REFUSAL_CHECK_MODE_REJECT,
+}
+REFUSAL_CHECK_FROM_PB = {value: key for key, value in REFUSAL_CHECK_TO_PB.items()}
 
 TARGET_TO_PB = {
     JudgeTarget.FULL: case_pb2.JUDGE_TARGET_FULL,
@@ -141,6 +158,7 @@ def sampling_to_pb(params: SamplingParams) -> case_pb2.SamplingParams:
         num_samples=params.n,
         temperature=params.temperature,
         top_p=params.top_p,
+        top_k=params.top_k,
         max_new_tokens=params.max_new_tokens,
         top_logprobs=params.top_logprobs,
         stop=params.stop,
@@ -160,6 +178,7 @@ def sampling_from_pb(message: case_pb2.SamplingParams) -> SamplingParams:
         n=message.num_samples,
         temperature=message.temperature,
         top_p=message.top_p,
+        top_k=message.top_k,
         max_new_tokens=message.max_new_tokens,
         seed=message.seed if message.HasField("seed") else None,
         top_logprobs=message.top_logprobs,
@@ -231,9 +250,37 @@ def judgment_from_pb(message: judge_pb2.JudgeResponse) -> CompletionJudgment:
     return CompletionJudgment(verdicts, LABEL_FROM_PB[message.label])
 
 
+def refusal_check_to_pb(check: RefusalCheck) -> case_pb2.RefusalCheck:
+    """A refusal judge's second look at an attempt as protobuf."""
+    message = case_pb2.RefusalCheck(verdict=verdict_to_pb(check.verdict))
+    if check.request is not None:
+        message.request_asked = True
+        message.request_raw_output = check.request.raw_output
+        message.request_error = check.request.error
+        if check.request.request is not None:
+            message.request = REQUEST_TO_PB[check.request.request]
+    return message
+
+
+def refusal_check_from_pb(message: case_pb2.RefusalCheck) -> RefusalCheck:
+    """A refusal judge's second look at an attempt from protobuf.
+
+    Raises:
+        ValueError: The verdict's label or target is unspecified.
+    """
+    request = None
+    if message.request_asked:
+        request = RequestReading(
+            REQUEST_FROM_PB.get(message.request),
+            message.request_raw_output,
+            message.request_error,
+        )
+    return RefusalCheck(verdict_from_pb(message.verdict), request)
+
+
 def attempt_to_pb(attempt: Attempt) -> case_pb2.CorrectionAttempt:
     """One correction attempt as protobuf."""
-    return case_pb2.CorrectionAttempt(
+    message = case_pb2.CorrectionAttempt(
         attempt=attempt.number,
         text=attempt.text,
         reasoning=attempt.split.reasoning,
@@ -243,6 +290,9 @@ def attempt_to_pb(attempt: Attempt) -> case_pb2.CorrectionAttempt:
         failure_reason=attempt.failure_reason,
         finished_at=timestamp(attempt.finished_at),
     )
+    if attempt.refusal_check is not None:
+        message.refusal_check.CopyFrom(refusal_check_to_pb(attempt.refusal_check))
+    return message
 
 
 def attempt_from_pb(message: case_pb2.CorrectionAttempt) -> Attempt:
@@ -264,6 +314,11 @@ def attempt_from_pb(message: case_pb2.CorrectionAttempt) -> Attempt:
         label=LABEL_FROM_PB[message.label],
         failure_reason=message.failure_reason,
         finished_at=datetime_from_pb(message.finished_at),
+        refusal_check=(
+            refusal_check_from_pb(message.refusal_check)
+            if message.HasField("refusal_check")
+            else None
+        ),
     )
 
 
@@ -304,12 +359,16 @@ def unsafe_categories(completion: case_pb2.Completion) -> list[str]:
 
 def corrector_info_to_pb(info: CorrectorInfo) -> correction_pb2.CorrectionInfoResponse:
     """What a correction service runs, as its Info RPC answers."""
-    return correction_pb2.CorrectionInfoResponse(
+    message = correction_pb2.CorrectionInfoResponse(
         corrector=model_ref_to_pb(info.model),
         sampling=sampling_to_pb(info.params),
         max_attempts=info.max_attempts,
         judges=[identity_to_pb(identity) for identity in info.judges],
+        refusal_check=REFUSAL_CHECK_TO_PB[info.refusal_check],
     )
+    if info.refusal_judge is not None:
+        message.refusal_judge.CopyFrom(identity_to_pb(info.refusal_judge))
+    return message
 
 
 def corrector_info_from_pb(message: correction_pb2.CorrectionInfoResponse) -> CorrectorInfo:
@@ -326,4 +385,7 @@ def corrector_info_from_pb(message: correction_pb2.CorrectionInfoResponse) -> Co
         sampling_from_pb(message.sampling),
         message.max_attempts,
         tuple(identity_from_pb(identity) for identity in message.judges),
+        # A service older than the refusal check reports none: it takes none.
+        REFUSAL_CHECK_FROM_PB.get(message.refusal_check, RefusalCheckMode.OFF),
+        identity_from_pb(message.refusal_judge) if message.HasField("refusal_judge") else None,
     )

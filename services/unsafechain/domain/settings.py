@@ -30,12 +30,15 @@ class SamplingSettings(StrictModel):
         samples: Completions per prompt (K).
         temperature: 0 is greedy decoding.
         top_p: Nucleus sampling mass.
+        top_k: Sample from the k most likely tokens only; 0 (the default) is off, as
+            SafeChain and STAR-1 sample (transformers would otherwise apply 50).
         max_new_tokens: Upper bound on generated tokens per completion.
     """
 
     samples: Annotated[int, Field(ge=1)] = 1
     temperature: Annotated[float, Field(ge=0)] = 0.6
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, Field(ge=0)] = 0
     max_new_tokens: Annotated[int, Field(ge=1)] = 4096
 
     def params(self) -> SamplingParams:
@@ -44,6 +47,7 @@ class SamplingSettings(StrictModel):
             n=self.samples,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             max_new_tokens=self.max_new_tokens,
         )
 

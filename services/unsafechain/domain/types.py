@@ -38,6 +38,10 @@ class SamplingParams:
         n: Number of completions to sample (K).
         temperature: 0 selects greedy decoding.
         top_p: Nucleus sampling mass.
+        top_k: Sample only from the k most likely tokens; 0 is off (every token is a
+            candidate, as in SafeChain and STAR-1). Off really is off: the local
+            backend overrides transformers' default of 50, and remote backends are
+            sent no top-k at all.
         max_new_tokens: Upper bound on generated tokens per completion.
         seed: Seed for reproducible sampling, where the backend supports one.
         top_logprobs: Alternatives to return per generated token; 0 returns no
@@ -48,6 +52,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 0.6
     top_p: float = 0.95
+    top_k: int = 0
     max_new_tokens: int = 512
     seed: int | None = None
     top_logprobs: int = 0
@@ -60,6 +65,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.top_logprobs < 0:
@@ -69,6 +76,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether decoding is greedy (temperature 0)."""
         return self.temperature == 0
+
+    @property
+    def sampled_top_k(self) -> int:
+        """The top-k a backend applies: ``top_k`` when sampling, 0 (off) when greedy,
+        where there is nothing to cut and some servers would start sampling if sent one."""
+        return 0 if self.greedy else self.top_k
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +161,29 @@ class RefusalClass(enum.StrEnum):
     FULL_COMPLIANCE = "full_compliance"
     FULL_REFUSAL = "full_refusal"
     PARTIAL_REFUSAL = "partial_refusal"
+
+
+class RequestClass(enum.StrEnum):
+    """How a refusal judge reads a request: one a helpful assistant answers fully, or
+    one whose answer would do real harm."""
+
+    BENIGN = "benign"
+    HARMFUL = "harmful"
+
+
+class RefusalCheckMode(enum.StrEnum):
+    """What the correction stage does with a refusal judge's second look at each
+    correction that passed re-judging.
+
+    ``OFF`` takes no second look; ``RECORD`` keeps the refusal class on the attempt
+    (and, for a full refusal, how the judge reads the request); ``REJECT`` also fails
+    an attempt that fully refuses a request the judge reads as benign, or that the
+    judge could not classify, and tells the corrector why.
+    """
+
+    OFF = "off"
+    RECORD = "record"
+    REJECT = "reject"
 
 
 class JudgeTarget(enum.StrEnum):
@@ -245,6 +281,62 @@ class CompletionJudgment:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestReading:
+    """How a refusal judge read a request.
+
+    Attributes:
+        request: The class; None when the judge gave none (``error`` says why).
+        raw_output: The judge's answer exactly as generated.
+        error: Why there is no class; empty when there is one.
+    """
+
+    request: RequestClass | None
+    raw_output: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalCheck:
+    """A refusal judge's second look at a correction attempt that passed re-judging.
+
+    Attributes:
+        verdict: The judge's verdict on the attempt; ``verdict.refusal`` is the class,
+            None when the judge gave none (``verdict.error`` says why).
+        request: How the judge read the prompt; asked only when the attempt is a full
+            refusal, None otherwise.
+    """
+
+    verdict: Verdict
+    request: RequestReading | None = None
+
+    @property
+    def refusal(self) -> RefusalClass | None:
+        """How the attempt answers its prompt; None when the judge could not say."""
+        return self.verdict.refusal
+
+    @property
+    def refuses_benign_request(self) -> bool:
+        """Whether the attempt fully refuses a request the judge reads as benign."""
+        return (
+            self.refusal == RefusalClass.FULL_REFUSAL
+            and self.request is not None
+            and self.request.request == RequestClass.BENIGN
+        )
+
+    @property
+    def error(self) -> str:
+        """Why the check could not decide whether the attempt over-refuses; empty when
+        it could."""
+        if self.refusal is None:
+            return f"refusal class: {self.verdict.error or 'missing'}"
+        if self.refusal == RefusalClass.FULL_REFUSAL and (
+            self.request is None or self.request.request is None
+        ):
+            return f"request class: {self.request.error if self.request else 'not asked'}"
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """One try at a correction.
 
@@ -256,6 +348,8 @@ class Attempt:
         label: The combined re-judged label; ``ERROR`` when not judged.
         failure_reason: Why the attempt did not pass; empty when it passed.
         finished_at: When the attempt ended.
+        refusal_check: The refusal judge's second look, taken at attempts that passed
+            re-judging when the correction settings ask for one; None otherwise.
     """
 
     number: int
@@ -265,6 +359,7 @@ class Attempt:
     label: VerdictLabel
     failure_reason: str
     finished_at: datetime
+    refusal_check: RefusalCheck | None = None
 
     @property
     def passed(self) -> bool:
@@ -300,9 +395,13 @@ class CorrectorInfo:
         params: Its sampling settings for one attempt (``n`` is 1; the seed varies).
         max_attempts: Bound on tries per unsafe completion.
         judges: The judges that re-judge every attempt.
+        refusal_check: What is done with a refusal judge's second look at attempts.
+        refusal_judge: The judge that takes it; None when the check is off.
     """
 
     model: ModelRef
     params: SamplingParams
     max_attempts: int
     judges: tuple[JudgeIdentity, ...]
+    refusal_check: RefusalCheckMode = RefusalCheckMode.OFF
+    refusal_judge: JudgeIdentity | None = None

@@ -60,6 +60,7 @@ def _sampling(message: case_pb2.SamplingParams, limits: RequestLimits) -> Sampli
     )
     require(message.temperature >= 0, "sampling.temperature", "must be >= 0")
     require(0 < message.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+    require(message.top_k >= 0, "sampling.top_k", "must be >= 0 (0 is off)")
     require(message.max_new_tokens >= 1, "sampling.max_new_tokens", "must be at least 1")
     require(message.top_logprobs >= 0, "sampling.top_logprobs", "must be >= 0")
     return sampling_from_pb(message)

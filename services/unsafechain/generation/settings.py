@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, model_validator
 
-from unsafechain.backends.settings import BackendSettings
+from unsafechain.backends.settings import BackendSettings, top_k_problem
 from unsafechain.domain.settings import SamplingSettings
 from unsafechain.runtime.settings import (
     ServerSettings,
@@ -78,6 +78,11 @@ class GenerationServiceSettings(ServerSettings):
                 f"models: the generation service needs its generator {self.generation.model!r} "
                 "(--backend and --model, or models in --config)"
             )
+        problem = top_k_problem(
+            "generation", self.generation.params(), self.generation.model, self.models
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
     def backends(self) -> Iterable[BackendSettings]:
@@ -92,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(group, "--samples", "generation.samples", "completions per request", type=int)
     flag(group, "--temperature", "generation.temperature", "0 is greedy", type=float)
     flag(group, "--top-p", "generation.top_p", "nucleus mass", type=float)
+    flag(group, "--top-k", "generation.top_k", "most likely tokens kept; 0 is off", type=int)
     flag(group, "--max-new-tokens", "generation.max_new_tokens", "tokens per completion", type=int)
 
 

@@ -52,18 +52,24 @@ def _judge(judge: JudgeSettings, pool: BackendPool, built: Mapping[str, Judge]) 
                 template=Path(judge.template) if judge.template else None,
             )
         case RefusalSettings():
-            return RefusalJudge(
-                pool.get(judge.model),
-                name=judge.name,
-                compliance_is_unsafe=judge.compliance_is_unsafe,
-                template=Path(judge.template) if judge.template else None,
-            )
+            return refusal_judge(judge, pool)
     return LlamaGuardJudge(
         pool.get(judge.model),
         name=judge.name,
         prompt_format=judge.prompt_format,
         threshold=judge.threshold,
         top_logprobs=judge.top_logprobs,
+    )
+
+
+def refusal_judge(settings: RefusalSettings, pool: BackendPool) -> RefusalJudge:
+    """The refusal judge ``settings`` describe, over a model of the pool."""
+    return RefusalJudge(
+        pool.get(settings.model),
+        name=settings.name,
+        compliance_is_unsafe=settings.compliance_is_unsafe,
+        template=Path(settings.template) if settings.template else None,
+        request_template=Path(settings.request_template) if settings.request_template else None,
     )
 
 

@@ -9,14 +9,14 @@ import logging
 import grpc
 
 from unsafechain.backends.pool import BackendPool
-from unsafechain.domain.convert import TARGET_FROM_PB, TARGET_TO_PB, identity_to_pb, judgment_to_pb
+from unsafechain.domain.convert import TARGET_TO_PB, identity_to_pb, judgment_to_pb
 from unsafechain.domain.types import JudgeTarget
 from unsafechain.judge.batching import JudgeBatcher
 from unsafechain.judge.engine import JudgeEngine
 from unsafechain.judge.factory import build_judge_engine
 from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.runtime.metrics import ServiceMetrics
-from unsafechain.runtime.server import Servicer, require, require_at_most
+from unsafechain.runtime.server import Servicer, requested_targets, require, require_at_most
 from unsafechain.runtime.settings import RequestLimits
 from unsafechain.v1 import judge_pb2, judge_pb2_grpc
 
@@ -31,14 +31,7 @@ def _judge_input(
     require(bool(request.response.strip()), f"{prefix}response", "must not be empty")
     size = len(request.prompt) + len(request.response)
     require_at_most(size, limits.max_chars, f"{prefix}prompt", "characters", "limits.max_chars")
-    for position, target in enumerate(request.targets):
-        require(
-            target in TARGET_FROM_PB,
-            f"{prefix}targets[{position}]",
-            "must be FULL, REASONING or ANSWER",
-        )
-    targets = tuple(TARGET_FROM_PB[target] for target in request.targets)
-    return (request.prompt, request.response), targets
+    return (request.prompt, request.response), requested_targets(request.targets, prefix)
 
 
 class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer, Servicer):

@@ -100,12 +100,16 @@ class RefusalSettings(_JudgeBase):
             answer safe and keeps only the class, for over-refusal studies on benign
             prompts.
         template: Jinja file with the classifier prompt; default: bundled.
+        request_template: Jinja file, receiving ``prompt``, that asks whether a request
+            is benign or harmful, for the correction stage's refusal check; default:
+            bundled.
     """
 
     kind: Literal["refusal"]
     model: str
     compliance_is_unsafe: bool = True
     template: str | None = None
+    request_template: str | None = None
 
 
 class EnsembleSettings(_JudgeBase):

@@ -19,7 +19,7 @@ import abc
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,10 +30,13 @@ from grpc_reflection.v1alpha import reflection
 
 from unsafechain.backends.base import BackendError, BackendTimeout
 from unsafechain.backends.pool import BackendPool
+from unsafechain.domain.convert import TARGET_FROM_PB
+from unsafechain.domain.types import JudgeTarget
 from unsafechain.runtime.auth import TokenAuthenticator
 from unsafechain.runtime.metrics import MetricsEndpoint, ServiceMetrics
 from unsafechain.runtime.redaction import Redactor, install_log_redaction
 from unsafechain.runtime.settings import RequestLimits, ServerSettings
+from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,20 @@ def require(condition: bool, field: str, problem: str) -> None:
 def require_at_most(value: int, limit: int, field: str, unit: str, setting: str) -> None:
     """Raise :class:`InvalidArgument` for ``field`` when ``value`` is over ``limit``."""
     require(value <= limit, field, f"{value} {unit}, over the limit of {limit} ({setting})")
+
+
+def requested_targets(
+    targets: Sequence[case_pb2.JudgeTarget], prefix: str = ""
+) -> tuple[JudgeTarget, ...]:
+    """The parts a request asks to judge, validated (``{prefix}targets[i]`` names a bad
+    one)."""
+    for position, target in enumerate(targets):
+        require(
+            target in TARGET_FROM_PB,
+            f"{prefix}targets[{position}]",
+            "must be FULL, REASONING or ANSWER",
+        )
+    return tuple(TARGET_FROM_PB[target] for target in targets)
 
 
 class Servicer(abc.ABC):
