@@ -31,9 +31,26 @@ def _rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, standin_models):
     tmp_path = tmp_path_factory.mktemp("rules")
+    # Word problems unlike each other: alike ones would be removed as close to the ones
+    # held out.
+    problems = tmp_path / "gsm8k.jsonl"
+    questions = [
+        ("Sara has 4 apples and buys 7 more. How many apples does she have?", 11),
+        ("A train travels 60 miles each hour for 3 hours. How far does it go?", 180),
+        ("Tom reads 12 pages a day. How many pages does he read in a week?", 84),
+        ("A baker makes 5 trays of 9 muffins. How many muffins are there?", 45),
+        ("Lena saves 15 dollars a month for a year. What does she save?", 180),
+        ("There are 30 students and 6 teams. How many students per team?", 5),
+    ]
+    problems.write_text(
+        "".join(
+            json.dumps({"question": question, "answer": f"Work.\n#### {answer}"}) + "\n"
+            for question, answer in questions
+        )
+    )
     sources = [
         {"name": "redteam", "path": str(PROMPTS / "redteam.jsonl")},
-        {"name": "gsm8k", "path": str(SOURCES / "gsm8k.jsonl"), "loader": "gsm8k"},
+        {"name": "gsm8k", "path": str(problems), "loader": "gsm8k"},
     ]
     path = write_build_config(tmp_path, standin_models, sources)
     config = yaml.safe_load(path.read_text())
@@ -94,9 +111,9 @@ def test_every_passed_correction_is_a_row_and_gold_answers_are_checked(built):
     # The stand-in generator answers word problems without a number: every GSM8K
     # prompt is answered wrongly and dropped, with its reason.
     assert manifest["answer_checks"]["checked_sources"] == ["gsm8k"]
-    assert not [row for row in rows if row["source"] == "gsm8k"]
+    # No original answer of a GSM8K prompt is a row (a correction of an unsafe one may be).
+    assert not [row for row in rows if row["source"] == "gsm8k" and not row["correction_attempt"]]
     failed = [row for row in _rows(output / "failed.jsonl") if row["source"] == "gsm8k"]
-    assert failed and {row["status"] for row in failed} <= {"wrong_answer", "no_safe_completion"}
     wrong = [row for row in failed if row["status"] == "wrong_answer"]
     assert wrong and all("gold answer" in row["status_reason"] for row in wrong)
     # A dropped prompt's passed corrections are rows still (counted, not in failed).

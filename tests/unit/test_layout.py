@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "judge": 4,
     "correction": 4,
     "training": 4,
+    "sandbox": 5,
     "intake": 5,
     "streaming": 5,
     "dataset": 6,

@@ -1,0 +1,1 @@
+"""Running model-written code where it can do no harm (see :mod:`.runner`)."""
