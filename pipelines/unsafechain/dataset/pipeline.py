@@ -52,13 +52,14 @@ from unsafechain.domain.convert import (
 )
 from unsafechain.generation.engine import Generator
 from unsafechain.generation.factory import describe_generator, generation_engine
-from unsafechain.intake.answers import CHECKERS, Checker
+from unsafechain.intake.answers import CHECKERS, Checker, code_sandbox
 from unsafechain.intake.dedup import CONTAMINATED, DUPLICATE_EXACT, DUPLICATE_NEAR
 from unsafechain.intake.prompts import PromptIntake, read_prompts
 from unsafechain.intake.sources import TEST, PromptRecord
 from unsafechain.judge.engine import JUDGE_CALL_FAILED, CompletionJudge
 from unsafechain.judge.factory import describe_judge_stage, judge_engine
 from unsafechain.runtime.client import StageMismatch
+from unsafechain.sandbox.runner import SandboxError
 from unsafechain.streaming.stages import (
     GENERATED,
     JUDGED,
@@ -418,7 +419,19 @@ def build_stage(name: str, config: BuildConfig, engines: StageEngines) -> Stage:
 
 
 def answer_checkers(config: BuildConfig) -> dict[str, Checker]:
-    """The gold-answer checker of each source whose loader has one, by source name."""
+    """The gold-answer checker of each source whose loader has one, by source name.
+
+    Raises:
+        BuildError: An MBPP source is checked where the code sandbox cannot run.
+    """
+    if config.rows.check_answers != "off" and any(s.loader == "mbpp" for s in config.sources):
+        try:
+            code_sandbox()
+        except SandboxError as error:
+            raise BuildError(
+                f"rows.check_answers: MBPP answers run in the sandbox, which cannot run "
+                f"here ({error}); set rows.check_answers: off"
+            ) from None
     return {
         source.name: CHECKERS[source.loader]
         for source in config.sources

@@ -3,6 +3,7 @@ sink, and correct the unsafe completions of a hard case."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping
 
@@ -67,14 +68,14 @@ class RouteStage(Stage):
         case.hard = self.is_hard(case)
         if case.hard:
             return [(TO_CORRECT, case)]
-        self.choose_original(case)
+        await self.choose_original(case)
         if self._correct_all and any(
             c.label == case_pb2.VERDICT_LABEL_UNSAFE for c in case.completions
         ):
             return [(TO_CORRECT, case)]
         return [(RECORDS, case)]
 
-    def choose_original(self, case: case_pb2.Case) -> None:
+    async def choose_original(self, case: case_pb2.Case) -> None:
         """Set the response of a case that is not hard: the first completion judged safe
         and complete, a correct one first where the prompt has a checked gold answer;
         or the status saying why there is none."""
@@ -92,9 +93,15 @@ class RouteStage(Stage):
             case.status_reason = f"no completion judged safe ({counts}{cut})"
             return
         checker = self._checkers.get(case.prompt.source.name)
-        checks = [
-            checker(case.prompt.metadata, c.answer) if checker is not None else None for c in safe
-        ]
+        metadata = dict(case.prompt.metadata)
+        checks: list[AnswerCheck | None] = [None] * len(safe)
+        if checker is not None:
+            # A checker may run code in the sandbox: off the event loop, in turn, until a
+            # correct completion is found.
+            for position, completion in enumerate(safe):
+                checks[position] = await asyncio.to_thread(checker, metadata, completion.answer)
+                if checks[position] == AnswerCheck.CORRECT:
+                    break
         position = next((i for i, check in enumerate(checks) if check == AnswerCheck.CORRECT), 0)
         chosen, check = safe[position], checks[position]
         if check == AnswerCheck.WRONG and self._drop_wrong:

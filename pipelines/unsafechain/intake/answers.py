@@ -6,8 +6,9 @@ be flagged or dropped instead of trained on.
 
 - ``gsm8k``: the final number of the answer (``\\boxed{…}``, ``#### …``, "the answer
   is …", else the last number written) equals the reference's ``#### …`` number.
-- ``mbpp``: its tests have to run in a sandbox, which the evaluation pipeline brings;
-  until then MBPP answers are not checked.
+- ``mbpp``: the answer's code (its last fenced Python block, else the whole answer)
+  runs with the task's ``test_list`` asserts in the sandbox (:mod:`unsafechain.sandbox`);
+  it is correct when every assert passes in time.
 - ``truthfulqa``: the gold is a free-text best answer, which no string rule matches
   reliably; not checked.
 """
@@ -15,9 +16,13 @@ be flagged or dropped instead of trained on.
 from __future__ import annotations
 
 import enum
+import functools
+import json
 import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
+
+from unsafechain.sandbox.runner import Limits, Sandbox
 
 
 class AnswerCheck(enum.StrEnum):
@@ -67,5 +72,34 @@ def check_gsm8k(metadata: Mapping[str, str], answer: str) -> AnswerCheck | None:
     return AnswerCheck.CORRECT if given is not None and given == gold else AnswerCheck.WRONG
 
 
-CHECKERS: dict[str, Checker] = {"gsm8k": check_gsm8k}
+_FENCED = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def answer_code(answer: str) -> str:
+    """The code an answer gives: its last fenced block, else the whole answer."""
+    blocks = _FENCED.findall(answer)
+    return blocks[-1] if blocks else answer
+
+
+@functools.cache
+def code_sandbox() -> Sandbox:
+    """The sandbox MBPP answers run in (made once; raises ``SandboxError`` where
+    bubblewrap cannot run)."""
+    return Sandbox(Limits(wall_seconds=10, cpu_seconds=10, memory_bytes=1 << 30))
+
+
+def check_mbpp(metadata: Mapping[str, str], answer: str) -> AnswerCheck | None:
+    """The answer's code against the task's asserts, run in the sandbox. Blocks for
+    as long as the run takes (at most the sandbox's wall-clock limit)."""
+    try:
+        tests = json.loads(metadata.get("test_list", ""))
+    except ValueError:
+        return None
+    if not isinstance(tests, list) or not tests:
+        return None
+    program = answer_code(answer) + "\n\n" + "\n".join(str(test) for test in tests) + "\n"
+    return AnswerCheck.CORRECT if code_sandbox().run_python(program).ok else AnswerCheck.WRONG
+
+
+CHECKERS: dict[str, Checker] = {"gsm8k": check_gsm8k, "mbpp": check_mbpp}
 """The answer checker of each loader that has one, by loader name."""
