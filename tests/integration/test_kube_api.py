@@ -305,7 +305,12 @@ def test_status_is_a_subresource_apart_from_the_spec(kube_client: ApiClient):
         "svc", NS, {"status": {"readyReplicas": 1, "replicas": 1}}
     )
     assert reported.status.ready_replicas == 1 and reported.metadata.generation == 1
-    assert apps.read_namespaced_deployment_status("svc", NS).status.replicas == 1
+    current = apps.read_namespaced_deployment_status("svc", NS)
+    assert current.status.replicas == 1
+    current.status.available_replicas = 1
+    current.spec.replicas = 7  # a status update leaves the spec alone
+    replaced_status = apps.replace_namespaced_deployment_status("svc", NS, current)
+    assert (replaced_status.status.available_replicas, replaced_status.spec.replicas) == (1, 1)
 
     # The main resource ignores status; a spec change bumps the generation.
     current = apps.read_namespaced_deployment("svc", NS)
@@ -557,17 +562,26 @@ def test_deleting_a_running_job_kills_its_process_and_deletes_its_pod(
 
 def test_deletion_propagation_follows_the_policies(kube: KubeCluster, kube_client: ApiClient):
     core, batch = CoreV1Api(kube_client), BatchV1Api(kube_client)
-    for name in ("fore", "orphaned"):
-        batch.create_namespaced_job(NS, job_manifest(name, ["sleep", "60"]))
+    # The first ignores SIGTERM, so its pod terminates only when the grace period ends.
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    for name, command in (("fore", ["python", "-c", stubborn]), ("orphaned", ["sleep", "60"])):
+        batch.create_namespaced_job(NS, job_manifest(name, command))
         wait_until(
             lambda n=name: [p for p in pods_of(core, n) if p.status.phase == "Running"], "running"
         )
+    pid = started_pid(kube, pods_of(core, "fore")[0].metadata.name)
 
     # Foreground: the Job waits, marked for deletion, until its pod is gone.
-    batch.delete_namespaced_job("fore", NS, propagation_policy="Foreground")
+    answer = batch.delete_namespaced_job("fore", NS, propagation_policy="Foreground")
+    assert answer["metadata"]["finalizers"] == ["foregroundDeletion"]
     marked = batch.read_namespaced_job("fore", NS)
-    assert marked.metadata.deletion_timestamp and "foregroundDeletion" in marked.metadata.finalizers
+    assert marked.metadata.deletion_timestamp and marked.metadata.finalizers == [
+        "foregroundDeletion"
+    ]
+    (terminating,) = pods_of(core, "fore")
+    assert terminating.metadata.deletion_timestamp
     wait_until(lambda: pods_of(core, "fore") == [], "the pod to go")
+    assert not process_alive(pid)
     wait_until(
         lambda: not batch.list_namespaced_job(NS, field_selector="metadata.name=fore").items,
         "the job",
