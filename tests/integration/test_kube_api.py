@@ -321,7 +321,7 @@ def test_status_is_a_subresource_apart_from_the_spec(kube_client: ApiClient):
     assert replaced.metadata.generation == 2
 
 
-def test_namespaces_are_objects_and_can_be_required(tmp_path: Path):
+def test_namespaces_are_objects_and_can_be_required():
     with (
         KubeApiServer(ObjectStore(create_namespaces=False)) as server,
         ApiClient(kubernetes.client.Configuration(host=server.url)) as client,
