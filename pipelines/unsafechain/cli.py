@@ -68,6 +68,10 @@ STOPPED_EXIT_STATUS = 3
 
 
 def _train(args: argparse.Namespace) -> int:
+    import datasets
+    import transformers
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from unsafechain.domain.settings import ConfigError, SetupError
     from unsafechain.training.engine import TrainingError, run_training
     from unsafechain.training.plan import plan_training
@@ -79,7 +83,11 @@ def _train(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(plan_training(settings).describe())
             return 0
-        with _stop_on_signals() as stop_requested:
+        if args.no_progress:
+            # Quiet the libraries' own bars too (tokenizing, packing, saving shards).
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
+        with _stop_on_signals() as stop_requested, logging_redirect_tqdm():
             result = run_training(
                 settings, progress=not args.no_progress, should_stop=stop_requested
             )
@@ -96,9 +104,8 @@ def _train(args: argparse.Namespace) -> int:
             f"{result.output_dir}; run the same command to resume"
         )
         return STOPPED_EXIT_STATUS
-    print(
-        f"run {result.run_id} finished: {result.global_step} steps, final loss {result.final_loss}"
-    )
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "not logged"
+    print(f"run {result.run_id} finished: {result.global_step} steps, final loss {loss}")
     for name, path in result.record["outputs"].items():
         print(f"{name}: {result.output_dir / path}")
     print(f"record: {result.output_dir / 'run.json'}")

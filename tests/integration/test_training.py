@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -289,6 +290,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr
     assert "resuming run" in second.stderr and killed_at.name in second.stderr
+    assert re.search(r"step 60/60 epoch [\d.]+ loss [\d.]+ lr [\d.e-]+ tokens/s \d+", second.stderr)
     sessions = json.loads((output / RUN_STATE).read_text())["sessions"]
     assert [s["resumed_from"] for s in sessions] == [None, killed_at.name]
     assert "finished_at" not in sessions[0]
@@ -309,6 +311,34 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(
     losses = [e["loss"] for e in record["metrics"]["history"] if "loss" in e]
     expected = [e["loss"] for e in straight.record["metrics"]["history"] if "loss" in e]
     assert losses == pytest.approx(expected, rel=1e-4)
+
+
+def test_sigterm_stops_the_command_at_the_next_step_with_a_checkpoint(
+    standin_models, build, tmp_path
+):
+    output = tmp_path / "run"
+    raw = _raw(
+        standin_models,
+        build,
+        output,
+        training={"epochs": 20, "max_steps": 200, "per_device_batch_size": 1},
+        checkpoints={"every_steps": 1000},
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "unsafechain.cli", "train", "--config", str(config)]
+    run = subprocess.Popen([*command, "--no-progress"], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (output / RUN_STATE).exists():
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode == 3, out
+    stopped = last_checkpoint(output)
+    assert stopped is not None and "run the same command to resume" in out
+    assert f"stopped at step {stopped.name.removeprefix('checkpoint-')}/200" in out
 
 
 def test_should_stop_ends_the_run_at_a_checkpoint_and_the_next_run_resumes_there(

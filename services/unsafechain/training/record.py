@@ -165,6 +165,8 @@ Final training loss: {final}. Wall time: {record["wall_seconds"]:.0f} s
 
 ## Use
 
+Paths are relative to this folder.
+
 ```python
 {_usage(record)}
 ```
