@@ -147,6 +147,27 @@ def test_the_dry_run_plan_counts_what_the_trainer_prepares(
     assert plan.total_steps == plan.steps_per_epoch == -(-plan.counts.sequences // 4)
 
 
+@pytest.mark.parametrize(
+    ("relative", "subset", "kind"),
+    [("datasets", "full", "datasets"), ("release/full.jsonl", None, "jsonl")],
+)
+def test_the_datasets_export_and_the_release_give_the_build_folders_rows(
+    standin_models, build, tmp_path, relative, subset, kind
+):
+    folder = plan_training(_settings(standin_models, build, tmp_path / "run"))
+    other = plan_training(
+        _settings(
+            standin_models,
+            build,
+            tmp_path / "run",
+            dataset={"path": str(build / relative), "subset": subset},
+        )
+    )
+    assert (other.data["kind"], other.data["subset"]) == (kind, "full")
+    assert other.data["build_id"] == folder.data["build_id"] is not None
+    assert other.counts == folder.counts
+
+
 def test_the_dry_run_prints_the_plan_and_the_first_row_with_its_trained_span(
     standin_models, build, tmp_path, capsys
 ):

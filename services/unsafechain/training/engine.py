@@ -467,7 +467,17 @@ def _run(
             f"{Path(settings.model.base).name}: {settings.objective.upper()} "
             f"{settings.method}, run {folder.run_id}"
         )
-        plot_loss(output / LOSS_CURVE, trainer.state.log_history, title=title)
+        plot_loss(
+            output / LOSS_CURVE,
+            trainer.state.log_history,
+            title=title,
+            loss_label=(
+                "DPO loss (chosen over rejected)"
+                if settings.objective == "dpo"
+                else "training loss (assistant tokens)"
+            ),
+            resumed_at=tuple(s["start_step"] for s in folder.sessions if s["resumed_from"]),
+        )
         write_model_card(output / MODEL_CARD, record)
         logger.info("run %s finished: %s", folder.run_id, output)
     return _result(record)

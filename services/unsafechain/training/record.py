@@ -13,6 +13,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,23 @@ def training_losses(history: list[dict]) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def plot_loss(path: Path, history: list[dict], *, title: str) -> None:
-    """Draw the training loss (and the learning rate) over the optimizer steps."""
+def plot_loss(
+    path: Path,
+    history: list[dict],
+    *,
+    title: str,
+    loss_label: str,
+    resumed_at: tuple[int, ...] = (),
+) -> None:
+    """Draw the training loss (and the learning rate) over the optimizer steps.
+
+    Args:
+        path: The PNG to write.
+        history: The trainer's metrics history.
+        title: The chart's title.
+        loss_label: What the loss is.
+        resumed_at: Steps at which a session resumed from a checkpoint, marked.
+    """
     points = training_losses(history)
     rates = sorted(
         {e["step"]: float(e["learning_rate"]) for e in history if "learning_rate" in e}.items()
@@ -63,8 +79,20 @@ def plot_loss(path: Path, history: list[dict], *, title: str) -> None:
     if points:
         steps, losses = zip(*points, strict=True)
         axis.plot(steps, losses, marker="o" if len(points) < 30 else None, color="#1f4e79")
+    for step in resumed_at:
+        axis.axvline(step, color="grey", linestyle=":", linewidth=1)
+        axis.annotate(
+            "resumed",
+            (step, 0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, 4),
+            textcoords="offset points",
+            color="grey",
+            fontsize=8,
+        )
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss (assistant tokens)", color="#1f4e79")
+    axis.set_ylabel(loss_label, color="#1f4e79")
     axis.set_title(title, loc="left", fontsize=10)
     axis.grid(alpha=0.3)
     if rates:
