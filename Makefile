@@ -63,10 +63,11 @@ kafka-down:
 test: setup
 	$(PY) -m pytest -q
 
-## bench: the judge service micro-batching against one-by-one judging, and under load with oversized requests
+## bench: the judge service micro-batching against one-by-one judging, under load with oversized requests, and training with packing against padding
 bench: setup
 	$(PY) bench/judge_batching.py --clients 32 --requests 16
 	$(PY) bench/judge_load.py --clients 32 --seconds 20
+	$(PY) bench/training_packing.py --rows 400 --batch 8 --block 1024
 
 ## lint: ruff lint and format check, and the type checker (mypy) over the whole package
 lint: setup

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -57,6 +61,75 @@ def _build(args: argparse.Namespace) -> int:
             f"(by stage {letters['by_stage']}, undecodable {letters['undecodable']})"
         )
     return 0
+
+
+STOPPED_EXIT_STATUS = 3
+"""``unsafechain train``'s exit status when SIGTERM or SIGINT stopped the run at a checkpoint."""
+
+
+def _train(args: argparse.Namespace) -> int:
+    import datasets
+    import transformers
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from unsafechain.domain.settings import ConfigError, SetupError
+    from unsafechain.training.engine import TrainingError, run_training
+    from unsafechain.training.plan import plan_training
+    from unsafechain.training.settings import load_training_settings
+
+    overrides = {"output.dir": args.output} if args.output else {}
+    try:
+        settings = load_training_settings(args.config, overrides)
+        if args.dry_run:
+            print(plan_training(settings).describe())
+            return 0
+        if args.no_progress:
+            # Quiet the libraries' own bars too (tokenizing, packing, saving shards).
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
+        with _stop_on_signals() as stop_requested, logging_redirect_tqdm():
+            result = run_training(
+                settings, progress=not args.no_progress, should_stop=stop_requested
+            )
+    except (ConfigError, SetupError) as error:
+        # SetupError covers the dataset's refusals and the chat template's checks too.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if result.state == "cancelled":
+        print(
+            f"stopped at step {result.global_step}/{result.max_steps} with a checkpoint in "
+            f"{result.output_dir}; run the same command to resume"
+        )
+        return STOPPED_EXIT_STATUS
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "not logged"
+    print(f"run {result.run_id} finished: {result.global_step} steps, final loss {loss}")
+    for name, path in result.record["outputs"].items():
+        print(f"{name}: {result.output_dir / path}")
+    print(f"record: {result.output_dir / 'run.json'}")
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """SIGTERM and SIGINT ask the run to stop at its next step, with a checkpoint; a
+    second SIGINT interrupts at once."""
+    requested = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and requested.is_set():
+            raise KeyboardInterrupt
+        logger.warning("%s: stopping at the next step", signal.Signals(signum).name)
+        requested.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _kafka_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -247,6 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds; overrides kafka.idle_timeout_seconds (default 600)",
     )
     build.set_defaults(handler=_build)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a model on a built dataset in this process",
+        description="Fine-tune a model with TRL on a dataset a build wrote (SFT with LoRA or "
+        "full weights, or DPO on its preference pairs), never on its held-out test split. "
+        "Run the same command again to resume from the latest checkpoint. SIGTERM or "
+        f"Ctrl-C stops at the next step with a checkpoint (exit status {STOPPED_EXIT_STATUS}).",
+    )
+    train.add_argument("--config", required=True, type=Path, help="run configuration (YAML)")
+    train.add_argument("--output", help="output folder; overrides output.dir in the config")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the configuration and print the plan (rows, tokens, steps, the first "
+        "row with its trained tokens marked) without loading the model's weights",
+    )
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(handler=_train)
 
     topics = commands.add_parser("topics", help="manage the build's Kafka topics")
     topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")

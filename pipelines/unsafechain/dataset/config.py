@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from unsafechain.backends.settings import BackendSettings, top_k_problem
 from unsafechain.correction.settings import CorrectionSettings, refusal_check_problem
-from unsafechain.domain.settings import StrictModel, describe_error
+from unsafechain.domain.settings import ConfigError, StrictModel, load_config_file
 from unsafechain.generation.settings import GenerationSettings
 from unsafechain.intake.settings import (
     DecontaminationSettings,
@@ -28,9 +27,8 @@ from unsafechain.judge.settings import JudgingSettings, unknown_models
 from unsafechain.runtime.settings import ClientSettings
 from unsafechain.streaming.kafka import KafkaSettings
 
-
-class ConfigError(ValueError):
-    """The configuration file is missing, unreadable or invalid."""
+# ConfigError lives in the domain layer, which reads every configuration file.
+__all__ = ["BuildConfig", "ConfigError", "load_config"]
 
 
 class RoutingSettings(StrictModel):
@@ -204,36 +202,4 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
     Raises:
         ConfigError: The file is missing or invalid; the message names the key.
     """
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise ConfigError(f"config file not found: {path}") from error
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder, not a configuration file") from None
-    except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for depth, key in enumerate(parents):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                where = ".".join(parents[: depth + 1])
-                raise ConfigError(f"{path}: {where}: must be a mapping to set {dotted}")
-            node = child
-        node[leaf] = value
-    try:
-        return BuildConfig.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(f"{path}: {describe_error(error)}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply") from None
+    return load_config_file(path, BuildConfig, overrides)

@@ -1,11 +1,14 @@
 """What every settings model shares: strict, frozen pydantic models, sampling settings,
-and one way of naming what is wrong with a value."""
+one way of naming what is wrong with a value, and one way of reading a YAML
+configuration file."""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, TypeVar
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from unsafechain.domain.types import SamplingParams
@@ -15,6 +18,10 @@ class SetupError(ValueError):
     """What valid settings describe cannot be set up: a model that cannot be loaded, an
     API key variable that is not set, a template that is missing. The message names
     the setting."""
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message names the key."""
 
 
 class StrictModel(BaseModel):
@@ -71,3 +78,54 @@ def describe_error(error: ValidationError) -> str:
             key, message = f"{key}.{nested[1]}", nested[2]
         problems.append(f"{key}: {message}" if key else message)
     return "; ".join(problems)
+
+
+_Config = TypeVar("_Config", bound=BaseModel)
+
+
+def load_config_file(
+    path: str | Path, model: type[_Config], overrides: dict[str, object] | None = None
+) -> _Config:
+    """Read a YAML configuration file and validate it into ``model``.
+
+    Args:
+        path: YAML file whose top level is a mapping of sections.
+        model: The settings model the file holds.
+        overrides: Dotted keys to set after reading, e.g. ``{"build.output": "x"}``.
+
+    Raises:
+        ConfigError: The file is missing, unreadable or invalid; the message names the key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {path}") from error
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a configuration file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for depth, key in enumerate(parents):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{path}: {where}: must be a mapping to set {dotted}")
+            node = child
+        node[leaf] = value
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {describe_error(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
