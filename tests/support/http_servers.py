@@ -241,7 +241,7 @@ _UNPARSEABLE = object()
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps connections alive between requests, as the real servers do.
     protocol_version = "HTTP/1.1"
-    server: _HTTPServer
+    server: LoopbackHTTPServer
 
     def do_GET(self) -> None:
         self.server.app.serve(self)
@@ -253,13 +253,13 @@ class _Handler(BaseHTTPRequestHandler):
         """Stay quiet: the recorded requests are the log."""
 
 
-class _HTTPServer(ThreadingHTTPServer):
+class LoopbackHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     # A client may hold a keep-alive connection open; stopping must not wait for it.
     block_on_close = False
 
-    def __init__(self, app: _ProtocolServer):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, app: LoopbackServer, handler: type[BaseHTTPRequestHandler]):
+        super().__init__(("127.0.0.1", 0), handler)
         self.app = app
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -269,26 +269,19 @@ class _HTTPServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class _ProtocolServer:
-    """Threaded loopback HTTP server; subclasses supply the protocol."""
+class LoopbackServer:
+    """A threaded HTTP server on a free loopback port, served from a daemon thread.
 
-    def __init__(
-        self,
-        *,
-        responder: Responder = default_responder,
-        api_key: str | None = None,
-        latency: float = 0.0,
-    ):
-        self.responder = responder
-        self.api_key = api_key
-        self.latency = latency
-        self._faults: deque[Fault] = deque()
-        self._requests: list[RecordedRequest] = []
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._max_in_flight = 0
+    Subclasses name their request handler class (``handler``), which reaches the
+    server object as ``self.server.app``, and may end what holds requests open when
+    the server stops (:meth:`closing`).
+    """
+
+    handler: type[BaseHTTPRequestHandler]
+
+    def __init__(self) -> None:
         self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
+        self._httpd: LoopbackHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # Lifecycle -------------------------------------------------------------
@@ -296,7 +289,7 @@ class _ProtocolServer:
     def start(self) -> Self:
         """Bind a free loopback port and serve in a daemon thread."""
         self._stopping.clear()
-        self._httpd = _HTTPServer(self)
+        self._httpd = LoopbackHTTPServer(self, self.handler)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -311,6 +304,7 @@ class _ProtocolServer:
         if self._httpd is None or self._thread is None:
             return
         self._stopping.set()
+        self.closing()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
@@ -334,6 +328,32 @@ class _ProtocolServer:
     def url(self) -> str:
         """Root URL, ``http://127.0.0.1:<port>``."""
         return f"http://127.0.0.1:{self.port}"
+
+    def closing(self) -> None:
+        """Called as the server stops, before it shuts down; nothing by default."""
+
+
+class _ProtocolServer(LoopbackServer):
+    """Threaded loopback HTTP server; subclasses supply the protocol."""
+
+    handler = _Handler
+
+    def __init__(
+        self,
+        *,
+        responder: Responder = default_responder,
+        api_key: str | None = None,
+        latency: float = 0.0,
+    ):
+        self.responder = responder
+        self.api_key = api_key
+        self.latency = latency
+        self._faults: deque[Fault] = deque()
+        self._requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._max_in_flight = 0
+        super().__init__()
 
     # What tests script and inspect ------------------------------------------
 

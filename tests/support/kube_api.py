@@ -39,19 +39,18 @@ from __future__ import annotations
 import json
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from tests.support.http_servers import RecordedRequest
+from tests.support.http_servers import LoopbackHTTPServer, LoopbackServer, RecordedRequest
 from tests.support.kube_store import (
     ApiError,
     Cause,
@@ -104,7 +103,7 @@ class ContainerLogs(Protocol):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: _HTTPServer
+    server: LoopbackHTTPServer
 
     def do_GET(self) -> None:
         self.server.app.serve(self)
@@ -113,20 +112,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: the recorded requests are the log."""
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, app: KubeApiServer):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.app = app
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            return
-        super().handle_error(request, client_address)
 
 
 @dataclass(slots=True)
@@ -196,7 +181,7 @@ class _Stream:
 # ---------------------------------------------------------------------------
 
 
-class KubeApiServer:
+class KubeApiServer(LoopbackServer):
     """The API server double on a free loopback port, serving an :class:`ObjectStore`.
 
     Args:
@@ -222,55 +207,15 @@ class KubeApiServer:
         self.store = store if store is not None else ObjectStore()
         self.logs = logs
         self.bookmark_interval = bookmark_interval
+        super().__init__()
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # Lifecycle -------------------------------------------------------------------
+    handler = _Handler
 
-    def start(self) -> Self:
-        """Bind a free loopback port and serve in a daemon thread."""
-        self._stopping.clear()
-        self._httpd = _HTTPServer(self)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"KubeApiServer:{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving; open watches and log streams end."""
-        if self._httpd is None or self._thread is None:
-            return
-        self._stopping.set()
+    def closing(self) -> None:
+        """Open watches and log streams end."""
         self.store.close()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
-        self._httpd = None
-        self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._httpd is None:
-            raise RuntimeError("the server is not started")
-        return self._httpd.server_address[1]
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:<port>``, the ``host`` of a client configuration."""
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def requests(self) -> list[RecordedRequest]:
