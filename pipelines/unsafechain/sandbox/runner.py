@@ -29,6 +29,7 @@ namespace instead; the process limit then counts the caller's own processes too.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -258,18 +259,18 @@ class Sandbox:
             timed_out = False
             try:
                 assert process.stdin is not None
-                try:
+                # A program that ends before reading all of itself closes the pipe; its
+                # exit status says why.
+                with contextlib.suppress(BrokenPipeError):
                     process.stdin.write(program.encode("utf-8", errors="surrogateescape"))
                     process.stdin.close()
-                except BrokenPipeError:
-                    pass  # it ended before reading the whole program; its status says why
                 process.wait(timeout=max(0.0, limits.wall_seconds - (time.monotonic() - started)))
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
                 if process.poll() is None:
                     # The whole group: bwrap and, through --die-with-parent, its namespace.
-                    with _ignore_missing():
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(process.pid, signal.SIGKILL)
                     process.wait(timeout=10)
             if self._root:
@@ -281,14 +282,6 @@ class Sandbox:
         return RunResult(
             None if timed_out else process.returncode, timed_out, stdout, stderr, seconds, uid
         )
-
-
-class _ignore_missing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, value, traceback) -> bool:
-        return kind is ProcessLookupError
 
 
 def _signal_name(number: int) -> str:
@@ -307,7 +300,7 @@ def _kill_user(uid: int, *, seconds: float = 5.0) -> None:
         if not pids:
             return
         for pid in pids:
-            with _ignore_missing():
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
 

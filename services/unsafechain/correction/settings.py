@@ -27,6 +27,7 @@ from unsafechain.judge.settings import (
 from unsafechain.runtime.settings import (
     ServerSettings,
     add_backend_flags,
+    add_sampling_flags,
     add_server_arguments,
     flag,
     fold_model_shorthand,
@@ -170,10 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_flags(parser, "judge-", "judge_model", "re-judging guard")
     group = parser.add_argument_group("correction")
     flag(group, "--max-attempts", "correction.max_attempts", "tries per completion", type=int)
-    flag(group, "--temperature", "correction.temperature", "corrector temperature", type=float)
-    flag(group, "--top-p", "correction.top_p", "corrector nucleus mass", type=float)
-    flag(group, "--top-k", "correction.top_k", "corrector top-k; 0 is off", type=int)
-    flag(group, "--max-new-tokens", "correction.max_new_tokens", "tokens per attempt", type=int)
+    add_sampling_flags(group, "correction", "attempt")
     flag(group, "--templates", "correction.templates", "folder of prompt templates")
 
 

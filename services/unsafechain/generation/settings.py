@@ -17,6 +17,7 @@ from unsafechain.domain.settings import SamplingSettings
 from unsafechain.runtime.settings import (
     ServerSettings,
     add_backend_flags,
+    add_sampling_flags,
     add_server_arguments,
     flag,
     fold_model_shorthand,
@@ -95,10 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_flags(parser, "", "model", "generator")
     group = parser.add_argument_group("default sampling (requests without their own)")
     flag(group, "--samples", "generation.samples", "completions per request", type=int)
-    flag(group, "--temperature", "generation.temperature", "0 is greedy", type=float)
-    flag(group, "--top-p", "generation.top_p", "nucleus mass", type=float)
-    flag(group, "--top-k", "generation.top_k", "most likely tokens kept; 0 is off", type=int)
-    flag(group, "--max-new-tokens", "generation.max_new_tokens", "tokens per completion", type=int)
+    add_sampling_flags(group, "generation", "completion")
 
 
 SETTINGS = GenerationServiceSettings

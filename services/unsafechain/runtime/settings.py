@@ -276,6 +276,15 @@ def flag(group: argparse._ArgumentGroup, name: str, key: str, help: str, **kwarg
     group.add_argument(name, dest=key, default=argparse.SUPPRESS, help=help, **kwargs)
 
 
+def add_sampling_flags(group: argparse._ArgumentGroup, section: str, per: str) -> None:
+    """``--temperature``, ``--top-p``, ``--top-k`` and ``--max-new-tokens`` for the
+    sampling settings of ``section`` (tokens counted per ``per``)."""
+    flag(group, "--temperature", f"{section}.temperature", "0 is greedy", type=float)
+    flag(group, "--top-p", f"{section}.top_p", "nucleus mass", type=float)
+    flag(group, "--top-k", f"{section}.top_k", "most likely tokens kept; 0 is off", type=int)
+    flag(group, "--max-new-tokens", f"{section}.max_new_tokens", f"tokens per {per}", type=int)
+
+
 def add_backend_flags(parser: argparse.ArgumentParser, prefix: str, key: str, role: str) -> None:
     """Flags ``--{prefix}backend``, ``--{prefix}model``, … setting the model ``key``."""
     group = parser.add_argument_group(f"{role} model")
