@@ -94,7 +94,9 @@ class ServiceConnection:
         self.service = service
         self.channel = open_channel(settings)
         token = settings.bearer_token()
-        self._metadata = (("authorization", f"Bearer {token.get_secret_value()}"),) if token else ()
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token.get_secret_value()}"),) if token else ()
+        )
 
     def __repr__(self) -> str:
         return f"ServiceConnection({self.service} at {self.settings.address})"
@@ -106,7 +108,7 @@ class ServiceConnection:
             BackendError: The call failed.
         """
         try:
-            return await method(request, timeout=self.settings.timeout, metadata=self._metadata)
+            return await method(request, timeout=self.settings.timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
             raise backend_error(error, f"{self.service} at {self.settings.address}") from None
 
