@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from types import ModuleType
 from unsafechain.runtime.logs import configure_logging
 from unsafechain.runtime.settings import add_client_arguments
 
-SERVICE_NAMES = ("generation", "judge", "correction")
+SERVICE_NAMES = ("generation", "judge", "correction", "training")
 
 
 def _service_part(service: str, part: str) -> ModuleType:
@@ -68,6 +69,8 @@ STOPPED_EXIT_STATUS = 3
 
 
 def _train(args: argparse.Namespace) -> int:
+    if getattr(args, "address", None):
+        return _train_remotely(args)
     import datasets
     import transformers
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -75,29 +78,55 @@ def _train(args: argparse.Namespace) -> int:
     from unsafechain.domain.settings import ConfigError, SetupError
     from unsafechain.training.engine import TrainingError, run_training
     from unsafechain.training.plan import plan_training
-    from unsafechain.training.settings import load_training_settings
+    from unsafechain.training.settings import load_training_settings, training_settings_from_text
 
+    reporter = _reporter(args.report_to)
+    on_metrics = (lambda entry: reporter.report("metrics", **entry)) if reporter else None
     overrides = {"output.dir": args.output} if args.output else {}
     try:
-        settings = load_training_settings(args.config, overrides)
+        if args.config_json is not None:
+            settings = training_settings_from_text(
+                args.config_json, overrides, where="--config-json"
+            )
+        else:
+            settings = load_training_settings(args.config, overrides)
         if args.dry_run:
             print(plan_training(settings).describe())
             return 0
+        if reporter:
+            reporter.report("started", pid=os.getpid(), settings_fingerprint=settings.fingerprint())
         if args.no_progress:
             # Quiet the libraries' own bars too (tokenizing, packing, saving shards).
             datasets.disable_progress_bars()
             transformers.utils.logging.disable_progress_bar()
         with _stop_on_signals() as stop_requested, logging_redirect_tqdm():
             result = run_training(
-                settings, progress=not args.no_progress, should_stop=stop_requested
+                settings,
+                progress=not args.no_progress,
+                should_stop=stop_requested,
+                on_metrics=on_metrics,
             )
     except (ConfigError, SetupError) as error:
         # SetupError covers the dataset's refusals and the chat template's checks too.
+        if reporter:
+            reporter.report("failed", message=str(error))
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
+        if reporter:
+            reporter.report("failed", message=str(error))
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if reporter:
+        reporter.report(
+            "finished",
+            state=result.state,
+            run_id=result.run_id,
+            step=result.global_step,
+            max_steps=result.max_steps,
+            final_loss=result.final_loss,
+            outputs=result.record["outputs"] if result.state == "succeeded" else {},
+        )
     if result.state == "cancelled":
         print(
             f"stopped at step {result.global_step}/{result.max_steps} with a checkpoint in "
@@ -109,6 +138,122 @@ def _train(args: argparse.Namespace) -> int:
     for name, path in result.record["outputs"].items():
         print(f"{name}: {result.output_dir / path}")
     print(f"record: {result.output_dir / 'run.json'}")
+    return 0
+
+
+def _reporter(target: str | None):
+    """The reporter ``--report-to`` asks for: ``-`` is stdout, anything else a file
+    appended to."""
+    if target is None:
+        return None
+    from unsafechain.training.reporting import RunReporter
+
+    if target == "-":
+        return RunReporter(sys.stdout)
+    return RunReporter(open(target, "a", encoding="utf-8"))
+
+
+def _train_remotely(args: argparse.Namespace) -> int:
+    """``train --server``: submit the run configuration to the training service and
+    follow the run until it ends (``--detach``: print its id and return)."""
+    from unsafechain.backends.base import BackendError
+    from unsafechain.runtime.settings import SettingsError, client_settings
+    from unsafechain.training.client import RemoteTrainingClient, state_name
+    from unsafechain.v1 import training_pb2
+
+    if args.dry_run:
+        print("error: --dry-run plans a run here; drop --server", file=sys.stderr)
+        return 2
+    try:
+        settings = client_settings(args)
+        text = (
+            args.config_json
+            if args.config_json is not None
+            else _read_text(None, str(args.config), "run configuration")
+        )
+    except (SettingsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    executors = {
+        "local": training_pb2.TRAINING_EXECUTOR_LOCAL,
+        "kubernetes": training_pb2.TRAINING_EXECUTOR_KUBERNETES,
+    }
+    spec = training_pb2.TrainingSpec(
+        config=text,
+        output_uri=args.output or "",
+        executor=executors.get(args.executor, training_pb2.TRAINING_EXECUTOR_UNSPECIFIED),
+    )
+
+    async def submit_and_follow() -> int:
+        async with RemoteTrainingClient(settings) as client:
+            run, created = await client.submit(spec, args.request_id)
+            where = run.executor_ref or training_pb2.TrainingExecutor.Name(run.spec.executor)
+            print(
+                f"run {run.id} {'submitted' if created else 'was submitted before'} "
+                f"({state_name(run.state)}, {where}); output {run.spec.output_uri}",
+                flush=True,
+            )
+            if args.detach:
+                return 0
+            state, step = None, -1
+            async for run in client.watch(run.id):  # noqa: B020 - the run, as it moves
+                if run.state != state:
+                    state = run.state
+                    detail = f": {run.message}" if run.message else ""
+                    print(f"{state_name(state)}{detail}", flush=True)
+                if run.step != step and "loss" in run.metrics:
+                    step = run.step
+                    metrics = " ".join(
+                        f"{key} {run.metrics[key]:.4g}"
+                        for key in ("loss", "learning_rate", "tokens_per_second")
+                        if key in run.metrics
+                    )
+                    print(f"step {run.step}/{run.max_steps} {metrics}", flush=True)
+            exits = {
+                training_pb2.TRAINING_RUN_STATE_SUCCEEDED: 0,
+                training_pb2.TRAINING_RUN_STATE_CANCELLED: STOPPED_EXIT_STATUS,
+            }
+            return exits.get(run.state, 1)
+
+    try:
+        return asyncio.run(submit_and_follow())
+    except BackendError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if "INVALID_ARGUMENT" in str(error) else 1
+    except KeyboardInterrupt:
+        print("stopped following; the run goes on (unsafechain runs cancel RUN --server …)")
+        return 130
+
+
+def _runs(args: argparse.Namespace) -> int:
+    """``unsafechain runs list|cancel``: the training service's runs."""
+    from unsafechain.backends.base import BackendError
+    from unsafechain.runtime.settings import SettingsError, client_settings
+    from unsafechain.training.client import RemoteTrainingClient, state_name
+
+    try:
+        settings = client_settings(args)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    async def ask() -> list:
+        async with RemoteTrainingClient(settings) as client:
+            if args.runs_command == "cancel":
+                return [await client.cancel(args.run_id)]
+            return await client.list()
+
+    try:
+        runs = asyncio.run(ask())
+    except BackendError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for run in runs:
+        loss = f" loss {run.metrics['loss']:.4g}" if "loss" in run.metrics else ""
+        print(
+            f"{run.id}  {state_name(run.state):9}  step {run.step}/{run.max_steps}{loss}  "
+            f"{run.executor_ref or '-'}  {run.message}".rstrip()
+        )
     return 0
 
 
@@ -329,7 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the same command again to resume from the latest checkpoint. SIGTERM or "
         f"Ctrl-C stops at the next step with a checkpoint (exit status {STOPPED_EXIT_STATUS}).",
     )
-    train.add_argument("--config", required=True, type=Path, help="run configuration (YAML)")
+    given = train.add_mutually_exclusive_group(required=True)
+    given.add_argument("--config", type=Path, help="run configuration (YAML)")
+    given.add_argument(
+        "--config-json",
+        metavar="TEXT",
+        help="the run configuration itself, as JSON (how the training service starts runs)",
+    )
     train.add_argument("--output", help="output folder; overrides output.dir in the config")
     train.add_argument(
         "--dry-run",
@@ -338,7 +489,44 @@ def build_parser() -> argparse.ArgumentParser:
         "row with its trained tokens marked) without loading the model's weights",
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--report-to",
+        metavar="FILE",
+        help="write a JSON line for the start, each logged metrics entry and the end of the "
+        "run ('-': stdout), for whoever follows the run (the training service)",
+    )
+    remote = add_client_arguments(
+        train,
+        required=False,
+        title="training service",
+        description="with --server, the run is submitted to the training service, which runs "
+        "it (as a local process or a Kubernetes Job), and this command follows it",
+    )
+    remote.add_argument(
+        "--executor",
+        choices=["local", "kubernetes"],
+        help="where the service runs it (default: the service's default executor)",
+    )
+    remote.add_argument(
+        "--request-id",
+        help="idempotency key: submitting again with the same one gives the same run",
+    )
+    remote.add_argument(
+        "--detach", action="store_true", help="print the run's id and exit without following it"
+    )
     train.set_defaults(handler=_train)
+
+    runs = commands.add_parser("runs", help="list or cancel the training service's runs")
+    run_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    listing = run_commands.add_parser("list", help="every run, newest first")
+    add_client_arguments(listing)
+    listing.set_defaults(handler=_runs)
+    cancel = run_commands.add_parser(
+        "cancel", help="stop a run; it saves a checkpoint and ends CANCELLED"
+    )
+    cancel.add_argument("run_id", help="the run's id")
+    add_client_arguments(cancel)
+    cancel.set_defaults(handler=_runs)
 
     topics = commands.add_parser("topics", help="manage the build's Kafka topics")
     topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
@@ -381,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run one stage's engine as a gRPC service",
-        description="Serve the generation, judge or correction engine over gRPC, with health "
-        "checking, reflection, optional TLS and bearer tokens, and Prometheus metrics. "
+        description="Serve the generation, judge, correction or training engine over gRPC, "
+        "with health checking, reflection, optional TLS and bearer tokens, and Prometheus metrics. "
         "Every flag can also be set as UNSAFECHAIN_<SETTING> in the environment "
         "(nested: UNSAFECHAIN_MODEL__BASE_URL); SIGTERM drains and exits 0.",
     )

@@ -11,8 +11,8 @@ import yaml
 
 from unsafechain.dataset.config import load_config
 from unsafechain.dataset.pipeline import BuildError, ResumeOptions, start_build
+from unsafechain.domain.files import write_atomically
 from unsafechain.intake.sources import SourceError
-from unsafechain.streaming.store import write_atomically
 from unsafechain.v1 import case_pb2
 
 

@@ -40,6 +40,7 @@ from unsafechain.dataset.pipeline import (
     start_build,
 )
 from unsafechain.dataset.rows import status_name
+from unsafechain.domain.files import write_atomically
 from unsafechain.streaming.kafka import (
     BROKER_CALL_TIMEOUT_MS,
     BUILD_HEADER,
@@ -61,7 +62,6 @@ from unsafechain.streaming.kafka import (
     topic_name,
 )
 from unsafechain.streaming.stages import PROMPTS, RECORDS, Emitted, run_stage, stage_failed
-from unsafechain.streaming.store import write_atomically
 from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)

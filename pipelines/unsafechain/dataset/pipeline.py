@@ -50,6 +50,7 @@ from unsafechain.domain.convert import (
     model_ref_to_pb,
     sampling_to_pb,
 )
+from unsafechain.domain.files import write_atomically
 from unsafechain.generation.engine import Generator
 from unsafechain.generation.factory import describe_generator, generation_engine
 from unsafechain.intake.answers import CHECKERS, Checker, code_sandbox
@@ -71,7 +72,7 @@ from unsafechain.streaming.stages import (
     Stage,
     label_name,
 )
-from unsafechain.streaming.store import CaseStore, StoreError, write_atomically
+from unsafechain.streaming.store import CaseStore, StoreError
 from unsafechain.streaming.transport import EmbeddedTransport
 from unsafechain.v1 import case_pb2
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from unsafechain.domain.files import write_atomically
 from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)
@@ -129,14 +130,3 @@ def _parse(line: bytes) -> case_pb2.Case:
     if not case.id:
         raise ValueError("a case without an id")
     return case
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash leaves the old file or the new one,
-    never a part: a temporary file beside it, flushed to disk, renamed over it."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -5,6 +5,7 @@ configuration file."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -98,7 +99,7 @@ def load_config_file(
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as error:
         raise ConfigError(f"config file not found: {path}") from error
     except IsADirectoryError:
@@ -107,25 +108,57 @@ def load_config_file(
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
+    return load_config_text(text, model, overrides, where=str(path))
+
+
+def load_config_text(
+    text: str,
+    model: type[_Config],
+    overrides: dict[str, object] | None = None,
+    *,
+    where: str,
+) -> _Config:
+    """Validate a YAML (or JSON) configuration into ``model``.
+
+    Args:
+        text: The configuration; its top level is a mapping of sections.
+        model: The settings model it holds.
+        overrides: Dotted keys to set after reading, e.g. ``{"build.output": "x"}``.
+        where: Names the configuration in messages: its file, a request field.
+
+    Raises:
+        ConfigError: The text is not YAML or invalid; the message names the key.
+    """
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        raise ConfigError(f"{where}: not valid YAML: {error}") from error
     except RecursionError:
-        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    set_dotted(raw, overrides or {}, where=where)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{where}: {describe_error(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+
+
+def set_dotted(raw: dict, values: Mapping[str, object], *, where: str) -> None:
+    """Set each dotted key of ``values`` (``"build.output"``) in the mapping ``raw``.
+
+    Raises:
+        ConfigError: A parent of a key is there and is not a mapping.
+    """
+    for dotted, value in values.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for depth, key in enumerate(parents):
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
-                where = ".".join(parents[: depth + 1])
-                raise ConfigError(f"{path}: {where}: must be a mapping to set {dotted}")
+                parent = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{where}: {parent}: must be a mapping to set {dotted}")
             node = child
         node[leaf] = value
-    try:
-        return model.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(f"{path}: {describe_error(error)}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply") from None

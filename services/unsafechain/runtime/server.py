@@ -108,6 +108,10 @@ class Servicer(abc.ABC):
     async def check(self) -> None:
         """Raise when the engine's backends cannot serve requests."""
 
+    async def start(self) -> None:
+        """Take up work that outlives a call (the training service's runs), before the
+        server starts serving; nothing by default."""
+
     async def aclose(self) -> None:
         """Release the engine's models; called after the calls in flight drained."""
         if self._pool is not None:
@@ -328,6 +332,7 @@ class ServiceServer:
             self.port = server.add_secure_port(address, server_credentials(settings))
         else:
             self.port = server.add_insecure_port(address)
+        await service.start()
         # The first probe should already see the backend's real state.
         await self._check_backend()
         await server.start()

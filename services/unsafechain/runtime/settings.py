@@ -382,10 +382,18 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags that say how to reach a service (``--server``, TLS, token)."""
-    group = parser.add_argument_group("connection")
-    flag(group, "--server", "address", "host:port of the service", required=True)
+def add_client_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    required: bool = True,
+    title: str = "connection",
+    description: str | None = None,
+) -> argparse._ArgumentGroup:
+    """Add the flags that say how to reach a service (``--server``, TLS, token); with
+    ``required=False`` the command also runs without ``--server``. Returns the group,
+    for the command's own flags of the same kind."""
+    group = parser.add_argument_group(title, description)
+    flag(group, "--server", "address", "host:port of the service", required=required)
     flag(group, "--tls", "tls", "use TLS with the system's CAs", action="store_true")
     flag(group, "--ca-file", "ca_file", "PEM CA to verify the server with (implies TLS)")
     flag(group, "--cert-file", "cert_file", "PEM client certificate (mutual TLS)")
@@ -398,6 +406,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "file holding the bearer token (also UNSAFECHAIN_CLIENT_TOKEN)",
     )
     flag(group, "--timeout", "timeout", "deadline per call in seconds", type=float)
+    return group
 
 
 def nested_flags(flags: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from unsafechain.domain.files import write_atomically
+
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
@@ -40,9 +42,7 @@ def _version(package: str) -> str:
 
 def write_json(path: Path, content: dict) -> None:
     """Write ``content`` as JSON, replacing ``path`` only once it is whole."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
 
 
 def training_losses(history: list[dict]) -> list[tuple[int, float]]:

@@ -10,14 +10,17 @@ onto it (``base_model`` → ``model.base``, ``dataset_uri`` → ``dataset.path``
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from unsafechain.domain.settings import StrictModel, load_config_file
+from unsafechain.domain.settings import StrictModel, load_config_file, load_config_text
+from unsafechain.runtime.settings import ServerSettings, add_server_arguments, flag
 
 TEST_SPLIT = "test"
 """The build's held-out split: never trained on."""
@@ -271,3 +274,233 @@ def load_training_settings(
         ConfigError: The file is missing or invalid; the message names the key.
     """
     return load_config_file(path, TrainingSettings, overrides)
+
+
+def training_settings_from_text(
+    text: str, overrides: dict[str, object] | None = None, *, where: str
+) -> TrainingSettings:
+    """Validate a run configuration given as YAML or JSON text (``--config-json``, a
+    submitted spec's ``config``); ``where`` names it in messages.
+
+    Raises:
+        ConfigError: The text is invalid; the message names the key.
+    """
+    return load_config_text(text, TrainingSettings, overrides, where=where)
+
+
+# ---------------------------------------------------------------------------
+# The training service: ``unsafechain serve training``.
+# ---------------------------------------------------------------------------
+
+ExecutorName = Literal["local", "kubernetes"]
+
+
+class LocalExecutorSettings(StrictModel):
+    """Runs as processes beside the service, on its machine.
+
+    Attributes:
+        max_concurrent_runs: Runs training at once; more wait as PENDING (one GPU
+            holds one run).
+        command: How to start ``unsafechain`` (default: this interpreter, ``-m
+            unsafechain.cli``).
+        stop_grace_seconds: After SIGTERM, the time a run has to save its checkpoint
+            before it is killed (cancel, or the service shutting down).
+        max_restarts: Times a run is started again, resuming from its checkpoint,
+            when the service finds its process gone after a restart of the service.
+    """
+
+    max_concurrent_runs: Annotated[int, Field(ge=1)] = 1
+    command: Annotated[tuple[str, ...], Field(min_length=1)] = (
+        sys.executable,
+        "-m",
+        "unsafechain.cli",
+    )
+    stop_grace_seconds: Annotated[float, Field(gt=0)] = 120.0
+    max_restarts: Annotated[int, Field(ge=0)] = 3
+
+
+class VolumeSettings(StrictModel):
+    """A PersistentVolumeClaim mounted into every run's pod.
+
+    Attributes:
+        claim: The claim's name.
+        mount_path: Where the run sees it (paths in a run's configuration, such as the
+            dataset and the output folder, are paths under it).
+        read_only: Mount it read-only.
+    """
+
+    claim: Annotated[str, Field(min_length=1)]
+    mount_path: Annotated[str, Field(pattern=r"^/")]
+    read_only: bool = False
+
+
+class SecretKeySettings(StrictModel):
+    """One key of a Kubernetes Secret.
+
+    Attributes:
+        name: The Secret's name.
+        key: The key in it.
+    """
+
+    name: Annotated[str, Field(min_length=1)]
+    key: Annotated[str, Field(min_length=1)] = "token"
+
+
+class TolerationSettings(StrictModel):
+    """A pod toleration, as Kubernetes spells it."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None  # the Kubernetes field name
+
+
+class KubernetesExecutorSettings(StrictModel):
+    """Runs as Kubernetes Jobs on GPU nodes, created and watched by the service.
+
+    Attributes:
+        kubeconfig: A kubeconfig file; None: the pod's service account (in a cluster),
+            else ``~/.kube/config``.
+        context: The kubeconfig context; None: its current one.
+        namespace: Where the Jobs go.
+        instance: Names this service's Jobs (``app.kubernetes.io/instance``), so two
+            services in one namespace keep to their own.
+        image: The training image (it holds ``unsafechain`` and the CUDA libraries).
+        image_pull_policy: ``IfNotPresent``, ``Always`` or ``Never``.
+        image_pull_secrets: Secrets holding registry credentials.
+        command: The image's ``unsafechain`` command.
+        service_account: The pods' service account; None: the namespace's default.
+        gpus: ``nvidia.com/gpu`` per run.
+        cpu: CPU request (``"8"``); None: none.
+        memory: Memory request and limit (``"64Gi"``); None: none.
+        node_selector: Node labels a run's node must carry.
+        tolerations: Taints a run's pod tolerates (GPU nodes are often tainted).
+        dataset_volume: The claim holding the builds' datasets.
+        output_volume: The claim the runs write their output to; where the service
+            puts a run's output folder (``output_root``) must be under it.
+        hub_token_secret: The Secret key holding the Hugging Face token, given to the
+            run as ``HF_TOKEN`` (gated models, pushing).
+        env: More environment variables of the run.
+        backoff_limit: Times a failed pod is replaced; each new pod resumes from the
+            last checkpoint.
+        active_deadline_seconds: A run still going after this long is stopped and
+            fails (DeadlineExceeded); None: no limit.
+        ttl_seconds_after_finished: A finished Job (and its pod) is deleted after
+            this long; the service keeps the run's record. None: kept.
+        termination_grace_seconds: Time a stopped pod has to save its checkpoint.
+        shm_size: Size of the memory-backed ``/dev/shm``; None: the runtime's small
+            default.
+        request_timeout_seconds: Bound on every call to the API server.
+        watch_seconds: Length of one watch request; the watch is then renewed.
+    """
+
+    kubeconfig: Path | None = None
+    context: str | None = None
+    namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] = "default"
+    instance: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)] = (
+        "unsafechain"
+    )
+    image: Annotated[str, Field(min_length=1)]
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    command: Annotated[tuple[str, ...], Field(min_length=1)] = ("unsafechain",)
+    service_account: str | None = None
+    gpus: Annotated[int, Field(ge=0)] = 1
+    cpu: str | None = None
+    memory: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[TolerationSettings, ...] = ()
+    dataset_volume: VolumeSettings | None = None
+    output_volume: VolumeSettings | None = None
+    hub_token_secret: SecretKeySettings | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    backoff_limit: Annotated[int, Field(ge=0)] = 2
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = 7 * 24 * 3600
+    termination_grace_seconds: Annotated[int, Field(ge=0)] = 300
+    shm_size: str | None = "8Gi"
+    request_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    watch_seconds: Annotated[int, Field(ge=1)] = 300
+
+
+class TrainingServiceSettings(ServerSettings):
+    """The training service: where its runs' records and outputs go, and the
+    executors that run them.
+
+    Attributes:
+        state_dir: The service's own folder: one record per run (the source of truth
+            for runs across restarts of the service) and the local runs' logs. Put it
+            on a volume.
+        output_root: Where a run's output folder goes when its spec names none
+            (``<output_root>/<run id>``), as the run sees it.
+        defaults: A run configuration file every submitted run starts from (a recipe
+            of ``configs/training/``); the spec's ``config`` and fields go over it.
+        default_executor: Where a run runs when its spec does not say.
+        local: The local executor.
+        kubernetes: The Kubernetes executor; None: runs cannot go to Kubernetes.
+    """
+
+    service: ClassVar[str] = "training"
+    config_sections: ClassVar[tuple[str, ...]] = (
+        "state_dir",
+        "output_root",
+        "defaults",
+        "default_executor",
+        "local",
+        "kubernetes",
+    )
+
+    state_dir: Path = Path("training-service")
+    output_root: Path = Path("training-runs")
+    defaults: Path | None = None
+    default_executor: ExecutorName = "local"
+    local: LocalExecutorSettings = LocalExecutorSettings()
+    kubernetes: KubernetesExecutorSettings | None = None
+
+    @model_validator(mode="after")
+    def _executor_configured(self) -> TrainingServiceSettings:
+        if self.default_executor == "kubernetes" and self.kubernetes is None:
+            raise ValueError("default_executor: kubernetes needs the kubernetes section")
+        volume = self.kubernetes.output_volume if self.kubernetes else None
+        if volume is not None and not _under(self.output_root, volume.mount_path):
+            raise ValueError(
+                f"output_root: {self.output_root} is not under the output volume's "
+                f"mount_path {volume.mount_path}; the runs could not write there"
+            )
+        return self
+
+
+def _under(path: Path, folder: str) -> bool:
+    return Path(path).is_relative_to(folder)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``unsafechain serve training``."""
+    add_server_arguments(parser)
+    runs = parser.add_argument_group("runs")
+    flag(runs, "--state-dir", "state_dir", "the service's folder of run records and logs")
+    flag(runs, "--output-root", "output_root", "where runs' output folders go by default")
+    flag(runs, "--defaults", "defaults", "a run configuration every run starts from")
+    flag(
+        runs,
+        "--executor",
+        "default_executor",
+        "where runs go by default",
+        choices=["local", "kubernetes"],
+    )
+    flag(
+        runs,
+        "--max-concurrent-runs",
+        "local.max_concurrent_runs",
+        "local runs training at once",
+        type=int,
+    )
+    kube = parser.add_argument_group("kubernetes executor (the rest in --config)")
+    flag(kube, "--kubeconfig", "kubernetes.kubeconfig", "kubeconfig file")
+    flag(kube, "--namespace", "kubernetes.namespace", "namespace of the Jobs")
+    flag(kube, "--image", "kubernetes.image", "the training image")
+
+
+SETTINGS = TrainingServiceSettings
+"""The service's settings class, for ``unsafechain serve training``."""
