@@ -8,6 +8,7 @@ from pathlib import Path
 import kubernetes
 import pytest
 
+from tests.support.builds import build_training_dataset
 from tests.support.kafka_broker import tansu_binary, tansu_broker
 from tests.support.kube_jobs import KubeCluster
 
@@ -35,3 +36,10 @@ def kube_client(kube: KubeCluster) -> Iterator[kubernetes.client.ApiClient]:
     """The official client, unchanged, configured for ``kube``."""
     with kubernetes.client.ApiClient(kubernetes.client.Configuration(host=kube.url)) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def training_build(tmp_path_factory: pytest.TempPathFactory, standin_models) -> Path:
+    """A real build over the stand-ins (K=2, two prompts per source held out) that the
+    training tests read; its output folder. Tests must not write into it."""
+    return build_training_dataset(tmp_path_factory.mktemp("training-build"), standin_models)

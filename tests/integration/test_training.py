@@ -18,10 +18,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support.builds import write_build_config
 from unsafechain.cli import main
-from unsafechain.dataset.config import load_config
-from unsafechain.dataset.pipeline import run_build
 from unsafechain.domain.reasoning import split_reasoning
 from unsafechain.training.checkpoints import RUN_STATE, TRAINER_STATE, last_checkpoint
 from unsafechain.training.data import read_training_data
@@ -31,33 +28,12 @@ from unsafechain.training.settings import TrainingSettings
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = Path(__file__).parents[2] / "pipelines" / "unsafechain" / "demo" / "prompts"
 OPENED = "<think>\n"
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory, standin_models) -> Path:
-    """A real build over the stand-ins (K=2), with two prompts per source held out."""
-    folder = tmp_path_factory.mktemp("build")
-    sources = [
-        {"name": "redteam", "path": str(PROMPTS / "redteam.jsonl")},
-        {"name": "benign", "path": str(PROMPTS / "benign.jsonl")},
-    ]
-    path = write_build_config(folder, standin_models, sources)
-    raw = yaml.safe_load(path.read_text())
-    raw["generation"]["samples"] = 2
-    raw["test_split"] = {"size": 2}
-    path.write_text(yaml.safe_dump(raw))
-    # One torch thread: the tiny models' ops gain nothing from two, and on a shared
-    # machine a second thread waits on the other processes (a build ran 15x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_build(load_config(path), progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert result.manifest["counts"]["test_rows"] > 0
-    return result.output
+@pytest.fixture
+def build(training_build: Path) -> Path:
+    return training_build
 
 
 def _raw(standin_models, build: Path, folder: Path, **sections) -> dict:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
+
+PROMPTS = Path(__file__).parents[2] / "pipelines" / "unsafechain" / "demo" / "prompts"
 
 
 def write_build_config(folder: Path, standin_models, sources: list[dict], *, seed: int = 3) -> Path:
@@ -36,3 +39,30 @@ def write_build_config(folder: Path, standin_models, sources: list[dict], *, see
     path = folder / "build.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def build_training_dataset(folder: Path, standin_models) -> Path:
+    """Run a real build over the stand-ins (K=2, two prompts per source held out) for
+    training to read; its output folder."""
+    from unsafechain.dataset.config import load_config
+    from unsafechain.dataset.pipeline import run_build
+
+    sources = [
+        {"name": "redteam", "path": str(PROMPTS / "redteam.jsonl")},
+        {"name": "benign", "path": str(PROMPTS / "benign.jsonl")},
+    ]
+    path = write_build_config(folder, standin_models, sources)
+    raw = yaml.safe_load(path.read_text())
+    raw["generation"]["samples"] = 2
+    raw["test_split"] = {"size": 2}
+    path.write_text(yaml.safe_dump(raw))
+    # One torch thread: the tiny models' ops gain nothing from two, and on a shared
+    # machine a second thread waits on the other processes (a build ran 15x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_build(load_config(path), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.manifest["counts"]["test_rows"] > 0
+    return result.output

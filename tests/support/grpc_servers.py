@@ -14,11 +14,13 @@ from unsafechain.generation.settings import GenerationServiceSettings
 from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.runtime.server import ServiceServer
 from unsafechain.runtime.settings import ServerSettings
+from unsafechain.training.settings import TrainingServiceSettings
 
 SETTINGS: dict[str, type[ServerSettings]] = {
     "generation": GenerationServiceSettings,
     "judge": JudgeServiceSettings,
     "correction": CorrectionServiceSettings,
+    "training": TrainingServiceSettings,
 }
 
 
@@ -52,7 +54,7 @@ def server_settings(service: str = "judge", **overrides: Any) -> ServerSettings:
         "metrics_port": 0,
         "grace_period": 1.0,
     }
-    if not {"model", "models", "judge_model"} & set(overrides):
+    if service != "training" and not {"model", "models", "judge_model"} & set(overrides):
         values["models"] = models
     return SETTINGS[service](**(values | overrides))
 

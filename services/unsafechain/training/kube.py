@@ -301,12 +301,10 @@ class KubernetesExecutor(Executor):
                 run.id, state="failed", message=f"the Kubernetes API is unreachable: {error}"
             )
             return
-        self.manager.update(
-            run.id,
-            executor_ref=f"job/{self._settings.namespace}/{name}",
-            message="Job created, waiting for its pod",
-        )
+        # The watches may have seen the Job and its pod already.
+        self.manager.update(run.id, executor_ref=f"job/{self._settings.namespace}/{name}")
         logger.info("run %s: Job %s/%s created", run.id, self._settings.namespace, name)
+        self._reconcile(run.id)
 
     async def cancel(self, run: RunRecord) -> None:
         batch = BatchV1Api(self._client)
@@ -526,7 +524,8 @@ class KubernetesExecutor(Executor):
                 )
             return
         failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-        restarts = len(failed_pods) + sum(
+        # Each pod after the first replaced a failed one; a container may restart too.
+        restarts = max(len(pods) - 1, 0) + sum(
             int(_container_state(p).get("restartCount") or 0) for p in pods
         )
         conditions = _true_conditions(job)
@@ -547,7 +546,12 @@ class KubernetesExecutor(Executor):
         latest = pods[-1] if pods else None
         phase = (latest.get("status") or {}).get("phase") if latest else None
         if latest is None:
-            self.manager.update(run_id, state="pending", restarts=restarts)
+            self.manager.update(
+                run_id,
+                state="pending",
+                message="Job created, waiting for its pod",
+                restarts=restarts,
+            )
         elif phase == "Pending":
             self.manager.update(
                 run_id, state="pending", message=pod_detail(latest), restarts=restarts

@@ -94,6 +94,7 @@ class LocalExecutor(Executor):
         self._queue: list[str] = []
         self._processes: dict[str, _Process] = {}
         self._followers: dict[str, asyncio.Task[None]] = {}
+        self._killers: dict[str, asyncio.Task[None]] = {}
         self._closing = False
 
     @property
@@ -232,6 +233,9 @@ class LocalExecutor(Executor):
         finally:
             self._processes.pop(run_id, None)
             self._followers.pop(run_id, None)
+            killer = self._killers.pop(run_id, None)
+            if killer is not None:
+                killer.cancel()
             if not self._closing:
                 self._start_queued()
 
@@ -304,4 +308,7 @@ class LocalExecutor(Executor):
                 )
                 process.signal(signal.SIGKILL)
 
-        asyncio.get_running_loop().create_task(kill_later())
+        previous = self._killers.pop(run_id, None)
+        if previous is not None:
+            previous.cancel()
+        self._killers[run_id] = asyncio.get_running_loop().create_task(kill_later())
