@@ -73,7 +73,7 @@ class RemoteTrainingClient(ServiceClient):
         return (await self._connection.call(self._stub.CancelTrainingRun, request)).run
 
     async def list(
-        self, states: Sequence[int] = (), page_size: int = 100
+        self, states: Sequence[training_pb2.TrainingRunState] = (), page_size: int = 100
     ) -> list[training_pb2.TrainingRun]:
         """Every run (in ``states`` when given), newest first, over as many pages as it
         takes."""
