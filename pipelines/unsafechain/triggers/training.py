@@ -142,14 +142,19 @@ class RunTemplate:
     settings: TrainingSettings
     subset: str
 
-    @property
-    def fingerprint(self) -> str:
-        """What the run computes on any build: the template's settings with the chosen
-        subset (:meth:`TrainingSettings.fingerprint`, the dataset's location left out)."""
+    def run_settings(self, dataset_uri: str) -> TrainingSettings:
+        """The run's settings on the dataset at ``dataset_uri``, as the service makes
+        them from the spec (the output folder left as the template has it)."""
         dataset = self.settings.dataset.model_copy(
-            update={"path": Path(_FROM_THE_EVENT), "subset": self.subset}
+            update={"path": Path(dataset_uri), "subset": self.subset}
         )
-        return self.settings.model_copy(update={"dataset": dataset}).fingerprint()
+        return self.settings.model_copy(update={"dataset": dataset})
+
+    def fingerprint(self, dataset_uri: str) -> str:
+        """The fingerprint of the run on the dataset at ``dataset_uri``
+        (:meth:`TrainingSettings.fingerprint`, which ``run.json`` records): what the
+        template and the subset compute on that build."""
+        return self.run_settings(dataset_uri).fingerprint()
 
     def rows(self, event: events_pb2.DatasetEvent) -> int:
         """What the run would train on in the build ``event`` announces: preference
@@ -198,9 +203,9 @@ def training_request(
     announces.
 
     The request id is ``<build id>:<run fingerprint>``: the same for every announcement
-    of one build and one template, another for another template.
+    of one build and one template, another for another template or subset.
     """
-    fingerprint = template.fingerprint
+    fingerprint = template.fingerprint(event.output_uri)
     spec = training_pb2.TrainingSpec(
         config=template.text,
         dataset_uri=event.output_uri,
@@ -384,12 +389,11 @@ def _follow(
             lag=lag,
         )
         logger.info(
-            "%s: consuming %s; submitting %s (subset %s, run %s) to %s",
+            "%s: consuming %s; submitting %s (subset %s) to %s",
             runner.group,
             topic_name(settings.kafka, settings.topic),
             template.path,
             template.subset,
-            template.fingerprint,
             settings.server.address,
         )
         runner.run(done=lambda: stopping() or until())
