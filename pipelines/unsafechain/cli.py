@@ -55,6 +55,8 @@ def _build(args: argparse.Namespace) -> int:
     counts = result.manifest["counts"]
     print(f"dataset written to {result.output}")
     print(json.dumps(counts, indent=2))
+    if result.announcement:
+        print(f"announced on {result.announcement.topic} (event {result.announcement.event_id})")
     if args.bus == "kafka":
         letters = result.manifest["dead_letters"]
         print(
@@ -301,13 +303,14 @@ def _topics_create(args: argparse.Namespace) -> int:
     from unsafechain.dataset.kafka import create_build_topics
 
     try:
-        settings = load_config(args.config, _kafka_overrides(args)).kafka
+        config = load_config(args.config, _kafka_overrides(args))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    settings = config.kafka
     if args.partitions:
         settings = settings.model_copy(update={"partitions": args.partitions})
-    for name in create_build_topics(settings):
+    for name in create_build_topics(settings, config.events):
         print(f"created {name}")
     return 0
 
@@ -317,12 +320,32 @@ def _worker(args: argparse.Namespace) -> int:
     from unsafechain.dataset.kafka import run_worker
     from unsafechain.domain.settings import SetupError
 
+    if args.stage == "train":
+        return _follow_datasets(args)
     try:
         config = load_config(args.config, _kafka_overrides(args))
         run_worker(config, args.stage, metrics_port=args.metrics_port)
     except (ConfigError, SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _follow_datasets(args: argparse.Namespace) -> int:
+    from unsafechain.domain.settings import ConfigError
+    from unsafechain.runtime.settings import SettingsError
+    from unsafechain.streaming.kafka import Unrecoverable
+    from unsafechain.triggers.training import follow_datasets, load_follow_config
+
+    try:
+        settings, template = load_follow_config(args.config, _kafka_overrides(args))
+        follow_datasets(settings, template, metrics_port=args.metrics_port)
+    except (ConfigError, SettingsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Unrecoverable as error:
+        print(f"error: {error}; the event is redelivered when a worker runs again", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -543,13 +566,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
-        help="run one build stage as a Kafka consumer group member",
+        help="run one build stage, or the training trigger, as a Kafka consumer group member",
         description="Consume the stage's topic, run the stage, produce its outputs, then "
         "commit. Start more to scale (up to the partition count); SIGTERM finishes the "
-        "batch in hand, commits and leaves the group.",
+        "batch in hand, commits and leaves the group. `worker train --config FOLLOW.yaml` "
+        "follows the datasets finished builds announce and submits the configured training "
+        "run for each build once.",
     )
-    worker.add_argument("stage", choices=["generate", "judge", "route", "correct"])
-    worker.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
+    worker.add_argument("stage", choices=["generate", "judge", "route", "correct", "train"])
+    worker.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        help="build configuration (YAML); for train, the follow configuration",
+    )
     worker.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics (consumer lag) on this port"
     )

@@ -60,6 +60,21 @@ def test_fingerprint_ignores_output_and_concurrency_but_not_sampling(tmp_path):
     assert first.fingerprint() != hotter.fingerprint()
 
 
+def test_the_announcement_is_off_the_fingerprint_and_follows_the_bus_by_default(tmp_path):
+    default = _load(tmp_path, BASE)
+    announced = _load(tmp_path, BASE, {"events.publish": True, "events.topic": "ready"})
+    assert default.fingerprint() == announced.fingerprint()
+    assert default.events.topic == "datasets"
+    assert (default.events.publishes(on_kafka=True), default.events.publishes(False)) == (
+        True,
+        False,
+    )
+    assert announced.events.publishes(on_kafka=False)
+    assert not _load(tmp_path, BASE, {"events.publish": False}).events.publishes(True)
+    with pytest.raises(ConfigError, match=r"events\.topic"):
+        _load(tmp_path, BASE, {"events.topic": "has space"})
+
+
 ALL_KINDS = [
     {"name": "guard", "model": "m", "report": False},
     {"name": "strongreject", "kind": "rubric", "model": "m", "threshold": 0.4},

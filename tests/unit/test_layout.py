@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "dataset": 6,
     "evaluation": 6,
     "demo": 6,
+    "triggers": 6,
     "cli": 7,
 }
 

@@ -133,6 +133,33 @@ class RemoteStages(StrictModel):
     correction: ClientSettings | None = None
 
 
+DATASETS = "datasets"
+"""The topic a finished build announces its dataset on (``<prefix>.<version>.datasets``)."""
+
+
+class EventSettings(StrictModel):
+    """What a finished build announces: one ``DatasetEvent`` on a Kafka topic, keyed by
+    build id, for the training service (or ``unsafechain worker train``) to follow.
+
+    Attributes:
+        publish: ``null``: announce when the build runs on Kafka (``--bus kafka``);
+            ``true``: also from an embedded build, through the brokers of the ``kafka``
+            section; ``false``: never.
+        topic: The topic's short name; the topic is ``<kafka.topic_prefix>.<kafka.version>
+            .<topic>``.
+        timeout_seconds: Bound on reaching the brokers and on the event's delivery
+            (acknowledged by every in-sync replica).
+    """
+
+    publish: bool | None = None
+    topic: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = DATASETS
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+    def publishes(self, on_kafka: bool) -> bool:
+        """Whether a build that ran on Kafka (``on_kafka``) or embedded announces."""
+        return on_kafka if self.publish is None else self.publish
+
+
 class BuildConfig(StrictModel):
     """The whole build."""
 
@@ -149,6 +176,7 @@ class BuildConfig(StrictModel):
     correction: CorrectionSettings
     remote: RemoteStages = RemoteStages()
     kafka: KafkaSettings = KafkaSettings()
+    events: EventSettings = EventSettings()
     assembly: AssemblySettings = AssemblySettings()
     card: CardSettings = CardSettings()
 
@@ -175,13 +203,14 @@ class BuildConfig(StrictModel):
 
     def fingerprint(self) -> str:
         """A hash of everything that decides the content of cases: a resumed build
-        must have the same one. Output folder, concurrency, transport, the subsets
-        assembled from the cases and the card do not count."""
+        must have the same one. Output folder, concurrency, transport, the
+        announcement, the subsets assembled from the cases and the card do not count."""
         content = self.model_dump(
             mode="json",
             exclude={
                 "build": {"output", "concurrency", "queue_size"},
                 "kafka": True,
+                "events": True,
                 "assembly": True,
                 "card": True,
             },

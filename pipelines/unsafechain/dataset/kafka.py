@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from kafka.consumer.fetcher import ConsumerRecord
 from tqdm import tqdm
 
-from unsafechain.dataset.config import BuildConfig
+from unsafechain.dataset.config import BuildConfig, EventSettings
 from unsafechain.dataset.pipeline import (
     TOPICS,
     BuildError,
@@ -67,9 +67,12 @@ from unsafechain.v1 import case_pb2
 logger = logging.getLogger(__name__)
 
 
-def create_build_topics(settings: KafkaSettings) -> list[str]:
-    """Create the build's topics and their dead-letter topics; say which were new."""
-    return create_topics(settings, TOPICS)
+def create_build_topics(settings: KafkaSettings, events: EventSettings | None = None) -> list[str]:
+    """Create the build's topics and their dead-letter topics, and the topic it
+    announces its dataset on unless ``events.publish`` is false; say which were new."""
+    events = events or EventSettings()
+    announced = [events.topic] if events.publish is not False else []
+    return create_topics(settings, [*TOPICS, *announced])
 
 
 def run_worker(
@@ -185,7 +188,7 @@ def run_kafka_build(
         dead_letters = DeadLetters()
         if start.todo:
             _sink_until_stored(config, start, dead_letters, progress, stop, republish)
-        return finish_build(config, start, dead_letters)
+        return finish_build(config, start, dead_letters, on_kafka=True)
     finally:
         start.store.close()
 

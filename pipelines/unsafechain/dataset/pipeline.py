@@ -9,6 +9,7 @@ Output folder:
     removed.jsonl    prompts removed as duplicates or benchmark contamination, each with
                      the id it matches and the reason
     manifest.json    counts per stage, models, settings, build id, subsets, files
+    events.json      the announcements of the finished build on Kafka (see ``events``)
     README.md        the dataset card, with its plot unsafe_rate.png
     subsets/, datasets/, release/, pairs.jsonl
                      the subsets and their exports (see ``assembly``)
@@ -42,6 +43,7 @@ from unsafechain.correction.refusal_check import REFUSAL_CHECK_COUNTS, refusal_c
 from unsafechain.dataset.assembly import make_subsets, write_exports, write_jsonl
 from unsafechain.dataset.card import PLOT, write_card
 from unsafechain.dataset.config import BuildConfig
+from unsafechain.dataset.events import Announcement, EventNotPublished, announce
 from unsafechain.dataset.rows import ONE_PER_PROMPT, case_rows, case_to_row, status_name
 from unsafechain.dataset.stages import CorrectStage, RouteStage
 from unsafechain.domain.convert import (
@@ -185,10 +187,12 @@ async def build_provenance(config: BuildConfig, build_id: str) -> case_pb2.Prove
 
 @dataclass(frozen=True)
 class BuildResult:
-    """Where the build wrote and what it counted."""
+    """Where the build wrote and what it counted, and its announcement when it made
+    one."""
 
     output: Path
     manifest: dict
+    announcement: Announcement | None = None
 
 
 @dataclass(frozen=True)
@@ -330,11 +334,39 @@ def start_build(config: BuildConfig, resume: ResumeOptions | None = None) -> Bui
 
 
 def finish_build(
-    config: BuildConfig, start: BuildStart, dead_letters: DeadLetters | None = None
+    config: BuildConfig,
+    start: BuildStart,
+    dead_letters: DeadLetters | None = None,
+    *,
+    on_kafka: bool = False,
 ) -> BuildResult:
     """Write the dataset, the failed cases, the subsets, the manifest and the card from
-    the stored cases."""
-    return BuildResult(start.output, _finalize(config, start, dead_letters or DeadLetters()))
+    the stored cases, then announce the dataset when ``events`` says so.
+
+    Args:
+        config: The build configuration.
+        start: The build as it started.
+        dead_letters: What a Kafka build's stages gave up on.
+        on_kafka: Whether the build ran on Kafka (announced unless ``events.publish``
+            is false; an embedded build only when it is true).
+
+    Raises:
+        BuildError: The dataset is written but its event could not be published; the
+            message says where the dataset is and that running the build again
+            announces it.
+    """
+    manifest = _finalize(config, start, dead_letters or DeadLetters())
+    if not config.events.publishes(on_kafka):
+        return BuildResult(start.output, manifest)
+    try:
+        announcement = announce(config.kafka, config.events, start.output, manifest)
+    except EventNotPublished as error:
+        raise BuildError(
+            f"the dataset is written to {start.output.resolve()}, but its event was not "
+            f"published: {error}. Run the same build command again to publish it (the "
+            "finished build is finished again and announced, nothing is recomputed)"
+        ) from None
+    return BuildResult(start.output, manifest, announcement)
 
 
 def _build_identity(output: Path, config: BuildConfig) -> str:

@@ -7,6 +7,8 @@ within a bound, produce the outputs, flush, and only then commit the batch's off
 (at-least-once). A case that still fails goes to the dead-letter topic with its
 reason, and the stage's ``give_up`` outputs (the case marked failed) go on, so it is
 kept. A redelivered case is harmless because the sink stores each case id once.
+:class:`DeliveryRunner` is the same delivery for any other message a pipeline follows
+(the datasets a build announces, say).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
@@ -49,6 +51,9 @@ ERROR_HEADER, STAGE_HEADER, ATTEMPTS_HEADER, BUILD_HEADER = "error", "stage", "a
 _METRICS_CALL_TIMEOUT_MS = 2_000
 # Bound on every other blocking broker call of a worker's loop (commit, flush, send).
 BROKER_CALL_TIMEOUT_MS = 60_000
+
+M = TypeVar("M", bound=Message)
+"""The message a runner's topic carries."""
 
 Handler = Callable[[case_pb2.Case], Awaitable[Emitted]]
 
@@ -94,6 +99,12 @@ class KafkaSettings(StrictModel):
 class PermanentError(Exception):
     """A case that no retry can help (it belongs to another configuration, say): it
     goes to the dead-letter topic at once."""
+
+
+class Unrecoverable(Exception):
+    """The worker cannot go on (a service it needs stays unreachable, or refuses its
+    credentials): raised by a handler, it stops the runner without committing the batch
+    in hand, which the group redelivers, and :meth:`DeliveryRunner.run` raises it."""
 
 
 def topic_name(settings: KafkaSettings, topic: str) -> str:
@@ -144,13 +155,33 @@ def _client_id(role: str) -> str:
 _CLIENTS = itertools.count(1)
 
 
-def make_producer(settings: KafkaSettings) -> KafkaProducer:
-    """A producer that waits for every in-sync replica, so a flushed case is durable."""
+_LINGER_MS = 5
+
+
+def make_producer(settings: KafkaSettings, *, timeout_ms: int | None = None) -> KafkaProducer:
+    """A producer that waits for every in-sync replica, so a flushed case is durable.
+
+    Args:
+        settings: The Kafka settings.
+        timeout_ms: Bound on reaching the brokers, on a send waiting for metadata and on
+            a record's delivery; None: the client's defaults (30 s to bootstrap, 60 s to
+            block on a send, 120 s to deliver).
+    """
+    bounds: dict[str, int] = {}
+    if timeout_ms is not None:
+        bounds = {
+            "bootstrap_timeout_ms": timeout_ms,
+            "max_block_ms": timeout_ms,
+            "request_timeout_ms": timeout_ms,
+            # The client requires room for the linger and one request.
+            "delivery_timeout_ms": timeout_ms + _LINGER_MS,
+        }
     return KafkaProducer(
         bootstrap_servers=list(settings.bootstrap_servers),
         acks="all",
-        linger_ms=5,
+        linger_ms=_LINGER_MS,
         client_id=_client_id("producer"),
+        **bounds,
     )
 
 
@@ -297,12 +328,13 @@ class LagReporter:
 
 
 @dataclass
-class DeadLetter:
-    """A message given up on, with why and after how many tries."""
+class DeadLetter(Generic[M]):
+    """A message given up on, with why and after how many tries; ``message`` is None
+    when it could not be decoded."""
 
     error: str
     attempts: int
-    case: case_pb2.Case | None
+    message: M | None
 
 
 def decode(value: bytes) -> case_pb2.Case:
@@ -318,23 +350,29 @@ def decode(value: bytes) -> case_pb2.Case:
     return case
 
 
-class MessageRunner:
-    """Owns delivery for one stage's consumer group: poll, process with retries,
+class DeliveryRunner(Generic[M]):
+    """Owns delivery for one consumer group: poll, decode, process with retries,
     produce, flush, commit.
 
     A batch holds at most ``max_poll_records`` messages and the next is polled only
     once the last one's outputs are flushed and its offsets committed, so a worker
-    never buffers more than one batch however slow the stages after it are.
+    never buffers more than one batch however slow the stages after it are. A message
+    that cannot be decoded, or whose handling still fails after the retries, goes to
+    the dead-letter topic with its reason.
 
     Args:
         settings: The Kafka settings.
-        consumed: The build topic consumed.
+        consumed: The topic consumed (its short name, e.g. ``prompts``).
         stage: Name of the stage (consumer group and dead-letter header).
-        handle: Processes one case and returns what to produce; raises when the stage
-            fails on it, which is retried (:class:`PermanentError`: not retried).
-        give_up: The outputs for a case that is dead-lettered, e.g. the case marked
-            failed for the sink; none by default.
-        concurrency: Cases of a batch processed at once.
+        handle: Processes one message and returns what to produce; raises when it
+            fails on it, which is retried (:class:`PermanentError`: not retried;
+            :class:`Unrecoverable`: the runner stops without committing).
+        decode: The message a record's bytes carry; raises ``DecodeError``.
+        build_of: The build a message belongs to, for the dead-letter header ("":
+            none).
+        give_up: The outputs for a message that is dead-lettered, e.g. the case
+            marked failed for the sink; none by default.
+        concurrency: Messages of a batch processed at once.
         loop: The event loop the handler's engines belong to.
         lag: Where to publish the consumer lag, measured off the consume loop by a
             :class:`LagReporter`; None: not measured.
@@ -346,9 +384,11 @@ class MessageRunner:
         settings: KafkaSettings,
         consumed: str,
         stage: str,
-        handle: Handler,
+        handle: Callable[[M], Awaitable[Emitted]],
         *,
-        give_up: Callable[[case_pb2.Case, str], Emitted] | None = None,
+        decode: Callable[[bytes], M],
+        build_of: Callable[[M], str],
+        give_up: Callable[[M, str], Emitted] | None = None,
         concurrency: int = 4,
         loop: asyncio.AbstractEventLoop,
         lag: ConsumerLag | None = None,
@@ -358,6 +398,8 @@ class MessageRunner:
         self._consumed = consumed
         self._stage = stage
         self._handle = handle
+        self._decode = decode
+        self._build_of = build_of
         self._give_up = give_up
         self._concurrency = concurrency
         self._loop = loop
@@ -371,7 +413,12 @@ class MessageRunner:
 
     def run(self, done: Callable[[], bool] = lambda: False) -> None:
         """Process batches until ``done()`` holds or :meth:`stop` is called, then leave
-        the group cleanly; the batch in hand is always finished and committed first."""
+        the group cleanly; the batch in hand is always finished and committed first.
+
+        Raises:
+            Unrecoverable: A handler could not go on; the batch in hand is not
+                committed.
+        """
         reporter = None
         if self._lag is not None:
             reporter = LagReporter(
@@ -406,8 +453,8 @@ class MessageRunner:
             if isinstance(result, DeadLetter):
                 futures.append(self._dead_letter(record, result))
                 outputs = (
-                    self._give_up(result.case, result.error)
-                    if self._give_up and result.case
+                    self._give_up(result.message, result.error)
+                    if self._give_up and result.message is not None
                     else []
                 )
             else:
@@ -428,47 +475,58 @@ class MessageRunner:
             future.get(timeout=BROKER_CALL_TIMEOUT_MS / 1000)
         commit(self._consumer, self._stage)
 
-    async def _process_batch(self, batch: list[ConsumerRecord]) -> list[Emitted | DeadLetter]:
+    async def _process_batch(self, batch: list[ConsumerRecord]) -> list[Emitted | DeadLetter[M]]:
         semaphore = asyncio.Semaphore(self._concurrency)
 
-        async def bounded(record: ConsumerRecord) -> Emitted | DeadLetter:
+        async def bounded(record: ConsumerRecord) -> Emitted | DeadLetter[M]:
             async with semaphore:
                 return await self._attempt(record)
 
-        return await asyncio.gather(*(bounded(record) for record in batch))
+        tasks = [asyncio.ensure_future(bounded(record)) for record in batch]
+        try:
+            return await asyncio.gather(*tasks)
+        except Unrecoverable:
+            # The batch is not committed: what the others would do is redone anyway.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
-    async def _attempt(self, record: ConsumerRecord) -> Emitted | DeadLetter:
+    async def _attempt(self, record: ConsumerRecord) -> Emitted | DeadLetter[M]:
         settings = self._settings
+        key = _key(record)
         for attempt in range(1, settings.max_retries + 2):
             try:
                 # Decoded afresh for every try: a failed try leaves nothing behind.
-                case = decode(record.value)
+                message = self._decode(record.value)
             except DecodeError as error:
                 # Decoding the same bytes again gives the same error: no retries.
                 return DeadLetter(f"undecodable message: {error}", attempt, None)
             try:
-                return await self._handle(case)
+                return await self._handle(message)
+            except Unrecoverable:
+                raise
             except PermanentError as error:
-                return DeadLetter(str(error), attempt, decode(record.value))
+                return DeadLetter(str(error), attempt, self._decode(record.value))
             except Exception as error:
                 reason = f"{type(error).__name__}: {error}"
                 logger.warning(
-                    "case %s: %s attempt %d of %d failed: %s",
-                    case.id,
+                    "%s: %s attempt %d of %d failed: %s",
+                    key,
                     self._stage,
                     attempt,
                     settings.max_retries + 1,
                     reason,
                 )
                 if attempt > settings.max_retries:
-                    return DeadLetter(reason, attempt, decode(record.value))
+                    return DeadLetter(reason, attempt, self._decode(record.value))
                 await asyncio.sleep(settings.retry_backoff_seconds * 2 ** (attempt - 1))
         raise AssertionError("unreachable: the last attempt returns")
 
-    def _dead_letter(self, record: ConsumerRecord, letter: DeadLetter) -> Any:
-        key = record.key.decode(errors="replace") if record.key else "?"
+    def _dead_letter(self, record: ConsumerRecord, letter: DeadLetter[M]) -> Any:
+        key = _key(record)
         logger.error(
-            "case %s: %s gave up after %d attempt(s): %s",
+            "%s: %s gave up after %d attempt(s): %s",
             key,
             self._stage,
             letter.attempts,
@@ -479,13 +537,64 @@ class MessageRunner:
             (STAGE_HEADER, self._stage.encode()),
             (ATTEMPTS_HEADER, str(letter.attempts).encode()),
         ]
-        if letter.case is not None and letter.case.provenance.build_id:
-            headers.append((BUILD_HEADER, letter.case.provenance.build_id.encode()))
+        build = self._build_of(letter.message) if letter.message is not None else ""
+        if build:
+            headers.append((BUILD_HEADER, build.encode()))
         return self._producer.send(
             dead_letter_topic(self._settings, self._consumed),
             key=record.key,
             value=record.value,
             headers=headers,
+        )
+
+
+def _key(record: ConsumerRecord) -> str:
+    return record.key.decode(errors="replace") if record.key else "?"
+
+
+class MessageRunner(DeliveryRunner[case_pb2.Case]):
+    """The delivery of a build stage: a :class:`DeliveryRunner` of cases (keyed by
+    case id, dead letters marked with the case's build).
+
+    Args:
+        settings: The Kafka settings.
+        consumed: The build topic consumed.
+        stage: Name of the stage (consumer group and dead-letter header).
+        handle: Processes one case and returns what to produce; raises when the stage
+            fails on it, which is retried (:class:`PermanentError`: not retried).
+        give_up: The outputs for a case that is dead-lettered, e.g. the case marked
+            failed for the sink; none by default.
+        concurrency: Cases of a batch processed at once.
+        loop: The event loop the handler's engines belong to.
+        lag: Where to publish the consumer lag; None: not measured.
+        lag_interval: Seconds between consumer lag measurements.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        consumed: str,
+        stage: str,
+        handle: Handler,
+        *,
+        give_up: Callable[[case_pb2.Case, str], Emitted] | None = None,
+        concurrency: int = 4,
+        loop: asyncio.AbstractEventLoop,
+        lag: ConsumerLag | None = None,
+        lag_interval: float = 5.0,
+    ):
+        super().__init__(
+            settings,
+            consumed,
+            stage,
+            handle,
+            decode=decode,
+            build_of=lambda case: case.provenance.build_id,
+            give_up=give_up,
+            concurrency=concurrency,
+            loop=loop,
+            lag=lag,
+            lag_interval=lag_interval,
         )
 
 

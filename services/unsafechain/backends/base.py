@@ -36,6 +36,11 @@ class BackendUnavailable(BackendError):
         super().__init__(message, retryable=True, retry_after=retry_after)
 
 
+class BackendRejected(BackendError):
+    """The service refused the request as invalid (gRPC INVALID_ARGUMENT); the same
+    request is refused again, so it is never retried."""
+
+
 class MalformedResponse(BackendError):
     """The backend answered with a body that does not follow its API.
 

@@ -5,8 +5,8 @@ the mapping of failed calls to backend errors.
 Each service's client sits beside its servicer (``unsafechain.<service>.client``) and
 implements that stage's engine interface, so a remote service stands in for the
 in-process engine. A failed call raises :class:`BackendError` (``BackendTimeout`` for
-DEADLINE_EXCEEDED, ``BackendUnavailable`` for UNAVAILABLE and RESOURCE_EXHAUSTED), as
-a model backend would.
+DEADLINE_EXCEEDED, ``BackendUnavailable`` for UNAVAILABLE and RESOURCE_EXHAUSTED,
+``BackendRejected`` for INVALID_ARGUMENT), as a model backend would.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from unsafechain.backends.base import BackendError, BackendTimeout, BackendUnavailable
+from unsafechain.backends.base import (
+    BackendError,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+)
 from unsafechain.domain.types import JudgeIdentity, ModelRef
 from unsafechain.runtime.settings import ClientSettings
 
@@ -75,6 +80,8 @@ def backend_error(error: grpc.aio.AioRpcError, where: str) -> BackendError:
         return BackendTimeout(message)
     if error.code() in _UNAVAILABLE:
         return BackendUnavailable(message)
+    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return BackendRejected(message)
     return BackendError(message)
 
 

@@ -1,0 +1,1 @@
+"""What follows the platform's events: a finished build triggers its training run."""
