@@ -4,6 +4,7 @@ on the API double: submit once, follow, cancel, restart, refuse bad specs."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,16 +16,22 @@ import grpc
 import kubernetes
 import pytest
 import yaml
+from kafka import KafkaConsumer, TopicPartition
 from kubernetes.client import BatchV1Api, CoreV1Api
 
 from tests.support.grpc_servers import LoopThread, server_settings, start_server_from_settings
+from tests.support.kafka_broker import kafka_section
 from tests.support.kube_jobs import ContainerExit, KubeCluster, ScriptedContainers
 from unsafechain.backends.base import BackendError
 from unsafechain.cli import main
+from unsafechain.dataset.config import EventSettings
+from unsafechain.dataset.events import dataset_event, publish_event
 from unsafechain.runtime.settings import ClientSettings
+from unsafechain.streaming.kafka import create_topics, topic_name
 from unsafechain.training.checkpoints import last_checkpoint
 from unsafechain.training.client import RemoteTrainingClient, state_name
 from unsafechain.training.kube import job_name
+from unsafechain.triggers.training import follow_datasets, load_follow_config
 from unsafechain.v1 import training_pb2
 
 pytestmark = pytest.mark.integration
@@ -432,3 +439,69 @@ def test_a_restarted_service_finds_its_jobs_and_follows_them_to_the_end(
             assert final.state == training_pb2.TRAINING_RUN_STATE_SUCCEEDED, final.message
             assert (final.step, final.restarts) == (30, 0)
             assert final.metrics["loss"] > 0
+
+
+# ---------------------------------------------------------------------------
+# Connected by Kafka: a build's announcement, the follower, the real service.
+# ---------------------------------------------------------------------------
+
+
+def test_an_announced_build_is_trained_once_however_often_it_is_announced(
+    standin_models, build, tmp_path, bootstrap
+):
+    template = tmp_path / "run.yaml"
+    template.write_text(run_config(standin_models, steps=3))
+    with training_service(tmp_path) as service:
+        follow = {
+            "kafka": kafka_section(bootstrap, "trained-once"),
+            "server": {"address": service.address, "timeout": 30},
+            "run": str(template),
+            "subset": "random",
+            "executor": "local",
+            "retry": {"initial_backoff_seconds": 0.2, "give_up_after_seconds": 4.5},
+        }
+        path = tmp_path / "follow.yaml"
+        path.write_text(yaml.safe_dump(follow))
+        settings, run_template = load_follow_config(path)
+        create_topics(settings.kafka, ["datasets"])
+        manifest = json.loads((build / "manifest.json").read_text())
+        # Announced twice: a build that finished again, or an event delivered twice.
+        for _ in range(2):
+            publish_event(settings.kafka, EventSettings(), dataset_event(build, manifest))
+        stop = threading.Event()
+        follower = threading.Thread(
+            target=follow_datasets, args=(settings, run_template), kwargs={"until": stop.is_set}
+        )
+        follower.start()
+        try:
+            deadline = time.monotonic() + 120
+            while (
+                committed(
+                    bootstrap, topic_name(settings.kafka, "datasets"), "trained-once.v1.train"
+                )
+                < 2
+            ):
+                assert time.monotonic() < deadline, "the follower did not take both events"
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            follower.join(timeout=60)
+        [run] = service.call("list")
+        assert run.request_id.startswith(f"{manifest['build_id']}:")
+        assert (run.spec.dataset_uri, run.spec.subset) == (str(build), "random")
+        final = service.watch(run.id)[-1]
+        assert final.state == training_pb2.TRAINING_RUN_STATE_SUCCEEDED, final.message
+        record = json.loads((Path(final.spec.output_uri) / "run.json").read_text())
+        assert record["dataset"]["build_id"] == manifest["build_id"]
+        assert record["dataset"]["subset"] == "random"
+        assert len(service.call("list")) == 1
+
+
+def committed(bootstrap: str, topic: str, group: str, partitions: int = 4) -> int:
+    """Offsets the consumer group ``group`` committed on ``topic``, summed."""
+    probe = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=group, enable_auto_commit=False)
+    try:
+        offsets = [probe.committed(TopicPartition(topic, p)) for p in range(partitions)]
+    finally:
+        probe.close()
+    return sum(offset or 0 for offset in offsets)

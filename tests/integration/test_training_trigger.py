@@ -1,10 +1,13 @@
 """``unsafechain worker train`` against a real broker and a real gRPC server on loopback:
 each announced build gets exactly one run, whatever is redelivered.
 
-The gRPC server, :class:`StandInTrainingService`, stands in for the training service
-until it lands on this branch: it implements ``SubmitTrainingRun`` with the contract's
-request-id dedup (a request id seen before returns the earlier run, ``created=false``)
-and nothing else. The follow-up test will run these against the real service.
+The gRPC server here, :class:`StandInTrainingService`, is a test double of the
+training service's ``SubmitTrainingRun`` with the contract's request-id dedup (a
+request id seen before returns the earlier run, ``created=false``), and it can do what
+the real one cannot be made to do on cue: hold its answer (to kill the worker between
+a submit and its commit) and refuse a chosen build. The chain with the real service,
+whose run then trains, is
+``tests/integration/test_training_service.py::test_an_announced_build_is_trained_once_however_often_it_is_announced``.
 """
 
 from __future__ import annotations
