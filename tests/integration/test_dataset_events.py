@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kafka import KafkaConsumer, TopicPartition
 
 from tests.support.builds import write_build_config
-from tests.support.kafka_broker import free_port, kafka_section
+from tests.support.kafka_broker import free_port, kafka_section, topic_messages
 from unsafechain.cli import main
 from unsafechain.dataset.config import load_config
 from unsafechain.dataset.events import EVENTS, decode_dataset_event
@@ -45,15 +44,6 @@ def _config(folder: Path, standin_models, bootstrap: str, prefix: str, events=No
         config["events"] = events
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _events(bootstrap: str, topic: str, partitions: int = 4) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], consumer_timeout_ms=1500)
-    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
-    consumer.seek_to_beginning()
-    messages = list(consumer)
-    consumer.close()
-    return messages
 
 
 def _assert_event_matches_the_manifest(message, output: Path) -> None:
@@ -88,7 +78,7 @@ def test_an_embedded_build_asked_to_publish_announces_its_dataset_once(
     )
     create_build_topics(config.kafka, config.events)
     result = run_build(config, progress=False)
-    [message] = _events(bootstrap, topic_name(config.kafka, "datasets"))
+    [message] = topic_messages(bootstrap, topic_name(config.kafka, "datasets"))
     _assert_event_matches_the_manifest(message, result.output)
     assert result.announcement is not None
     assert result.announcement.event_id == decode_dataset_event(message.value).event_id
@@ -100,7 +90,7 @@ def test_an_embedded_build_announces_nothing_by_default(tmp_path, standin_models
     create_build_topics(config.kafka, config.events)
     result = run_build(config, progress=False)
     assert result.announcement is None
-    assert _events(bootstrap, topic_name(config.kafka, "datasets")) == []
+    assert topic_messages(bootstrap, topic_name(config.kafka, "datasets")) == []
     assert not (result.output / EVENTS).exists()
 
 
@@ -124,7 +114,7 @@ def test_a_kafka_build_announces_its_dataset_by_default(tmp_path, standin_models
         finished.set()
         for worker in workers:
             worker.join(timeout=60)
-    [message] = _events(bootstrap, topic_name(config.kafka, "datasets"))
+    [message] = topic_messages(bootstrap, topic_name(config.kafka, "datasets"))
     _assert_event_matches_the_manifest(message, result.output)
 
 
@@ -149,13 +139,13 @@ def test_a_broker_out_of_reach_fails_the_build_with_the_dataset_written_until_ru
     assert manifest["counts"]["cases"] == 2
     assert not (output / EVENTS).exists()
     topic = topic_name(load_config(path).kafka, "datasets")
-    assert _events(bootstrap, topic) == []
+    assert topic_messages(bootstrap, topic) == []
 
     # Run again, the broker reachable: the finished build is finished again (nothing
     # recomputed) and announced.
     assert main(["build", "--config", str(path), "--no-progress"]) == 0
     assert f"announced on {topic} (event " in capsys.readouterr().out
-    [message] = _events(bootstrap, topic)
+    [message] = topic_messages(bootstrap, topic)
     _assert_event_matches_the_manifest(message, output)
     again = json.loads((output / "manifest.json").read_text())
     assert again["build_id"] == manifest["build_id"]

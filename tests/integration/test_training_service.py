@@ -16,11 +16,10 @@ import grpc
 import kubernetes
 import pytest
 import yaml
-from kafka import KafkaConsumer, TopicPartition
 from kubernetes.client import BatchV1Api, CoreV1Api
 
 from tests.support.grpc_servers import LoopThread, server_settings, start_server_from_settings
-from tests.support.kafka_broker import kafka_section
+from tests.support.kafka_broker import committed_offsets, kafka_section
 from tests.support.kube_jobs import ContainerExit, KubeCluster, ScriptedContainers
 from unsafechain.backends.base import BackendError
 from unsafechain.cli import main
@@ -475,12 +474,8 @@ def test_an_announced_build_is_trained_once_however_often_it_is_announced(
         follower.start()
         try:
             deadline = time.monotonic() + 120
-            while (
-                committed(
-                    bootstrap, topic_name(settings.kafka, "datasets"), "trained-once.v1.train"
-                )
-                < 2
-            ):
+            topic = topic_name(settings.kafka, "datasets")
+            while committed_offsets(bootstrap, topic, "trained-once.v1.train") < 2:
                 assert time.monotonic() < deadline, "the follower did not take both events"
                 time.sleep(0.2)
         finally:
@@ -495,13 +490,3 @@ def test_an_announced_build_is_trained_once_however_often_it_is_announced(
         assert record["dataset"]["build_id"] == manifest["build_id"]
         assert record["dataset"]["subset"] == "random"
         assert len(service.call("list")) == 1
-
-
-def committed(bootstrap: str, topic: str, group: str, partitions: int = 4) -> int:
-    """Offsets the consumer group ``group`` committed on ``topic``, summed."""
-    probe = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=group, enable_auto_commit=False)
-    try:
-        offsets = [probe.committed(TopicPartition(topic, p)) for p in range(partitions)]
-    finally:
-        probe.close()
-    return sum(offset or 0 for offset in offsets)

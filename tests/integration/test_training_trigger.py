@@ -28,9 +28,9 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
-from tests.support.kafka_broker import free_port, kafka_section
+from tests.support.kafka_broker import committed_offsets, free_port, kafka_section, topic_messages
 from unsafechain.streaming.kafka import create_topics, dead_letter_topic, topic_name
 from unsafechain.triggers.training import follow_datasets, load_follow_config
 from unsafechain.v1 import events_pb2, training_pb2, training_pb2_grpc
@@ -143,15 +143,6 @@ def _announce(bootstrap: str, topic: str, *events: events_pb2.DatasetEvent) -> N
     _publish(bootstrap, topic, *((e.build_id.encode(), e.SerializeToString()) for e in events))
 
 
-def _committed(bootstrap: str, topic: str, group: str, partitions: int = 4) -> int:
-    probe = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=group, enable_auto_commit=False)
-    try:
-        offsets = [probe.committed(TopicPartition(topic, p)) for p in range(partitions)]
-    finally:
-        probe.close()
-    return sum(offset or 0 for offset in offsets)
-
-
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -195,7 +186,9 @@ def test_each_build_gets_one_run_and_what_is_redelivered_undecodable_refused_or_
         _publish(bootstrap, topic, (b"poison", b"\xff\xff\xff\xff"))
         _announce(bootstrap, topic, _event("build-empty", selected=0), _event(REFUSED), second)
         with _follower(path) as thread:
-            _wait(lambda: _committed(bootstrap, topic, "follow.v1.train") == 6, 60, "commits")
+            _wait(
+                lambda: committed_offsets(bootstrap, topic, "follow.v1.train") == 6, 60, "commits"
+            )
             assert thread.is_alive()
 
     a = service.for_build("build-a")
@@ -212,7 +205,7 @@ def test_each_build_gets_one_run_and_what_is_redelivered_undecodable_refused_or_
     assert b.created and b.request_id.startswith("build-b:")
     assert service.for_build("build-empty") == []
     assert sum(r.startswith(f"{REFUSED}:") for r in service.arrived) == 1
-    letters = _messages(bootstrap, dlq)
+    letters = topic_messages(bootstrap, dlq)
     reasons = {m.key: dict(m.headers)["error"].decode() for m in letters}
     assert set(reasons) == {b"poison", REFUSED.encode()}
     assert reasons[b"poison"].startswith("undecodable message")
@@ -220,15 +213,6 @@ def test_each_build_gets_one_run_and_what_is_redelivered_undecodable_refused_or_
     assert dict(next(m for m in letters if m.key == REFUSED.encode()).headers)["build"] == (
         REFUSED.encode()
     )
-
-
-def _messages(bootstrap: str, topic: str, partitions: int = 4) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], consumer_timeout_ms=1500)
-    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
-    consumer.seek_to_beginning()
-    messages = list(consumer)
-    consumer.close()
-    return messages
 
 
 @pytest.mark.timeout(120)
@@ -242,7 +226,7 @@ def test_an_unavailable_service_is_retried_until_it_answers(tmp_path, bootstrap,
         _wait(lambda: "trying again in" in caplog.text, 30, "a failed try")
         with training_service(port) as (service, _):
             _wait(lambda: service.for_build("build-late"), 30, "the submit")
-            _wait(lambda: _committed(bootstrap, topic, "outage.v1.train") == 1, 30, "commit")
+            _wait(lambda: committed_offsets(bootstrap, topic, "outage.v1.train") == 1, 30, "commit")
         assert thread.is_alive()
     [submit] = service.for_build("build-late")
     assert submit.created
@@ -276,11 +260,11 @@ def test_a_worker_killed_before_it_commits_submits_nothing_new_when_started_agai
         finally:
             service.hold.set()
         _wait(lambda: service.for_build("build-k"), 10, "the first run to be created")
-        assert _committed(bootstrap, topic, "killed.v1.train") == 0
+        assert committed_offsets(bootstrap, topic, "killed.v1.train") == 0
         second = _worker(path, tmp_path / "worker-2.log")
         try:
             _wait(lambda: len(service.for_build("build-k")) == 2, 60, "the redelivered submit")
-            _wait(lambda: _committed(bootstrap, topic, "killed.v1.train") == 1, 30, "commit")
+            _wait(lambda: committed_offsets(bootstrap, topic, "killed.v1.train") == 1, 30, "commit")
         finally:
             second.send_signal(signal.SIGTERM)
             code = second.wait(timeout=60)

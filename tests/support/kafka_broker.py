@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kafka import KafkaConsumer, TopicPartition
+
 # A new group's first join waits for the rebalance timeout (max_poll_interval_ms), so the
 # tests use short group settings to keep joins and rebalances to a few seconds.
 FAST_GROUP_SETTINGS = {
@@ -89,3 +91,23 @@ def kafka_section(bootstrap: str, prefix: str) -> dict[str, object]:
         "idle_timeout_seconds": 90,
         **FAST_GROUP_SETTINGS,
     }
+
+
+def topic_messages(bootstrap: str, topic: str, partitions: int = 4) -> list:
+    """Every message on ``topic`` from the beginning, read without a group."""
+    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], consumer_timeout_ms=1500)
+    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+    consumer.seek_to_beginning()
+    messages = list(consumer)
+    consumer.close()
+    return messages
+
+
+def committed_offsets(bootstrap: str, topic: str, group: str, partitions: int = 4) -> int:
+    """The offsets consumer group ``group`` committed on ``topic``, summed."""
+    probe = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=group, enable_auto_commit=False)
+    try:
+        offsets = [probe.committed(TopicPartition(topic, p)) for p in range(partitions)]
+    finally:
+        probe.close()
+    return sum(offset or 0 for offset in offsets)

@@ -421,11 +421,12 @@ def nested_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge_mappings(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` on top, nested mappings merged key by key."""
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_mappings(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -466,8 +467,8 @@ def settings_from_values(
     file_values = read_config_sections(config, cls.config_sections) if config else {}
     try:
         if file_values:
-            file_values = _merge(file_values, _EnvWithoutServiceLinks(cls)())
-        return cls(**_merge(file_values, values))
+            file_values = merge_mappings(file_values, _EnvWithoutServiceLinks(cls)())
+        return cls(**merge_mappings(file_values, values))
     except ValidationError as error:
         raise SettingsError(describe_error(error)) from None
 

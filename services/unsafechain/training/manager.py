@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from unsafechain.domain.settings import ConfigError, set_dotted
 from unsafechain.runtime.server import InvalidArgument
+from unsafechain.runtime.settings import merge_mappings
 from unsafechain.training.runs import (
     TERMINAL,
     RunRecord,
@@ -150,7 +151,7 @@ def resolve_settings(
             raise InvalidArgument("spec.config", f"not valid YAML or JSON: {error}") from None
         if not isinstance(given, dict):
             raise InvalidArgument("spec.config", "the top level must be a mapping of sections")
-        raw = _merge(raw, given)
+        raw = merge_mappings(raw, given)
     try:
         set_dotted(raw, spec_overrides(spec), where="spec")
         if not (raw.get("output") or {}).get("dir"):
@@ -158,16 +159,6 @@ def resolve_settings(
         return training_settings_from_text(yaml.safe_dump(raw), where="spec")
     except ConfigError as error:
         raise InvalidArgument("spec", str(error).removeprefix("spec: ")) from None
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def run_to_pb(run: RunRecord) -> training_pb2.TrainingRun:
