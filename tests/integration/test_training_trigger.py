@@ -219,7 +219,16 @@ def test_each_build_gets_one_run_and_what_is_redelivered_undecodable_refused_or_
 def test_an_unavailable_service_is_retried_until_it_answers(tmp_path, bootstrap, caplog):
     caplog.set_level(logging.WARNING, logger="unsafechain.triggers.training")
     port = free_port()
-    path = _follow_config(tmp_path, bootstrap, "outage", port)
+    # Room to wait for the service however slow the machine: the worker would give up
+    # (exit without committing) after give_up_after_seconds.
+    path = _follow_config(
+        tmp_path,
+        bootstrap,
+        "outage",
+        port,
+        kafka=kafka_section(bootstrap, "outage") | {"max_poll_interval_ms": 90_000},
+        retry={"initial_backoff_seconds": 0.2, "give_up_after_seconds": 60},
+    )
     topic, _ = _topic(path)
     _announce(bootstrap, topic, _event("build-late"))
     with _follower(path) as thread:

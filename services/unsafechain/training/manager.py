@@ -155,7 +155,9 @@ def resolve_settings(
     try:
         set_dotted(raw, spec_overrides(spec), where="spec")
         if not (raw.get("output") or {}).get("dir"):
-            set_dotted(raw, {"output.dir": str(service.output_root / run_id)}, where="spec")
+            set_dotted(
+                raw, {"output.dir": str(service.output_root.absolute() / run_id)}, where="spec"
+            )
         return training_settings_from_text(yaml.safe_dump(raw), where="spec")
     except ConfigError as error:
         raise InvalidArgument("spec", str(error).removeprefix("spec: ")) from None
