@@ -49,6 +49,9 @@ class BackendSettings(StrictModel):
         max_batch_size: Sequences per forward pass for local models.
         max_tokens_param: ``max_tokens`` or ``max_completion_tokens`` (OpenAI's
             reasoning models want the latter).
+        adapter: A LoRA adapter folder (``peft`` layout, e.g. a training run's
+            ``adapter/``) applied over ``model`` and merged into it at load
+            (transformers only).
     """
 
     backend: Literal["transformers", "openai", "tgi"]
@@ -62,17 +65,23 @@ class BackendSettings(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: Annotated[int, Field(ge=1)] = 16
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    adapter: str | None = None
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> BackendSettings:
         if self.backend == "tgi" and not self.base_url:
             raise ValueError("base_url is required for the tgi backend")
+        if self.adapter is not None and self.backend != "transformers":
+            raise ValueError(
+                "adapter: an adapter is applied to a local model (transformers); a server "
+                "loads its own (vLLM --lora-modules, TGI LORA_ADAPTERS) and is named by model"
+            )
         return self
 
     def ref(self) -> ModelRef:
         """The model as the backend built from these settings names it in provenance."""
         if self.backend == "transformers":
-            return ModelRef(backend="transformers", model=self.model)
+            return ModelRef(backend="transformers", model=self.model, adapter=self.adapter or "")
         from unsafechain.backends.http_common import public_endpoint
         from unsafechain.backends.openai_backend import OPENAI_BASE_URL
 
@@ -125,6 +134,7 @@ def create_backend(settings: BackendSettings) -> ModelBackend:
             device=settings.device,
             dtype=settings.dtype,
             max_batch_size=settings.max_batch_size,
+            adapter=settings.adapter,
         )
     key = settings.api_key()
     secret = key.get_secret_value() if key else None

@@ -56,6 +56,7 @@ class TransformersBackend(ModelBackend):
         device: ``cpu``, ``cuda``, ``cuda:1`` …; ``auto`` picks CUDA when present.
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         max_batch_size: Upper bound on sequences in one forward pass.
+        adapter: A LoRA adapter folder merged into the model at load.
     """
 
     def __init__(
@@ -65,8 +66,10 @@ class TransformersBackend(ModelBackend):
         device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int = 16,
+        adapter: str | None = None,
     ):
         self._name = model
+        self._adapter = adapter
         self._closing = threading.Event()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,17 +79,23 @@ class TransformersBackend(ModelBackend):
         # and their outputs as unions of output types; these are causal LMs.
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         with _LOADING_LOCK:
+            # A training run saves its tokenizer (with the training template) beside its
+            # adapter; generation renders prompts with the model's own template.
             self._tokenizer: Any = AutoTokenizer.from_pretrained(model)
             loaded: Any = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+            if adapter is not None:
+                loaded = _with_adapter(loaded, adapter, len(self._tokenizer))
             self._model: Any = loaded.to(self._device).eval()
         self._tokenizer.padding_side = "left"
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
-        logger.info("loaded %s on %s", model, self._device)
+        logger.info(
+            "loaded %s%s on %s", model, f" with adapter {adapter}" if adapter else "", self._device
+        )
 
     @property
     def ref(self) -> ModelRef:
-        return ModelRef(backend="transformers", model=self._name)
+        return ModelRef(backend="transformers", model=self._name, adapter=self._adapter or "")
 
     @property
     def has_chat_template(self) -> bool:
@@ -296,6 +305,24 @@ class TransformersBackend(ModelBackend):
         """Stop a call in progress at its next token and refuse new ones."""
         self._closing.set()
         del self._model
+
+
+def _with_adapter(model: Any, adapter: str, vocabulary: int) -> Any:
+    """``model`` with the LoRA adapter in ``adapter`` merged in.
+
+    Raises:
+        ValueError: The folder holds no adapter, or one for another model.
+    """
+    from peft import PeftModel
+
+    rows = int(model.get_input_embeddings().num_embeddings)
+    if vocabulary > rows:
+        # Trained with a tokenizer that gained a token on reload (see the trainer).
+        model.resize_token_embeddings(vocabulary)
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"adapter: cannot apply {adapter}: {error}") from None
 
 
 class _WhenSet(StoppingCriteria):

@@ -91,14 +91,16 @@ def model_ref_to_pb(ref: ModelRef | None) -> case_pb2.ModelRef:
     """A model reference as protobuf."""
     if ref is None:
         return case_pb2.ModelRef()
-    return case_pb2.ModelRef(backend=ref.backend, model=ref.model, endpoint=ref.endpoint)
+    return case_pb2.ModelRef(
+        backend=ref.backend, model=ref.model, endpoint=ref.endpoint, adapter=ref.adapter
+    )
 
 
 def model_ref_from_pb(message: case_pb2.ModelRef) -> ModelRef | None:
     """A model reference from protobuf; None when unset."""
     if not message.backend and not message.model:
         return None
-    return ModelRef(message.backend, message.model, message.endpoint)
+    return ModelRef(message.backend, message.model, message.endpoint, message.adapter)
 
 
 def identity_to_pb(identity: JudgeIdentity) -> case_pb2.JudgeIdentity:

@@ -144,6 +144,7 @@ class ModelRef:
     backend: str
     model: str
     endpoint: str = ""
+    adapter: str = ""
 
 
 class VerdictLabel(enum.StrEnum):
