@@ -50,9 +50,9 @@ _REFUSAL_METRICS: tuple[str, ...] = get_args(RefusalMetric)
 # the small ones are the interesting ones.
 _DIGITS = 6
 _P_DIGITS = 6
-# Values gathered per bootstrap chunk: the resampled indices are drawn in chunks so that
-# memory stays bounded (about 32 MB) however many prompts a benchmark has.
-_CHUNK_VALUES = 1 << 22
+# Draws per bootstrap chunk: the resampled prompts are drawn in chunks so that memory
+# stays bounded (some 64 MB) however many prompts a benchmark has.
+_CHUNK_DRAWS = 1 << 21
 # McNemar's test is exact below this many discordant pairs, chi-squared from it on.
 _EXACT_BELOW = 25
 
@@ -286,11 +286,15 @@ def _bootstrap_means(values: np.ndarray, resamples: int, seed: int) -> np.ndarra
     rows, prompts = values.shape
     generator = np.random.default_rng(seed)
     means = np.empty((rows, resamples))
-    step = max(1, _CHUNK_VALUES // (rows * prompts))
+    step = max(1, _CHUNK_DRAWS // prompts)
     for start in range(0, resamples, step):
         stop = min(resamples, start + step)
         picks = generator.integers(0, prompts, size=(stop - start, prompts))
-        means[:, start:stop] = values[:, picks].mean(axis=2)
+        # How often each resample drew each prompt; the means are then one matrix
+        # product for all rows, twice as fast as gathering the drawn values.
+        offsets = np.arange(stop - start)[:, np.newaxis] * prompts
+        drawn = np.bincount((picks + offsets).ravel(), minlength=picks.size)
+        means[:, start:stop] = values @ drawn.reshape(picks.shape).T.astype(float) / prompts
     return means
 
 
