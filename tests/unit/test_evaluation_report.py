@@ -341,7 +341,7 @@ def _bad_kind(results: dict) -> None:
 @pytest.mark.parametrize(
     ("spoil", "message"),
     [
-        (_drop_models, "results.json: results.json lacks 'models'"),
+        (_drop_models, "results.json: the top level lacks 'models'"),
         (_drop_headline, "results.base.gsm8k.figures lacks the headline 'accuracy'"),
         (_unknown_model, "results.stranger is not one of 'models'"),
         (_unknown_benchmark, "results.base.mmlu is not one of 'benchmarks'"),

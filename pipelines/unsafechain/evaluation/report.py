@@ -170,7 +170,7 @@ class _Results:
     @classmethod
     def read(cls, results: Mapping[str, Any]) -> _Results:
         for key in ("eval_id", "created_at", "settings", "models", "benchmarks", "results"):
-            _need(results, key, "results.json")
+            _need(results, key, "the top level")
         settings = _mapping(results["settings"], "settings")
         _need(settings, "samples_per_prompt", "settings")
         models = [
