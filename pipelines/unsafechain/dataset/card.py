@@ -19,13 +19,12 @@ from typing import Literal
 import datasets
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCardData
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from unsafechain.dataset.assembly import TEST_SPLIT
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.rows import NO_CATEGORY
+from unsafechain.domain.plots import new_figure, save_png
 from unsafechain.judge.llama_guard import CATEGORY_BY_CODE
 from unsafechain.judge.settings import EnsembleSettings
 
@@ -419,9 +418,7 @@ def _plot(path: Path, by_source: dict[str, Rates], by_category: dict[str, Rates]
         for title, values in panels
     ]
     height = 1.5 + 0.35 * sum(len(values) for _, values in panels)
-    # The Agg canvas, not pyplot: no display, no global figure state in a build process.
-    figure = Figure(figsize=(8, height))
-    FigureCanvasAgg(figure)
+    figure = new_figure(8, height)
     axes = figure.subplots(
         2, 1, gridspec_kw={"height_ratios": [max(len(values), 1) for _, values in panels]}
     )
@@ -433,5 +430,4 @@ def _plot(path: Path, by_source: dict[str, Rates], by_category: dict[str, Rates]
         axis.xaxis.set_major_formatter(PercentFormatter(1.0))
         axis.set_title(f"Unsafe rate {title}", loc="left")
         axis.set_xlabel("completions judged unsafe / generated")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_png(figure, path)

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from unsafechain.domain.files import write_atomically
+from unsafechain.domain.plots import new_figure, save_png
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +71,7 @@ def plot_loss(
     rates = sorted(
         {e["step"]: float(e["learning_rate"]) for e in history if "learning_rate" in e}.items()
     )
-    # The Agg canvas, not pyplot: no display, no global figure state in a training process.
-    figure = Figure(figsize=(7, 4))
-    FigureCanvasAgg(figure)
+    figure = new_figure(7, 4)
     axis = figure.subplots()
     if points:
         steps, losses = zip(*points, strict=True)
@@ -101,8 +98,7 @@ def plot_loss(
         twin.plot(rate_steps, values, color="#c0392b", linestyle="--", linewidth=1)
         twin.set_ylabel("learning rate", color="#c0392b")
         twin.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_png(figure, path)
 
 
 def write_model_card(path: Path, record: dict[str, Any]) -> None:
