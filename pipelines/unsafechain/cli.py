@@ -279,6 +279,36 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
             signal.signal(sig, old)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from unsafechain.evaluation.benchmarks import BenchmarkError
+    from unsafechain.evaluation.config import ConfigError, load_eval_config
+    from unsafechain.evaluation.pipeline import EvalError, plan_evaluation, run_evaluation
+
+    overrides = {"eval.output": args.output} if args.output else {}
+    try:
+        config = load_eval_config(args.config, overrides)
+        if args.dry_run:
+            print(plan_evaluation(config).describe())
+            return 0
+        result = run_evaluation(config, progress=not args.no_progress)
+    except (ConfigError, EvalError, BenchmarkError, ValueError) as error:
+        # ValueError: a model setting the backend rejects (an adapter it cannot apply).
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"evaluation written to {result.output}")
+    for model, benchmarks in result.results["results"].items():
+        figures = []
+        for name, entry in benchmarks.items():
+            figure = entry["figures"][entry["headline"]]
+            figures.append(f"{name} {entry['headline']} {100 * figure['value']:.1f}%")
+        print(f"  {model}: " + ", ".join(figures))
+    for name in ("markdown", "html"):
+        if name in result.files:
+            print(f"{name}: {result.files[name]}")
+    print(f"results: {result.files['results']}")
+    return 0
+
+
 def _kafka_overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides: dict[str, object] = {}
     if getattr(args, "bootstrap", None):
@@ -538,6 +568,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--detach", action="store_true", help="print the run's id and exit without following it"
     )
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate models side by side on safety and capability benchmarks",
+        description="Generate K samples per benchmark prompt for every model, judge the "
+        "safety ones, classify the over-refusal ones and score the capability ones (code "
+        "in a sandbox), then write the method's metrics with confidence intervals, paired "
+        "comparisons against each model's base, the samples and the report. Run again on "
+        "the same output to resume.",
+    )
+    evaluate.add_argument("--config", required=True, type=Path, help="evaluation config (YAML)")
+    evaluate.add_argument("--output", help="output folder; overrides eval.output in the config")
+    evaluate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the configuration and print the plan (models, benchmarks, "
+        "generations, judge calls) without loading a model",
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    evaluate.set_defaults(handler=_eval)
 
     runs = commands.add_parser("runs", help="list or cancel the training service's runs")
     run_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")

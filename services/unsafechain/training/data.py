@@ -30,7 +30,12 @@ import datasets
 
 from unsafechain.domain.reasoning import split_reasoning
 from unsafechain.domain.settings import SetupError
-from unsafechain.training.settings import TEST_SPLIT, DatasetSettings, Objective
+from unsafechain.training.settings import (
+    RELEASE_COLUMNS,
+    TEST_SPLIT,
+    DatasetSettings,
+    Objective,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +44,7 @@ DATASETS_EXPORT = "datasets"
 PAIRS = "pairs.jsonl"
 DEFAULT_SUBSET = "full"
 
-DatasetKind = Literal["build", "datasets", "jsonl", "pairs"]
+DatasetKind = Literal["build", "datasets", "jsonl", "pairs", "release"]
 """How the dataset was given: a build folder, its ``datasets/`` export, a JSONL file of
 rows, or a file of preference pairs."""
 
@@ -144,6 +149,13 @@ def read_training_data(settings: DatasetSettings, objective: Objective) -> Train
         raise DatasetError(
             f"dataset.path: {path} is the build's held-out test split and is never trained on"
         )
+    if settings.layout != "unsafechain":
+        if objective == "dpo":
+            raise DatasetError(
+                f"dataset.layout: a {settings.layout} release has one response per prompt; "
+                "DPO trains on a build's pairs.jsonl"
+            )
+        return _read_release(settings)
     if objective == "dpo":
         return _read_pairs(settings)
     if path.is_dir() and (path / "dataset_dict.json").is_file():
@@ -244,6 +256,59 @@ def _read_pairs(settings: DatasetSettings) -> TrainingData:
     build_id, fingerprint = _build_identity(file)
     logger.info("dataset: %d preference pairs from %s", len(pairs), file)
     return TrainingData(path, "pairs", "pairs", build_id, fingerprint, pairs=pairs)
+
+
+def _read_release(settings: DatasetSettings) -> TrainingData:
+    """A public release in its own columns (SafeChain, STAR-1): JSONL, JSON or Parquet."""
+    path = settings.path
+    if path.is_dir():
+        raise DatasetError(
+            f"dataset.path: a {settings.layout} release is read from its file (JSONL, JSON or "
+            f"Parquet); {path} is a folder"
+        )
+    if settings.subset is not None:
+        raise DatasetError(f"dataset.subset: a {settings.layout} release is one set of rows")
+    formats = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    if path.suffix not in formats:
+        raise DatasetError(f"dataset.path: {path}: expected a .jsonl, .json or .parquet file")
+    try:
+        table = datasets.load_dataset(formats[path.suffix], data_files=str(path), split="train")
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as error:
+        raise DatasetError(f"dataset.path: cannot read {path}: {error}") from None
+    prompt_key, response_key = RELEASE_COLUMNS[settings.layout]
+    missing = [key for key in (prompt_key, response_key) if key not in table.column_names]
+    if missing:
+        raise DatasetError(
+            f"{path}: a {settings.layout} release has columns {prompt_key!r} and "
+            f"{response_key!r}; missing {', '.join(map(repr, missing))} (it has "
+            f"{', '.join(table.column_names)})"
+        )
+    records = table.to_list()
+    _refuse_test_rows(path, records)
+    rows, unsafe = [], 0
+    for number, record in enumerate(records, start=1):
+        # SafeChain's label is True for an UNSAFE response (its judge's verdict).
+        if settings.layout == "safechain" and record.get("label") is True:
+            unsafe += 1
+            continue
+        where = f"{path} row {number}"
+        rows.append(
+            SftRow(
+                _text(record, prompt_key, where),
+                canonical_response(_text(record, response_key, where)),
+            )
+        )
+    if unsafe:
+        logger.warning(
+            "dataset: %d of %d SafeChain rows are labelled unsafe (label true) and are left out",
+            unsafe,
+            len(records),
+        )
+    if not rows:
+        raise DatasetError(f"{path}: no row left to train on")
+    logger.info("dataset: %d rows of the %s release %s", len(rows), settings.layout, path)
+    subset = path.name.removesuffix(path.suffix)
+    return TrainingData(path, "release", subset, None, None, rows=tuple(rows))
 
 
 def _jsonl_records(file: Path) -> list[tuple[int, dict]]:

@@ -56,21 +56,37 @@ class ModelSettings(StrictModel):
     chat_template: Path | None = None
 
 
+DatasetLayout = Literal["unsafechain", "safechain", "star1"]
+"""The columns of a released dataset file: UnsafeChain's ``prompt`` / ``response``,
+SafeChain's ``instruction`` / ``response`` (its ``label`` is True for an *unsafe*
+response: such rows are left out), STAR-1's ``question`` / ``response``."""
+
+RELEASE_COLUMNS: dict[str, tuple[str, str]] = {
+    "unsafechain": ("prompt", "response"),
+    "safechain": ("instruction", "response"),
+    "star1": ("question", "response"),
+}
+
+
 class DatasetSettings(StrictModel):
-    """The dataset a build wrote.
+    """The dataset a build wrote, or a public release of one.
 
     Attributes:
         path: The build's output folder, its ``datasets/`` export, a JSONL file of rows
             with ``prompt`` and ``response`` (``release/<name>.jsonl``,
             ``subsets/<name>.jsonl``), or for DPO ``pairs.jsonl`` (a build folder gives
-            its ``pairs.jsonl``).
+            its ``pairs.jsonl``); with another ``layout``, a released file (JSONL, JSON
+            or Parquet) in that layout.
         subset: ``full``, ``random`` or ``selected`` of a build folder or ``datasets/``
             export (default ``full``); a file is its own subset. ``test``, the held-out
             split, is refused.
+        layout: The columns of a released file: ``unsafechain`` (the default),
+            ``safechain`` or ``star1``.
     """
 
     path: Path
     subset: str | None = None
+    layout: DatasetLayout = "unsafechain"
 
     @field_validator("subset")
     @classmethod
