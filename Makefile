@@ -7,6 +7,8 @@ PROTO_OUT := build/proto
 PROTO_STAMP := $(PROTO_OUT)/.stamp
 SETUP_STAMP := $(VENV)/.setup-stamp
 DEMO_CONFIG ?= pipelines/unsafechain/demo/demo.yaml
+DEMO_TRAIN_CONFIG ?= pipelines/unsafechain/demo/train.yaml
+DEMO_EVAL_CONFIG ?= pipelines/unsafechain/demo/eval.yaml
 KAFKA_PORT ?= 9092
 KAFKA_PID := .cache/kafka.pid
 
@@ -37,10 +39,12 @@ $(SETUP_STAMP): pyproject.toml $(PROTO_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-## demo: the main job, an embedded build on the bundled sample prompts with stand-in models
+## demo: the whole method on the bundled samples with stand-in models: build, fine-tune, evaluate, report
 demo: setup
 	$(VENV)/bin/unsafechain standins --out .cache/standins
 	$(VENV)/bin/unsafechain build --config $(DEMO_CONFIG)
+	$(VENV)/bin/unsafechain train --config $(DEMO_TRAIN_CONFIG)
+	$(VENV)/bin/unsafechain eval --config $(DEMO_EVAL_CONFIG)
 
 ## kafka-up: start a local Kafka-compatible broker (Tansu, memory-only) on 127.0.0.1:$(KAFKA_PORT)
 kafka-up: setup

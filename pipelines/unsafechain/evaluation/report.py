@@ -1180,6 +1180,8 @@ def _panel_scatter(
             edgecolor="black",
             linewidth=0.6,
             zorder=3,
+            # A model at 0 % (or 100 %) sits on the axis, drawn whole.
+            clip_on=False,
         )
 
 
@@ -1243,5 +1245,7 @@ def _pad_limits(axis: Any, xs: Sequence[float], ys: Sequence[float]) -> None:
     # Room around the points for their labels, without pretending to a 0–100 % scale.
     for values, setter, room in ((xs, axis.set_xlim, 0.5), (ys, axis.set_ylim, 0.2)):
         low, high = min(values), max(values)
-        span = max(high - low, 0.04)
+        # At least ten points of percentage in view: a narrower axis has ticks too close
+        # for whole percentages.
+        span = max(high - low, 0.1)
         setter(max(0.0, low - span * 0.15), min(1.0 + span * room, high + span * room))
