@@ -288,7 +288,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         config = load_eval_config(args.config, overrides)
         if args.dry_run:
-            print(plan_evaluation(config).describe())
+            print(plan_evaluation(config, dry_run=True).describe())
             return 0
         result = run_evaluation(config, progress=not args.no_progress)
     except (ConfigError, EvalError, BenchmarkError, ValueError) as error:

@@ -40,7 +40,14 @@ from unsafechain.backends.settings import BackendSettings
 from unsafechain.domain.convert import LABEL_TO_PB, verdict_to_pb
 from unsafechain.domain.files import write_atomically
 from unsafechain.domain.reasoning import format_reasoning
-from unsafechain.evaluation.benchmarks import Benchmark, BenchmarkItem, load_benchmark
+from unsafechain.evaluation.benchmarks import (
+    BENCHMARKS,
+    Benchmark,
+    BenchmarkError,
+    BenchmarkItem,
+    benchmark_source,
+    load_benchmark,
+)
 from unsafechain.evaluation.config import CandidateSettings, EvalConfig
 from unsafechain.evaluation.metrics import (
     RefusalLabel,
@@ -287,17 +294,27 @@ class EvalPlan:
     candidates: tuple[ResolvedCandidate, ...]
     benchmarks: tuple[Benchmark, ...]
     stored: int = 0
+    unread: Mapping[str, str] = field(default_factory=dict)
+
+    def size(self, benchmark: Benchmark) -> int:
+        """Its prompts; for one not read here (a hub dataset offline), the published
+        size within its limit."""
+        if benchmark.name not in self.unread:
+            return len(benchmark.items)
+        limit = next(b.limit for b in self.config.benchmarks if b.name == benchmark.name)
+        published = benchmark.published_size or 0
+        return min(limit, published) if limit and published else (limit or published)
 
     @property
     def prompts(self) -> int:
-        return sum(len(b.items) for b in self.benchmarks)
+        return sum(self.size(b) for b in self.benchmarks)
 
     def counts(self) -> dict[str, int]:
         k = self.config.sampling.samples
         models = len(self.candidates)
-        judged = sum(len(b.items) for b in self.benchmarks if b.kind == "safety")
-        refusal = sum(len(b.items) for b in self.benchmarks if b.kind == "over_refusal")
-        scored = sum(len(b.items) for b in self.benchmarks if b.kind == "capability")
+        judged = sum(self.size(b) for b in self.benchmarks if b.kind == "safety")
+        refusal = sum(self.size(b) for b in self.benchmarks if b.kind == "over_refusal")
+        scored = sum(self.size(b) for b in self.benchmarks if b.kind == "capability")
         judges = max(1, len(self.config.judging.judges))
         return {
             "cases": models * self.prompts,
@@ -328,6 +345,13 @@ class EvalPlan:
                 f" of {benchmark.published_size} published" if benchmark.published_size else ""
             )
             scorer = f", scored by {benchmark.scorer}" if benchmark.scorer else ""
+            if benchmark.name in self.unread:
+                lines.append(
+                    f"  {benchmark.name} ({benchmark.kind}{scorer}): {self.size(benchmark)} "
+                    f"prompts expected, from {benchmark.source} (not read here: "
+                    f"{self.unread[benchmark.name]})"
+                )
+                continue
             lines.append(
                 f"  {benchmark.name} ({benchmark.kind}{scorer}): {len(benchmark.items)} "
                 f"prompts{published}, from {benchmark.source}"
@@ -341,21 +365,57 @@ class EvalPlan:
         return "\n".join(lines)
 
 
-def plan_evaluation(config: EvalConfig) -> EvalPlan:
+def plan_evaluation(config: EvalConfig, *, dry_run: bool = False) -> EvalPlan:
     """Resolve the models and read the benchmarks, loading no model.
+
+    Args:
+        config: The evaluation.
+        dry_run: Plan what cannot be read here too (a hub dataset without a network,
+            a training run not made yet), from the published sizes.
 
     Raises:
         EvalError: A model cannot be resolved.
         BenchmarkError: A benchmark cannot be read.
     """
-    candidates = tuple(resolve_candidate(config, c) for c in config.candidates)
-    benchmarks = tuple(load_benchmark(b) for b in config.benchmarks)
+    candidates = []
+    for candidate in config.candidates:
+        try:
+            candidates.append(resolve_candidate(config, candidate))
+        except EvalError:
+            if not dry_run:
+                raise
+            candidates.append(_unmade(config, candidate))
+    benchmarks: list[Benchmark] = []
+    unread: dict[str, str] = {}
+    for settings in config.benchmarks:
+        try:
+            benchmarks.append(load_benchmark(settings))
+        except BenchmarkError as error:
+            if not dry_run:
+                raise
+            spec = BENCHMARKS[settings.name]
+            source = benchmark_source(settings)
+            benchmarks.append(
+                Benchmark(settings.name, spec.kind, spec.scorer, (), source, spec.published_size)
+            )
+            unread[settings.name] = str(error).splitlines()[0][:160]
     stored = 0
     cases = Path(config.eval.output) / CASES
     if cases.exists():
         with cases.open("rb") as handle:
             stored = sum(1 for line in handle if line.strip())
-    return EvalPlan(config, candidates, benchmarks, stored)
+    return EvalPlan(config, tuple(candidates), tuple(benchmarks), stored, unread)
+
+
+def _unmade(config: EvalConfig, candidate: CandidateSettings) -> ResolvedCandidate:
+    """A candidate whose training run is not made yet, as a dry run shows it."""
+    template = config.models.get(candidate.model or "")
+    backend = BackendSettings(
+        backend="transformers",
+        model=template.model if template else "(its training run's base)",
+        adapter=f"{candidate.training_run}/adapter (not made yet)",
+    )
+    return ResolvedCandidate(candidate, backend)
 
 
 @dataclass
