@@ -172,7 +172,7 @@ def _topic(path: Path) -> tuple[str, str]:
     return topic_name(settings.kafka, "datasets"), dead_letter_topic(settings.kafka, "datasets")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_each_build_gets_one_run_and_what_is_redelivered_undecodable_refused_or_empty_is_not(
     tmp_path, bootstrap
 ):
@@ -215,7 +215,7 @@ def test_each_build_gets_one_run_and_what_is_redelivered_undecodable_refused_or_
     )
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_an_unavailable_service_is_retried_until_it_answers(tmp_path, bootstrap, caplog):
     caplog.set_level(logging.WARNING, logger="unsafechain.triggers.training")
     port = free_port()
@@ -235,7 +235,7 @@ def test_an_unavailable_service_is_retried_until_it_answers(tmp_path, bootstrap,
         _wait(lambda: "trying again in" in caplog.text, 30, "a failed try")
         with training_service(port) as (service, _):
             _wait(lambda: service.for_build("build-late"), 30, "the submit")
-            _wait(lambda: committed_offsets(bootstrap, topic, "outage.v1.train") == 1, 30, "commit")
+            _wait(lambda: committed_offsets(bootstrap, topic, "outage.v1.train") == 1, 90, "commit")
         assert thread.is_alive()
     [submit] = service.for_build("build-late")
     assert submit.created
@@ -252,7 +252,7 @@ def _worker(path: Path, log: Path) -> subprocess.Popen:
         )
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 def test_a_worker_killed_before_it_commits_submits_nothing_new_when_started_again(
     tmp_path, bootstrap
 ):
@@ -273,7 +273,7 @@ def test_a_worker_killed_before_it_commits_submits_nothing_new_when_started_agai
         second = _worker(path, tmp_path / "worker-2.log")
         try:
             _wait(lambda: len(service.for_build("build-k")) == 2, 60, "the redelivered submit")
-            _wait(lambda: committed_offsets(bootstrap, topic, "killed.v1.train") == 1, 30, "commit")
+            _wait(lambda: committed_offsets(bootstrap, topic, "killed.v1.train") == 1, 90, "commit")
         finally:
             second.send_signal(signal.SIGTERM)
             code = second.wait(timeout=60)

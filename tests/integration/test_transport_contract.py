@@ -15,7 +15,12 @@ import pytest
 import yaml
 
 from tests.support.builds import write_build_config
-from tests.support.grpc_servers import SETTINGS, LoopThread, start_server_from_settings
+from tests.support.grpc_servers import (
+    BUILD_STAGES,
+    SETTINGS,
+    LoopThread,
+    start_server_from_settings,
+)
 from tests.support.kafka_broker import kafka_section
 from unsafechain.dataset.config import load_config
 from unsafechain.dataset.kafka import create_build_topics, run_kafka_build, run_worker
@@ -90,6 +95,7 @@ def services(config_path):
             )
         )
         for name, cls in SETTINGS.items()
+        if name in BUILD_STAGES
     }
     yield {name: f"127.0.0.1:{server.port}" for name, server in servers.items()}
     for server in servers.values():

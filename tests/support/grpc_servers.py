@@ -16,6 +16,9 @@ from unsafechain.runtime.server import ServiceServer
 from unsafechain.runtime.settings import ServerSettings
 from unsafechain.training.settings import TrainingServiceSettings
 
+BUILD_STAGES = ("generation", "judge", "correction")
+"""The services a build's stages can be sent to (``remote:``)."""
+
 SETTINGS: dict[str, type[ServerSettings]] = {
     "generation": GenerationServiceSettings,
     "judge": JudgeServiceSettings,
