@@ -346,10 +346,14 @@ class EvalPlan:
             )
             scorer = f", scored by {benchmark.scorer}" if benchmark.scorer else ""
             if benchmark.name in self.unread:
+                expected = (
+                    f"{self.size(benchmark)} prompts expected"
+                    if self.size(benchmark)
+                    else "size unknown (no published size; not counted in the work below)"
+                )
                 lines.append(
-                    f"  {benchmark.name} ({benchmark.kind}{scorer}): {self.size(benchmark)} "
-                    f"prompts expected, from {benchmark.source} (not read here: "
-                    f"{self.unread[benchmark.name]})"
+                    f"  {benchmark.name} ({benchmark.kind}{scorer}): {expected}, from "
+                    f"{benchmark.source} (not read here: {self.unread[benchmark.name]})"
                 )
                 continue
             lines.append(
