@@ -67,11 +67,12 @@ kafka-down:
 test: setup
 	$(PY) -m pytest -q
 
-## bench: the judge service micro-batching against one-by-one judging, under load with oversized requests, and training with packing against padding
+## bench: the judge service micro-batching against one-by-one judging, under load with oversized requests, training with packing against padding, and the evaluation's throughput against fixed-latency servers
 bench: setup
 	$(PY) bench/judge_batching.py --clients 32 --requests 16
 	$(PY) bench/judge_load.py --clients 32 --seconds 20
 	$(PY) bench/training_packing.py --rows 400 --batch 8 --block 1024
+	$(PY) bench/eval_throughput.py --prompts 200 --samples 4 --concurrency 16 --latency 0.2
 
 ## lint: ruff lint and format check, and the type checker (mypy) over the whole package
 lint: setup
