@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.grpc_servers import LoopThread, server_settings, start_server_from_settings
 from tests.support.http_servers import OpenAIServer, completion_from_text
 from unsafechain.cli import main
 from unsafechain.evaluation.config import EvalConfig, load_eval_config
@@ -52,6 +53,15 @@ def refusal_reader(request: dict) -> list:
     text = json.dumps(request.get("messages") or request.get("prompt"))
     verdict = "full_refusal" if "cannot" in text.lower() else "full_compliance"
     return [completion_from_text(f"CLASS: {verdict}") for _ in range(request.get("n") or 1)]
+
+
+def local(model: Path) -> dict:
+    return {"backend": "transformers", "model": str(model), "device": "cpu"}
+
+
+def sample_rows(output: Path, model: str, benchmark: str) -> list[dict]:
+    path = output / "samples" / model / f"{benchmark}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def eval_config(tmp_path: Path, standin_models, tuned: Path, refusal_url: str) -> Path:
@@ -198,3 +208,56 @@ def test_a_training_run_that_has_not_finished_is_refused(standin_models, tmp_pat
     )
     with pytest.raises(EvalError, match="has not finished"):
         run_evaluation(config, progress=False)
+
+
+def test_generation_and_judge_services_stand_in_for_the_local_models(standin_models, tmp_path):
+    loop = LoopThread()
+    generation = loop.run(
+        start_server_from_settings(
+            server_settings("generation", models={"generator": local(standin_models.generator)})
+        )
+    )
+    judge = loop.run(
+        start_server_from_settings(
+            server_settings("judge", models={"guard": local(standin_models.judge)})
+        )
+    )
+    served = {"address": f"127.0.0.1:{generation.port}", "timeout": 120}
+    try:
+        raw = {
+            "eval": {"output": str(tmp_path / "eval"), "resamples": 200},
+            "models": {
+                "generator": local(standin_models.generator),
+                "other": local(standin_models.corrector),
+            },
+            "candidates": [
+                {"name": "served", "remote": served},
+                {"name": "checked", "model": "generator", "remote": served, "base": "served"},
+            ],
+            "benchmarks": [{"name": "strongreject", "limit": 3}, {"name": "gsm8k", "limit": 2}],
+            "sampling": {"samples": 2, "temperature": 0.7, "max_new_tokens": 48},
+            "judging": {"judges": [{"name": "guard", "kind": "llama_guard", "model": "guard"}]},
+            "remote": {"judge": {"address": f"127.0.0.1:{judge.port}", "timeout": 120}},
+        }
+        result = run_evaluation(EvalConfig.model_validate(raw), progress=False)
+        models = {m["name"]: m for m in result.results["models"]}
+        for name in ("served", "checked"):
+            # The model as the generation service reports it.
+            assert models[name]["model"] == str(standin_models.generator)
+            assert models[name]["backend"] == "remote transformers"
+            rows = sample_rows(result.output, name, "strongreject")
+            assert len(rows) == 3 * K
+            assert all(row["label"] in ("safe", "unsafe") for row in rows)
+        assert result.results["results"]["checked"]["strongreject"]["comparison"]["against"] == (
+            "served"
+        )
+
+        # A service that runs another model than the configuration names is refused.
+        raw["eval"]["output"] = str(tmp_path / "mismatch")
+        raw["candidates"] = [{"name": "wrong", "model": "other", "remote": served}]
+        with pytest.raises(EvalError, match=r"candidates\.wrong\.remote: the generation service"):
+            run_evaluation(EvalConfig.model_validate(raw), progress=False)
+    finally:
+        loop.run(generation.drain(1.0))
+        loop.run(judge.drain(1.0))
+        loop.close()

@@ -81,8 +81,11 @@ class CandidateSettings(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> CandidateSettings:
-        if self.model is None and self.training_run is None:
-            raise ValueError("give model (a models entry) or training_run (a run folder)")
+        if self.model is None and self.training_run is None and self.remote is None:
+            raise ValueError(
+                "give model (a models entry), training_run (a run folder) or remote (a "
+                "generation service)"
+            )
         if self.adapter is not None and self.training_run is not None:
             raise ValueError("adapter: a training_run brings its own adapter")
         if self.remote is not None and (self.adapter or self.training_run):

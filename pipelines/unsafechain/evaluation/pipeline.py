@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from unsafechain.backends.pool import BackendPool
 from unsafechain.backends.settings import BackendSettings
-from unsafechain.domain.convert import LABEL_TO_PB, verdict_to_pb
+from unsafechain.domain.convert import LABEL_TO_PB, model_ref_to_pb, verdict_to_pb
 from unsafechain.domain.files import write_atomically
 from unsafechain.domain.reasoning import format_reasoning
 from unsafechain.evaluation.benchmarks import (
@@ -62,11 +62,13 @@ from unsafechain.evaluation.metrics import (
 )
 from unsafechain.evaluation.report import write_report
 from unsafechain.evaluation.scoring import CODE_SCORERS, score_answer
+from unsafechain.generation.client import RemoteGenerationEngine
 from unsafechain.generation.engine import Generator
-from unsafechain.generation.factory import generation_engine
+from unsafechain.generation.factory import describe_generator, generation_engine
 from unsafechain.intake.answers import code_sandbox
 from unsafechain.judge.engine import CompletionJudge
 from unsafechain.judge.factory import judge_engine
+from unsafechain.runtime.client import StageMismatch
 from unsafechain.sandbox.runner import Sandbox
 from unsafechain.streaming.stages import (
     GENERATED,
@@ -508,7 +510,7 @@ async def _run_cases(plan: EvalPlan, store: CaseStore, progress: bool) -> None:
                     continue
                 bar.set_description(f"eval {candidate.name}")
                 generator, pool = _generator(config, candidate)
-                provenance = _provenance(config, candidate)
+                provenance = await _provenance(config, candidate)
                 try:
                     transport = EmbeddedTransport(
                         [GenerateStage(generator, config.eval.seed), assess],
@@ -543,15 +545,28 @@ def _generator(
     return generation_engine(settings, pool), pool
 
 
-def _provenance(config: EvalConfig, candidate: ResolvedCandidate) -> case_pb2.Provenance:
+async def _provenance(config: EvalConfig, candidate: ResolvedCandidate) -> case_pb2.Provenance:
+    """What the candidate's cases record: its model (as its generation service reports
+    it, checked against ``model`` when that is given), the sampling, the config."""
     provenance = case_pb2.Provenance(
         build_id=f"eval:{candidate.name}", config_fingerprint=config.fingerprint()
     )
+    remote = candidate.settings.remote
     if candidate.backend is not None:
         ref = candidate.backend.ref()
-        provenance.generator.backend = ref.backend
-        provenance.generator.model = ref.model
-        provenance.generator.endpoint = ref.endpoint
+    elif candidate.settings.model is not None:
+        try:
+            ref = await describe_generator(
+                config.generation(candidate.settings, candidate.settings.model),
+                config.models,
+                remote,
+            )
+        except StageMismatch as error:
+            raise EvalError(f"candidates.{candidate.name}.remote: {error}") from None
+    else:
+        async with RemoteGenerationEngine(remote) as client:  # type: ignore[arg-type]
+            ref = await client.describe()
+    provenance.generator.CopyFrom(model_ref_to_pb(ref))
     params = config.sampling
     provenance.sampling.num_samples = params.samples
     provenance.sampling.temperature = params.temperature
@@ -660,7 +675,7 @@ def assemble_results(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "platform_version": _version(),
         "settings": _settings_summary(config),
-        "models": [candidate.describe() for candidate in plan.candidates],
+        "models": [_described(candidate, by_key) for candidate in plan.candidates],
         "benchmarks": [
             {
                 "name": b.name,
@@ -686,6 +701,23 @@ class Statistics:
 
     def options(self) -> dict[str, Any]:
         return {"confidence": self.confidence, "resamples": self.resamples, "seed": self.seed}
+
+
+def _described(
+    candidate: ResolvedCandidate, by_key: Mapping[tuple[str, str], Mapping[str, case_pb2.Case]]
+) -> dict[str, Any]:
+    """The candidate as ``results.json`` records it; a generation service's model as
+    the service reported it to the candidate's cases."""
+    described = candidate.describe()
+    if candidate.backend is None:
+        for (name, _), cases in by_key.items():
+            if name == candidate.name and cases:
+                generator = next(iter(cases.values())).provenance.generator
+                described["backend"] = f"remote {generator.backend}"
+                described["model"] = generator.model
+                described["adapter"] = generator.adapter or None
+                break
+    return described
 
 
 def _figures(
