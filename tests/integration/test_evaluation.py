@@ -257,6 +257,13 @@ def test_generation_and_judge_services_stand_in_for_the_local_models(standin_mod
         raw["candidates"] = [{"name": "wrong", "model": "other", "remote": served}]
         with pytest.raises(EvalError, match=r"candidates\.wrong\.remote: the generation service"):
             run_evaluation(EvalConfig.model_validate(raw), progress=False)
+
+        # So is a judge service that runs other judges than `judging` configures.
+        raw["eval"]["output"] = str(tmp_path / "judge-mismatch")
+        raw["candidates"] = [{"name": "served", "remote": served}]
+        raw["models"]["guard"] = local(standin_models.corrector)
+        with pytest.raises(EvalError, match=r"remote: the judge service at .* runs"):
+            run_evaluation(EvalConfig.model_validate(raw), progress=False)
     finally:
         loop.run(generation.drain(1.0))
         loop.run(judge.drain(1.0))

@@ -37,9 +37,15 @@ from tqdm import tqdm
 
 from unsafechain.backends.pool import BackendPool
 from unsafechain.backends.settings import BackendSettings
-from unsafechain.domain.convert import LABEL_TO_PB, model_ref_to_pb, verdict_to_pb
+from unsafechain.domain.convert import (
+    LABEL_TO_PB,
+    identity_to_pb,
+    model_ref_to_pb,
+    verdict_to_pb,
+)
 from unsafechain.domain.files import write_atomically
 from unsafechain.domain.reasoning import format_reasoning
+from unsafechain.domain.types import JudgeIdentity
 from unsafechain.evaluation.benchmarks import (
     BENCHMARKS,
     Benchmark,
@@ -66,9 +72,12 @@ from unsafechain.generation.client import RemoteGenerationEngine
 from unsafechain.generation.engine import Generator
 from unsafechain.generation.factory import describe_generator, generation_engine
 from unsafechain.intake.answers import code_sandbox
+from unsafechain.judge.client import RemoteJudgeEngine
 from unsafechain.judge.engine import CompletionJudge
-from unsafechain.judge.factory import judge_engine
+from unsafechain.judge.factory import describe_judge_stage, judge_engine
+from unsafechain.judge.settings import EnsembleSettings, JudgingSettings
 from unsafechain.runtime.client import StageMismatch
+from unsafechain.runtime.settings import ClientSettings
 from unsafechain.sandbox.runner import Sandbox
 from unsafechain.streaming.stages import (
     GENERATED,
@@ -317,11 +326,12 @@ class EvalPlan:
         judged = sum(self.size(b) for b in self.benchmarks if b.kind == "safety")
         refusal = sum(self.size(b) for b in self.benchmarks if b.kind == "over_refusal")
         scored = sum(self.size(b) for b in self.benchmarks if b.kind == "capability")
-        judges = max(1, len(self.config.judging.judges))
+        judge_calls = _calls_per_sample(self.config.judging)
+        refusal_calls = _calls_per_sample(self.config.refusal or self.config.judging)
         return {
             "cases": models * self.prompts,
             "generations": models * self.prompts * k,
-            "judge_calls": models * (judged * k * judges + refusal * k),
+            "judge_calls": models * k * (judged * judge_calls + refusal * refusal_calls),
             "scored_samples": models * scored * k,
         }
 
@@ -369,6 +379,13 @@ class EvalPlan:
             + (f"; {self.stored} cases stored already" if self.stored else "")
         )
         return "\n".join(lines)
+
+
+def _calls_per_sample(judging: JudgingSettings) -> int:
+    """Model calls that judging one sample takes: one per judge (an ensemble only
+    combines its members' verdicts) and judged part (``targets``)."""
+    judges = sum(1 for judge in judging.judges if judge.kind != "ensemble")
+    return max(1, judges) * len(judging.targets)
 
 
 def plan_evaluation(config: EvalConfig, *, dry_run: bool = False) -> EvalPlan:
@@ -502,6 +519,13 @@ async def _run_cases(plan: EvalPlan, store: CaseStore, progress: bool) -> None:
     judge_pool = BackendPool(config.models)
     judges = _Judges(config, judge_pool)
     assess = AssessStage(by_name, lambda: judges.safety, lambda: judges.refusal, sandbox)
+    kinds = {b.kind for b in plan.benchmarks}
+    identities: list[JudgeIdentity] = []
+    if "safety" in kinds:
+        identities += await _judge_stage(config.judging, config.models, config.remote.judge)
+    if "over_refusal" in kinds:
+        refusal = config.refusal or config.judging
+        identities += await _judge_stage(refusal, config.models, config.remote.refusal)
     try:
         with tqdm(total=total, desc="eval", unit="case", disable=not progress) as bar:
             for candidate in plan.candidates:
@@ -511,6 +535,7 @@ async def _run_cases(plan: EvalPlan, store: CaseStore, progress: bool) -> None:
                 bar.set_description(f"eval {candidate.name}")
                 generator, pool = _generator(config, candidate)
                 provenance = await _provenance(config, candidate)
+                provenance.judges.extend(identity_to_pb(identity) for identity in identities)
                 try:
                     transport = EmbeddedTransport(
                         [GenerateStage(generator, config.eval.seed), assess],
@@ -532,6 +557,28 @@ async def _run_cases(plan: EvalPlan, store: CaseStore, progress: bool) -> None:
     finally:
         await judges.aclose()
         await judge_pool.aclose()
+
+
+async def _judge_stage(
+    judging: JudgingSettings,
+    models: Mapping[str, BackendSettings],
+    remote: ClientSettings | None,
+) -> tuple[JudgeIdentity, ...]:
+    """The judges a stage runs, for provenance: from the settings; a judge service's as
+    it reports them, checked against the settings when their models are configured
+    here.
+
+    Raises:
+        EvalError: The service runs other judges than the settings name.
+    """
+    named = {j.model for j in judging.judges if not isinstance(j, EnsembleSettings)}
+    if remote is None or named <= set(models):
+        try:
+            return await describe_judge_stage(judging, models, remote)
+        except StageMismatch as error:
+            raise EvalError(f"remote: {error}") from None
+    async with RemoteJudgeEngine(remote) as client:
+        return await client.describe()
 
 
 def _generator(
