@@ -30,8 +30,6 @@ import argparse
 import csv
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +39,8 @@ from typing import Any
 
 # The test servers live in tests/support; the script runs from bench/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from judge_batching import machine_description
 
 from tests.support.http_servers import (
     OpenAIServer,
@@ -228,19 +228,6 @@ def measure(args: argparse.Namespace) -> Result:
         )
 
 
-def machine_description() -> str:
-    """The machine the benchmark ran on, for its figures."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} CPU cores visible; Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=200, help="safety prompts per model")
@@ -263,7 +250,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     r = measure(args)
-    machine = machine_description()
+    machine = machine_description("cpu")
     print(f"machine: {machine}")
     print(
         f"{r.models} models x {r.prompts} prompts x K={r.samples}; concurrency {r.concurrency}, "
