@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 
 from tests.support.builds import write_build_config
-from tests.support.kafka_broker import FAST_GROUP_SETTINGS, free_port, kafka_section
+from tests.support.kafka_broker import FAST_GROUP_SETTINGS, free_port, kafka_section, topic_messages
 from unsafechain.cli import main
 from unsafechain.dataset.config import load_config
 from unsafechain.dataset.kafka import create_build_topics, run_kafka_build
@@ -118,15 +118,6 @@ def _outcomes(output: Path) -> dict[str, tuple]:
     return {row["id"]: (row["status"], row.get("response")) for row in rows + failed}
 
 
-def _read_topic(bootstrap: str, topic: str, partitions: int) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], consumer_timeout_ms=1500)
-    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
-    consumer.seek_to_beginning()
-    messages = list(consumer)
-    consumer.close()
-    return messages
-
-
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory, standin_models, bootstrap):
     """A build with two workers per stage and a poison message among the prompts."""
@@ -186,7 +177,7 @@ def test_each_case_is_stored_exactly_once(distributed):
 def test_poison_message_ends_in_the_dead_letter_topic_with_its_reason(distributed, bootstrap):
     path, result, _, _, _ = distributed
     settings = load_config(path).kafka
-    letters = _read_topic(bootstrap, dead_letter_topic(settings, "prompts"), settings.partitions)
+    letters = topic_messages(bootstrap, dead_letter_topic(settings, "prompts"), settings.partitions)
     assert [letter.key for letter in letters] == [b"poison"]
     headers = {key: value.decode() for key, value in letters[0].headers}
     assert headers["stage"] == "generate"
@@ -318,10 +309,10 @@ def test_a_case_that_keeps_failing_is_retried_then_dead_lettered_and_kept_as_fai
 
     assert len(calls) == 3
     assert calls[2] - calls[1] >= calls[1] - calls[0] >= 0.05
-    [letter] = _read_topic(bootstrap, dead_letter_topic(settings, "prompts"), 1)
+    [letter] = topic_messages(bootstrap, dead_letter_topic(settings, "prompts"), 1)
     headers = {key: value.decode() for key, value in letter.headers}
     assert headers == {"error": "RuntimeError: boom", "stage": "generate", "attempts": "3"}
-    [record] = _read_topic(bootstrap, topic_name(settings, "records"), 1)
+    [record] = topic_messages(bootstrap, topic_name(settings, "records"), 1)
     failed = case_pb2.Case.FromString(record.value)
     assert failed.status == case_pb2.CASE_STATUS_STAGE_FAILED
     assert failed.status_reason == "generate: RuntimeError: boom"

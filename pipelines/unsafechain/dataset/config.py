@@ -6,14 +6,12 @@ A wrong key or value is reported with its dotted path, e.g.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from unsafechain.backends.settings import BackendSettings, top_k_problem
+from unsafechain.backends.settings import BackendSettings, content_fingerprint, top_k_problem
 from unsafechain.correction.settings import CorrectionSettings, refusal_check_problem
 from unsafechain.domain.settings import ConfigError, StrictModel, load_config_file
 from unsafechain.generation.settings import GenerationSettings
@@ -215,10 +213,7 @@ class BuildConfig(StrictModel):
                 "card": True,
             },
         )
-        for model in content["models"].values():
-            for key in ("timeout", "max_concurrency", "retry", "max_batch_size", "device"):
-                model.pop(key, None)
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return content_fingerprint(content)
 
 
 def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> BuildConfig:

@@ -4,14 +4,12 @@ settings. A wrong key or value is reported with its dotted path."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from unsafechain.backends.settings import BackendSettings, top_k_problem
+from unsafechain.backends.settings import BackendSettings, content_fingerprint, top_k_problem
 from unsafechain.domain.settings import (
     ConfigError,
     SamplingSettings,
@@ -174,10 +172,7 @@ class EvalConfig(StrictModel):
                 "eval": {"output", "concurrency", "queue_size", "confidence", "resamples"},
             },
         )
-        for model in content["models"].values():
-            for key in ("timeout", "max_concurrency", "retry", "max_batch_size", "device"):
-                model.pop(key, None)
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return content_fingerprint(content)
 
 
 def load_eval_config(path: str | Path, overrides: dict[str, object] | None = None) -> EvalConfig:

@@ -124,6 +124,23 @@ def top_k_problem(
     return f"{section}.top_k: {reason} (models.{model}); set it to 0 (off)" if reason else None
 
 
+# How a model is reached, not what it computes: left out of configuration fingerprints.
+_RUNTIME_ONLY = ("timeout", "max_concurrency", "retry", "max_batch_size", "device")
+
+
+def content_fingerprint(content: dict) -> str:
+    """The fingerprint of a configuration's JSON ``content`` (a ``model_dump``), its
+    ``models`` table stripped of the settings that change how a model is reached but
+    not what it computes (timeouts, concurrency, retries, batch size, device)."""
+    import hashlib
+    import json
+
+    for model in (content.get("models") or {}).values():
+        for key in _RUNTIME_ONLY:
+            model.pop(key, None)
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def create_backend(settings: BackendSettings) -> ModelBackend:
     """Build the backend ``settings`` describe."""
     if settings.backend == "transformers":
