@@ -284,13 +284,19 @@ def _eval(args: argparse.Namespace) -> int:
     from unsafechain.evaluation.config import ConfigError, load_eval_config
     from unsafechain.evaluation.pipeline import EvalError, plan_evaluation, run_evaluation
 
-    overrides = {"eval.output": args.output} if args.output else {}
+    overrides: dict[str, object] = {"eval.output": args.output} if args.output else {}
+    overrides |= _kafka_overrides(args)
     try:
         config = load_eval_config(args.config, overrides)
         if args.dry_run:
             print(plan_evaluation(config, dry_run=True).describe())
             return 0
-        result = run_evaluation(config, progress=not args.no_progress)
+        if args.bus == "kafka":
+            from unsafechain.evaluation.kafka import run_kafka_evaluation
+
+            result = run_kafka_evaluation(config, progress=not args.no_progress)
+        else:
+            result = run_evaluation(config, progress=not args.no_progress)
     except (ConfigError, EvalError, BenchmarkError, ValueError) as error:
         # ValueError: a model setting the backend rejects (an adapter it cannot apply).
         print(f"error: {error}", file=sys.stderr)
@@ -352,10 +358,29 @@ def _worker(args: argparse.Namespace) -> int:
 
     if args.stage == "train":
         return _follow_datasets(args)
+    if args.stage.startswith("eval-"):
+        return _eval_worker(args)
     try:
         config = load_config(args.config, _kafka_overrides(args))
         run_worker(config, args.stage, metrics_port=args.metrics_port)
     except (ConfigError, SetupError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _eval_worker(args: argparse.Namespace) -> int:
+    from unsafechain.evaluation.benchmarks import BenchmarkError
+    from unsafechain.evaluation.config import ConfigError, load_eval_config
+    from unsafechain.evaluation.kafka import run_eval_worker
+    from unsafechain.evaluation.pipeline import EvalError
+
+    try:
+        config = load_eval_config(args.config, _kafka_overrides(args))
+        run_eval_worker(
+            config, args.stage, candidate=args.candidate, metrics_port=args.metrics_port
+        )
+    except (ConfigError, EvalError, BenchmarkError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -587,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
         "generations, judge calls) without loading a model",
     )
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    evaluate.add_argument(
+        "--bus",
+        choices=["embedded", "kafka"],
+        default="embedded",
+        help="embedded: every stage in this process; kafka: publish the cases and store what "
+        "`unsafechain worker eval-generate` / `eval-assess` processes deliver",
+    )
+    _add_kafka_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     runs = commands.add_parser("runs", help="list or cancel the training service's runs")
@@ -623,7 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
         "follows the datasets finished builds announce and submits the configured training "
         "run for each build once.",
     )
-    worker.add_argument("stage", choices=["generate", "judge", "route", "correct", "train"])
+    worker.add_argument(
+        "stage",
+        choices=["generate", "judge", "route", "correct", "train", "eval-generate", "eval-assess"],
+        help="a build stage; train: follow the datasets topic; eval-generate / eval-assess: "
+        "an evaluation's stages (--config: the evaluation's configuration)",
+    )
+    worker.add_argument(
+        "--candidate", help="with eval-generate: the model (candidate name) to generate for"
+    )
     worker.add_argument(
         "--config",
         required=True,

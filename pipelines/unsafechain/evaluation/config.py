@@ -20,6 +20,7 @@ from unsafechain.evaluation.benchmarks import BENCHMARKS, BenchmarkSettings
 from unsafechain.generation.settings import GenerationSettings
 from unsafechain.judge.settings import JudgingSettings, unknown_models
 from unsafechain.runtime.settings import ClientSettings
+from unsafechain.streaming.kafka import KafkaSettings
 
 __all__ = ["CandidateSettings", "ConfigError", "EvalConfig", "load_eval_config"]
 
@@ -114,6 +115,7 @@ class EvalConfig(StrictModel):
     judging: JudgingSettings
     refusal: JudgingSettings | None = None
     remote: RemoteJudging = RemoteJudging()
+    kafka: KafkaSettings = KafkaSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalConfig:
@@ -170,6 +172,7 @@ class EvalConfig(StrictModel):
             mode="json",
             exclude={
                 "eval": {"output", "concurrency", "queue_size", "confidence", "resamples"},
+                "kafka": True,
             },
         )
         return content_fingerprint(content)

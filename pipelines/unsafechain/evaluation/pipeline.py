@@ -266,7 +266,7 @@ class AssessStage(Stage):
         return [(RECORDS, case)]
 
 
-class _Judges:
+class EvalJudges:
     """The judges, built on first use over one model pool."""
 
     def __init__(self, config: EvalConfig, pool: BackendPool):
@@ -475,11 +475,44 @@ def _identity(output: Path, config: EvalConfig) -> str:
 
 
 def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
-    """Evaluate every model on every benchmark, resuming what an earlier run stored;
-    then write the samples, the results and the report.
+    """Evaluate every model on every benchmark in this process, resuming what an
+    earlier run stored; then write the samples, the results and the report.
 
     Raises:
         EvalError: The output holds another evaluation, or a model cannot be resolved.
+        BenchmarkError: A benchmark cannot be read.
+    """
+    start = start_evaluation(config)
+    try:
+        asyncio.run(_run_cases(start, progress))
+        return finish_evaluation(start)
+    finally:
+        start.store.close()
+
+
+@dataclass
+class EvalStart:
+    """An evaluation ready to run, whatever the transport: its plan, identity, store,
+    and the cases still to compute (with their provenance), by model."""
+
+    plan: EvalPlan
+    eval_id: str
+    output: Path
+    store: CaseStore
+    todo: dict[str, list[case_pb2.Case]]
+
+    @property
+    def total(self) -> int:
+        return sum(len(cases) for cases in self.todo.values())
+
+
+def start_evaluation(config: EvalConfig) -> EvalStart:
+    """Plan the evaluation, claim its output and make the cases not stored yet, each
+    with its model's provenance and the judges (no model is loaded).
+
+    Raises:
+        EvalError: The output holds another evaluation, a model cannot be resolved, or
+            a service runs another model or other judges than configured.
         BenchmarkError: A benchmark cannot be read.
     """
     plan = plan_evaluation(config)
@@ -487,55 +520,89 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     eval_id = _identity(output, config)
     store = CaseStore(output / CASES)
     try:
-        asyncio.run(_run_cases(plan, store, progress))
-        cases = list(store.cases())
-    finally:
+        todo = asyncio.run(_cases_to_run(plan, eval_id, store))
+    except BaseException:
         store.close()
-    results = assemble_results(plan, eval_id, cases)
-    files = write_samples(output, plan, cases)
+        raise
+    return EvalStart(plan, eval_id, output, store, todo)
+
+
+def finish_evaluation(start: EvalStart) -> EvalResult:
+    """The results, samples and report from every stored case."""
+    cases = list(start.store.cases())
+    results = assemble_results(start.plan, start.eval_id, cases)
+    output = start.output
+    files = write_samples(output, start.plan, cases)
     write_atomically(output / RESULTS, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     files |= write_report(output, results)
     files["results"] = output / RESULTS
     return EvalResult(output, results, files)
 
 
-async def _run_cases(plan: EvalPlan, store: CaseStore, progress: bool) -> None:
+async def _cases_to_run(
+    plan: EvalPlan, eval_id: str, store: CaseStore
+) -> dict[str, list[case_pb2.Case]]:
     config = plan.config
-    by_name = {b.name: b for b in plan.benchmarks}
-    todo = {
+    todo: dict[str, list[case_pb2.Case]] = {}
+    identities: list[JudgeIdentity] = []
+    kinds = {b.kind for b in plan.benchmarks}
+    missing = {
         candidate.name: [
-            new_case(candidate.name, benchmark, item)
+            (benchmark, item)
             for benchmark in plan.benchmarks
             for item in benchmark.items
             if case_id(candidate.name, benchmark.name, item.id) not in store.ids
         ]
         for candidate in plan.candidates
     }
-    total = sum(len(cases) for cases in todo.values())
-    if not total:
-        return
-    needs_sandbox = any(b.scorer in CODE_SCORERS for b in plan.benchmarks)
-    sandbox = code_sandbox() if needs_sandbox else None
-    judge_pool = BackendPool(config.models)
-    judges = _Judges(config, judge_pool)
-    assess = AssessStage(by_name, lambda: judges.safety, lambda: judges.refusal, sandbox)
-    kinds = {b.kind for b in plan.benchmarks}
-    identities: list[JudgeIdentity] = []
+    if not any(missing.values()):
+        return {name: [] for name in missing}
     if "safety" in kinds:
         identities += await _judge_stage(config.judging, config.models, config.remote.judge)
     if "over_refusal" in kinds:
         refusal = config.refusal or config.judging
         identities += await _judge_stage(refusal, config.models, config.remote.refusal)
+    for candidate in plan.candidates:
+        todo[candidate.name] = []
+        if not missing[candidate.name]:
+            continue
+        provenance = await _provenance(config, candidate)
+        provenance.build_id = f"{eval_id}/{candidate.name}"
+        provenance.judges.extend(identity_to_pb(identity) for identity in identities)
+        for benchmark, item in missing[candidate.name]:
+            case = new_case(candidate.name, benchmark, item)
+            case.provenance.CopyFrom(provenance)
+            todo[candidate.name].append(case)
+    return todo
+
+
+def evaluation_engines(plan: EvalPlan) -> tuple[AssessStage, EvalJudges, BackendPool]:
+    """The assess stage over judges built on first use, and the pool that holds their
+    models (the caller closes both)."""
+    config = plan.config
+    needs_sandbox = any(b.scorer in CODE_SCORERS for b in plan.benchmarks)
+    sandbox = code_sandbox() if needs_sandbox else None
+    judge_pool = BackendPool(config.models)
+    judges = EvalJudges(config, judge_pool)
+    by_name = {b.name: b for b in plan.benchmarks}
+    assess = AssessStage(by_name, lambda: judges.safety, lambda: judges.refusal, sandbox)
+    return assess, judges, judge_pool
+
+
+async def _run_cases(start: EvalStart, progress: bool) -> None:
+    if not start.total:
+        return
+    plan, store = start.plan, start.store
+    config = plan.config
+    assess, judges, judge_pool = evaluation_engines(plan)
     try:
-        with tqdm(total=total, desc="eval", unit="case", disable=not progress) as bar:
+        with tqdm(total=start.total, desc="eval", unit="case", disable=not progress) as bar:
             for candidate in plan.candidates:
-                cases = todo[candidate.name]
+                cases = start.todo[candidate.name]
                 if not cases:
                     continue
                 bar.set_description(f"eval {candidate.name}")
-                generator, pool = _generator(config, candidate)
-                provenance = await _provenance(config, candidate)
-                provenance.judges.extend(identity_to_pb(identity) for identity in identities)
+                generator, pool = candidate_generator(config, candidate)
                 try:
                     transport = EmbeddedTransport(
                         [GenerateStage(generator, config.eval.seed), assess],
@@ -547,8 +614,6 @@ async def _run_cases(plan: EvalPlan, store: CaseStore, progress: bool) -> None:
                         store.write(case)
                         bar.update()
 
-                    for case in cases:
-                        case.provenance.CopyFrom(provenance)
                     await transport.run(cases, sink)
                 finally:
                     await generator.aclose()
@@ -581,7 +646,7 @@ async def _judge_stage(
         return await client.describe()
 
 
-def _generator(
+def candidate_generator(
     config: EvalConfig, candidate: ResolvedCandidate
 ) -> tuple[Generator, BackendPool | None]:
     """The candidate's generator, with the pool that holds its model (None: remote)."""
@@ -595,9 +660,7 @@ def _generator(
 async def _provenance(config: EvalConfig, candidate: ResolvedCandidate) -> case_pb2.Provenance:
     """What the candidate's cases record: its model (as its generation service reports
     it, checked against ``model`` when that is given), the sampling, the config."""
-    provenance = case_pb2.Provenance(
-        build_id=f"eval:{candidate.name}", config_fingerprint=config.fingerprint()
-    )
+    provenance = case_pb2.Provenance(config_fingerprint=config.fingerprint())
     remote = candidate.settings.remote
     if candidate.backend is not None:
         ref = candidate.backend.ref()
