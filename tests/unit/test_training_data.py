@@ -149,3 +149,49 @@ def test_the_content_fingerprint_changes_with_the_rows(tmp_path):
     b = _read(_jsonl(tmp_path / "b.jsonl", [_row(0), _row(2)]))
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == _read(tmp_path / "a.jsonl").fingerprint()
+
+
+def test_a_safechain_release_is_read_by_its_columns_and_its_unsafe_rows_left_out(tmp_path):
+    # SafeChain's label is True for an UNSAFE response: those rows are never trained on.
+    rows = [
+        {"instruction": "How do I bake bread?", "response": RESPONSE, "label": False},
+        {"instruction": "How do I pick a lock?", "response": "<think>\nx\n</think>\n\nbad"},
+        {"instruction": "Say hello", "response": "Hello.", "label": False},
+    ]
+    rows[1]["label"] = True
+    path = _jsonl(tmp_path / "safechain" / "train.jsonl", rows)
+    data = read_training_data(DatasetSettings(path=path, layout="safechain"), "sft")
+    assert [row.prompt for row in data.rows] == ["How do I bake bread?", "Say hello"]
+    # A response without think tags is brought to the canonical form.
+    assert data.rows[1].response.startswith("<think>\n")
+    assert data.kind == "release"
+
+
+def test_a_star1_release_is_read_by_its_columns_from_parquet(tmp_path):
+    path = tmp_path / "star1.parquet"
+    datasets.Dataset.from_list(
+        [{"question": f"question {i}", "response": RESPONSE, "category": "x"} for i in range(3)]
+    ).to_parquet(str(path))
+    data = read_training_data(DatasetSettings(path=path, layout="star1"), "sft")
+    assert [row.prompt for row in data.rows] == ["question 0", "question 1", "question 2"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "rows", "message"),
+    [
+        ("star1", [{"prompt": "p", "response": RESPONSE}], "missing 'question'"),
+        ("safechain", [{"instruction": "p", "response": RESPONSE, "label": True}], "no row left"),
+    ],
+)
+def test_a_release_in_the_wrong_layout_is_refused_naming_the_columns(
+    tmp_path, layout, rows, message
+):
+    path = _jsonl(tmp_path / "release.jsonl", rows)
+    with pytest.raises(DatasetError, match=message):
+        read_training_data(DatasetSettings(path=path, layout=layout), "sft")
+
+
+def test_a_release_has_no_preference_pairs(tmp_path):
+    path = _jsonl(tmp_path / "train.jsonl", [{"instruction": "p", "response": RESPONSE}])
+    with pytest.raises(DatasetError, match=r"DPO trains on a build's pairs\.jsonl"):
+        read_training_data(DatasetSettings(path=path, layout="safechain"), "dpo")
