@@ -165,6 +165,15 @@ def test_base_and_tuned_side_by_side_through_to_the_report(standin_models, tuned
         assert again.results["results"] == results["results"] | again.results["results"]
         cases = (output / "cases.jsonl").read_text().splitlines()
         assert len(cases) == 2 * (4 + 3 + 3 + 2)
+        # Both models drew the samples of a prompt with the same seed (common random
+        # numbers for the paired comparison), and each prompt its own.
+        seeds: dict[str, set[int]] = {}
+        for line in cases:
+            case = json.loads(line)
+            key = f"{case['prompt']['source']['name']}/{case['prompt']['id']}"
+            seeds.setdefault(key, set()).add(int(case["provenance"]["sampling"]["seed"]))
+        assert all(len(found) == 1 for found in seeds.values())
+        assert len({found.pop() for found in seeds.values()}) == len(seeds)
 
 
 def test_another_configuration_on_the_same_output_is_refused(standin_models, tuned, tmp_path):

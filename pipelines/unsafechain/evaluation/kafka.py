@@ -43,6 +43,7 @@ from unsafechain.evaluation.pipeline import (
     evaluation_engines,
     finish_evaluation,
     plan_evaluation,
+    prompt_key,
     start_evaluation,
 )
 from unsafechain.generation.engine import Generator
@@ -155,7 +156,7 @@ def _run_worker(
             closers.append(generator.aclose)
             if pool is not None:
                 closers.append(pool.aclose)
-            stage = GenerateStage(generator, config.eval.seed)
+            stage = GenerateStage(generator, config.eval.seed, seed_key=prompt_key)
             consumed, group = prompts_topic(resolved.name), f"eval-generate.{resolved.name}"
         else:
             assess, judges, judge_pool = loop.run_until_complete(_engines_in_loop(plan))

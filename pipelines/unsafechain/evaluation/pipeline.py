@@ -204,6 +204,13 @@ def case_id(candidate: str, benchmark: str, item_id: str) -> str:
     return f"{candidate}/{benchmark}/{item_id}"
 
 
+def prompt_key(case: case_pb2.Case) -> str:
+    """A case's prompt apart from its model, ``<benchmark>/<item id>``: every model's
+    samples of a prompt are drawn with the same seed (common random numbers for the
+    paired comparisons)."""
+    return f"{case.prompt.source.name}/{case.prompt.id}"
+
+
 def new_case(candidate: str, benchmark: Benchmark, item: BenchmarkItem) -> case_pb2.Case:
     """The case of one model's samples of one benchmark prompt."""
     identity = case_id(candidate, benchmark.name, item.id)
@@ -605,7 +612,7 @@ async def _run_cases(start: EvalStart, progress: bool) -> None:
                 generator, pool = candidate_generator(config, candidate)
                 try:
                     transport = EmbeddedTransport(
-                        [GenerateStage(generator, config.eval.seed), assess],
+                        [GenerateStage(generator, config.eval.seed, seed_key=prompt_key), assess],
                         concurrency=config.eval.concurrency,
                         queue_size=config.eval.queue_size,
                     )

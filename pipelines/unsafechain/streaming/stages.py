@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from unsafechain.backends.base import BackendError
@@ -106,16 +107,32 @@ class Stage(abc.ABC):
 
 class GenerateStage(Stage):
     """Samples K completions of the case's prompt, in process or through a generation
-    service. A model that fails after its own retries fails the stage."""
+    service. A model that fails after its own retries fails the stage.
+
+    Args:
+        engine: The generator.
+        build_seed: The seed every case's sampling seed derives from.
+        seed_key: What a case's seed derives from (default: its id). The evaluation
+            gives every model the same seed for the same prompt, so that a model and
+            its base are compared on common random numbers.
+    """
 
     name, consumes, produces = "generate", PROMPTS, (GENERATED, RECORDS)
 
-    def __init__(self, engine: Generator, build_seed: int):
+    def __init__(
+        self,
+        engine: Generator,
+        build_seed: int,
+        *,
+        seed_key: Callable[[case_pb2.Case], str] | None = None,
+    ):
         self._engine = engine
         self._seed = build_seed
+        self._seed_key = seed_key
 
     async def process(self, case: case_pb2.Case) -> Emitted:
-        seed = case_seed(self._seed, case.id, "generate")
+        key = self._seed_key(case) if self._seed_key is not None else case.id
+        seed = case_seed(self._seed, key, "generate")
         case.provenance.sampling.seed = seed
         completions = await self._engine.generate(case.prompt.text, seed=seed)
         del case.completions[:]
