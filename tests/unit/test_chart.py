@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -578,3 +579,17 @@ def test_a_bound_between_values_is_refused_naming_it(args: list[str], named: str
     # values, which JSON Schema cannot state) is only reported by lint, which exits 0.
     linted = helm("lint", "--strict", str(CHART), *args)
     assert named in linted.stdout + linted.stderr
+
+
+def test_the_chart_installs_the_platforms_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == project["version"]
+    images = {
+        container["image"]
+        for _, spec in pod_specs(render())
+        for container in spec["containers"]
+        if "unsafechain" in container["image"]
+    }
+    assert all(image.endswith(f":{project['version']}") for image in images), images
