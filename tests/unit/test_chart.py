@@ -125,6 +125,37 @@ CUSTOM = {
         },
         ["scaleTargetRef", "triggers"],
     ),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): _custom(
+        {
+            "secretTargetRef": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["parameter", "name", "key"],
+                    "properties": {
+                        "parameter": {"type": "string"},
+                        "name": {"type": "string"},
+                        "key": {"type": "string"},
+                    },
+                },
+            },
+            "env": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["parameter", "name"],
+                    "properties": {
+                        "parameter": {"type": "string"},
+                        "name": {"type": "string"},
+                        "containerName": {"type": "string"},
+                    },
+                },
+            },
+        },
+        [],
+    ),
     ("kafka.strimzi.io/v1beta2", "KafkaTopic"): _custom(
         {
             "topicName": {"type": "string"},
@@ -329,6 +360,10 @@ SECRET_NAMES = [
     f"--set=tls.enabled=true,tls.secretName={MARKER}-tls,tls.clientCertificateSecret={MARKER}-client",
     f"--set=auth.tokensSecret.name={MARKER}-tokens,auth.clientTokenSecret.name={MARKER}-client-token",
     f"--set=inference.tgi.enabled=true,inference.tgi.hubTokenSecret.name={MARKER}-hf",
+    f"--set=kafka.tls.enabled=true,kafka.tls.caSecret.name={MARKER}-kafka-ca,"
+    f"kafka.tls.clientCertificateSecret={MARKER}-kafka-client",
+    f"--set=kafka.sasl.mechanism=PLAIN,kafka.sasl.username=u,kafka.sasl.passwordSecret.name={MARKER}-sasl",
+    "--set=workers.judge.autoscaling.enabled=true",
 ]
 
 
@@ -350,9 +385,9 @@ def test_credentials_are_rendered_only_as_references_to_existing_secrets() -> No
         for path, text in _strings(doc):
             if MARKER in text:
                 # A Secret's name, where a pod refers to it; never in data or env values.
-                assert path.endswith((".secretName", ".secretKeyRef.name")), (
-                    f"{doc['kind']} {doc['metadata']['name']}{path}"
-                )
+                assert path.endswith((".secretName", ".secretKeyRef.name")) or (
+                    doc["kind"] == "TriggerAuthentication" and ".secretTargetRef[" in path
+                ), f"{doc['kind']} {doc['metadata']['name']}{path}"
 
 
 @pytest.mark.parametrize(
@@ -542,6 +577,13 @@ SCHEMA_REFUSALS = [
     (["--set", "kafka.topics.create=bitnami"], "create"),
     (["--set", "networkPolicy.enabeld=false"], "enabeld"),
     (["--set", "tls.enabled=true"], "secretName"),
+    (["--set", "kafka.sasl.mechanism=SCRAM-SHA-1"], "mechanism"),
+    (
+        ["--set", "kafka.sasl.mechanism=PLAIN,kafka.sasl.username=u"],
+        "kafka.sasl.passwordSecret.name",
+    ),
+    (["--set", "kafka.settings.security.protocol=SSL"], "settings"),
+    (["--set", "kafka.tls.clientCertificateSecret=x"], "clientCertificateSecret"),
 ]
 
 
@@ -593,3 +635,43 @@ def test_the_chart_installs_the_platforms_version() -> None:
         if "unsafechain" in container["image"]
     }
     assert all(image.endswith(f":{project['version']}") for image in images), images
+
+
+def test_everything_that_talks_to_kafka_gets_its_tls_and_sasl_from_secrets() -> None:
+    docs = render("-f", str(CHART / "ci" / "tls-values.yaml"))
+    config = next(doc for doc in docs if doc["kind"] == "ConfigMap" and component(doc) == "config")
+    security = yaml.safe_load(config["data"]["config.yaml"])["kafka"]["security"]
+    assert security["protocol"] == "SASL_SSL"
+    assert security["sasl_password_env"] == "KAFKA_SASL_PASSWORD"
+    talkers = [
+        (doc, spec)
+        for doc, spec in pod_specs(docs)
+        if component(doc).startswith("worker-") or component(doc) == "topics"
+    ]
+    assert len(talkers) == 5
+    for _doc, spec in talkers:
+        container = spec["containers"][0]
+        password = next(e for e in container["env"] if e["name"] == "KAFKA_SASL_PASSWORD")
+        assert password["valueFrom"]["secretKeyRef"] == {"name": "kafka-sasl", "key": "password"}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        ca = volumes[mounts["/etc/unsafechain/kafka-tls"]]["secret"]
+        assert ca["secretName"] == "kafka-ca"
+        assert security["ca_file"] == "/etc/unsafechain/kafka-tls/" + ca["items"][0]["path"]
+        client = volumes[mounts["/etc/unsafechain/kafka-client-tls"]]["secret"]
+        assert client["secretName"] == "kafka-client-tls"
+    scaled = next(doc for doc in docs if doc["kind"] == "ScaledObject")
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["metadata"]["sasl"] == "scram_sha512" and trigger["metadata"]["tls"] == "enable"
+    auth = next(doc for doc in docs if doc["kind"] == "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]} == {
+        "password",
+        "ca",
+        "cert",
+        "key",
+    }
+    for doc, spec in pod_specs(docs):
+        if component(doc) in GRPC_SERVICES | GPU_COMPONENTS:
+            names = {e["name"] for e in spec["containers"][0].get("env", [])}
+            assert "KAFKA_SASL_PASSWORD" not in names, "only what talks to Kafka gets it"

@@ -102,6 +102,8 @@ and the base_url of the models the bundled inference servers serve. */}}
 {{- define "unsafechain.buildConfig" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $kafka := merge (dict "bootstrap_servers" .Values.kafka.bootstrapServers "topic_prefix" .Values.kafka.topicPrefix "version" .Values.kafka.version "partitions" (int .Values.kafka.partitions) "replication_factor" (int .Values.kafka.replicationFactor)) (deepCopy .Values.kafka.settings) -}}
+{{- $security := include "unsafechain.kafkaSecurity" . | fromYaml -}}
+{{- if $security -}}{{- $_ := set $kafka "security" $security -}}{{- end -}}
 {{- $_ := set $config "kafka" $kafka -}}
 {{- $remote := dict -}}
 {{- range $name := list "generation" "judge" "correction" -}}
@@ -149,4 +151,71 @@ them; the kubernetes executor's namespace, instance and image default to the rel
 {{- $_ := set $settings "kubernetes" (merge (deepCopy $settings.kubernetes) $defaults) -}}
 {{- end -}}
 {{- toYaml $settings -}}
+{{- end -}}
+
+{{/* The kafka.security section from kafka.tls and kafka.sasl: files where the pods mount
+the Secrets, the password by the name of the variable that holds it. Empty: plaintext. */}}
+{{- define "unsafechain.kafkaSecurity" -}}
+{{- $tls := .Values.kafka.tls -}}
+{{- $sasl := .Values.kafka.sasl -}}
+{{- if or $tls.enabled $sasl.mechanism -}}
+protocol: {{ ternary (ternary "SASL_SSL" "SSL" (not (empty $sasl.mechanism))) "SASL_PLAINTEXT" $tls.enabled }}
+{{- if $tls.caSecret.name }}
+ca_file: /etc/unsafechain/kafka-tls/ca.crt
+{{- end }}
+{{- if $tls.clientCertificateSecret }}
+cert_file: /etc/unsafechain/kafka-client-tls/tls.crt
+key_file: /etc/unsafechain/kafka-client-tls/tls.key
+{{- end }}
+{{- if $sasl.mechanism }}
+sasl_mechanism: {{ $sasl.mechanism }}
+sasl_username: {{ $sasl.username | quote }}
+sasl_password_env: KAFKA_SASL_PASSWORD
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* What a pod that talks to Kafka adds to its container: the SASL credentials'
+variables. */}}
+{{- define "unsafechain.kafkaEnv" -}}
+{{- if .Values.kafka.sasl.mechanism }}
+- name: KAFKA_SASL_USERNAME
+  value: {{ .Values.kafka.sasl.username | quote }}
+- name: KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.sasl.passwordSecret.name }}
+      key: {{ .Values.kafka.sasl.passwordSecret.key }}
+{{- end }}
+{{- end -}}
+
+{{/* The Kafka TLS mounts of a pod that talks to Kafka. */}}
+{{- define "unsafechain.kafkaMounts" -}}
+{{- if .Values.kafka.tls.caSecret.name }}
+- name: kafka-tls
+  mountPath: /etc/unsafechain/kafka-tls
+  readOnly: true
+{{- end }}
+{{- if .Values.kafka.tls.clientCertificateSecret }}
+- name: kafka-client-tls
+  mountPath: /etc/unsafechain/kafka-client-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The Kafka TLS volumes of a pod that talks to Kafka. */}}
+{{- define "unsafechain.kafkaVolumes" -}}
+{{- if .Values.kafka.tls.caSecret.name }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.tls.caSecret.name }}
+    items:
+      - key: {{ .Values.kafka.tls.caSecret.key }}
+        path: ca.crt
+{{- end }}
+{{- if .Values.kafka.tls.clientCertificateSecret }}
+- name: kafka-client-tls
+  secret:
+    secretName: {{ .Values.kafka.tls.clientCertificateSecret }}
+{{- end }}
 {{- end -}}
