@@ -9,6 +9,7 @@ would do is not tested here.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -675,3 +676,37 @@ def test_everything_that_talks_to_kafka_gets_its_tls_and_sasl_from_secrets() -> 
         if component(doc) in GRPC_SERVICES | GPU_COMPONENTS:
             names = {e["name"] for e in spec["containers"][0].get("env", [])}
             assert "KAFKA_SASL_PASSWORD" not in names, "only what talks to Kafka gets it"
+
+
+# Values whose content is another schema's (the build configuration, the training
+# service's settings) or Kubernetes' own (resources, selectors, tolerations, peers).
+FREE_FORM = {
+    "config",
+    "settings",
+    "resources",
+    "nodeSelector",
+    "tolerations",
+    "env",
+    "labels",
+    "prometheus",
+    "clients",
+}
+
+
+def test_every_value_is_documented_where_it_is_set() -> None:
+    undocumented = []
+    path: list[tuple[int, str]] = []
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for number, line in enumerate(lines):
+        found = re.match(r"^(\s*)([A-Za-z][\w.]*):(.*)$", line)
+        if not found:
+            continue
+        indent, key, rest = len(found[1]), found[2], found[3].strip()
+        path = [(i, k) for i, k in path if i < indent]
+        if any(k in FREE_FORM for _, k in path):
+            continue
+        path.append((indent, key))
+        leaf = bool(rest) and not rest.startswith("#")
+        if leaf and not lines[number - 1].strip().startswith("#"):
+            undocumented.append(".".join(k for _, k in path))
+    assert not undocumented
