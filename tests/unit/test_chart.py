@@ -77,12 +77,26 @@ def _custom(spec: dict[str, Any], required: list[str]) -> dict[str, Any]:
     }
 
 
-# The custom resources, written down from their CRDs: the fields of spec (no others),
-# the required ones and their types. KEDA 2.x ScaledObject (keda.sh/v1alpha1; the
-# kafka scaler's metadata are strings), Strimzi KafkaTopic (kafka.strimzi.io/v1beta2),
-# Prometheus Operator ServiceMonitor (monitoring.coreos.com/v1), reduced to the fields
-# the chart may write.
+# The custom resources, written down from their CRDs (not loaded from them: no CRD is
+# stored here): the fields of spec the chart may write (no others), the required ones
+# and their types. KEDA 2.x ScaledObject and TriggerAuthentication (keda.sh/v1alpha1;
+# the kafka scaler's metadata are strings), Strimzi KafkaTopic (kafka.strimzi.io/v1beta2),
+# Prometheus Operator ServiceMonitor and PodMonitor (monitoring.coreos.com/v1).
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_ENDPOINTS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "port": {"type": "string"},
+            "path": {"type": "string"},
+            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+            "scheme": {"enum": ["http", "https"]},
+        },
+    },
+}
 CUSTOM = {
     ("keda.sh/v1alpha1", "ScaledObject"): _custom(
         {
@@ -166,23 +180,19 @@ CUSTOM = {
         },
         [],
     ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _custom(
+        {
+            "selector": {"type": "object"},
+            "namespaceSelector": {"type": "object"},
+            "podMetricsEndpoints": _ENDPOINTS,
+        },
+        ["selector", "podMetricsEndpoints"],
+    ),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): _custom(
         {
             "selector": {"type": "object"},
             "namespaceSelector": {"type": "object"},
-            "endpoints": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "port": {"type": "string"},
-                        "path": {"type": "string"},
-                        "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
-                        "scheme": {"enum": ["http", "https"]},
-                    },
-                },
-            },
+            "endpoints": _ENDPOINTS,
         },
         ["selector", "endpoints"],
     ),
@@ -259,6 +269,7 @@ def test_the_value_sets_render_what_they_are_for() -> None:
     assert ("tgi", "Deployment") in kinds["gpu-values"]
     assert ("vllm", "Deployment") in kinds["gpu-values"]
     assert ("judge", "ServiceMonitor") in kinds["gpu-values"]
+    assert ("worker-route", "PodMonitor") in kinds["gpu-values"]
     assert not {kind for _, kind in kinds["minimal-values"]} & {"ScaledObject", "KafkaTopic"}
     assert not {name for name, _ in kinds["minimal-values"]} & GPU_COMPONENTS
     assert ("topics", "KafkaTopic") in kinds["strimzi-values"]
