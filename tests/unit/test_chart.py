@@ -133,7 +133,11 @@ CUSTOM = {
                                 "lagThreshold",
                             ],
                         },
-                        "authenticationRef": {"type": "object"},
+                        "authenticationRef": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}, "kind": {"type": "string"}},
+                        },
                     },
                 },
             },
