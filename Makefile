@@ -11,8 +11,18 @@ DEMO_TRAIN_CONFIG ?= pipelines/unsafechain/demo/train.yaml
 DEMO_EVAL_CONFIG ?= pipelines/unsafechain/demo/eval.yaml
 KAFKA_PORT ?= 9092
 KAFKA_PID := .cache/kafka.pid
+HELM := $(VENV)/bin/helm
+CHART := charts/unsafechain
+NAMESPACE ?= unsafechain
+RELEASE ?= unsafechain
+# Space-separated values files, each passed with -f.
+VALUES ?=
+IMAGE_REGISTRY ?= ghcr.io/unsafechain
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+HELM_ARGS = $(foreach file,$(VALUES),-f $(file)) --set-string image.registry=$(IMAGE_REGISTRY) \
+	--set-string image.tag=$(IMAGE_TAG)
 
-.PHONY: setup proto demo test bench lint format clean kafka-up kafka-down
+.PHONY: setup proto demo test bench lint format clean kafka-up kafka-down template deploy undeploy
 
 ## setup: create the virtual environment, generate the protobuf code, install the package (idempotent)
 setup: $(SETUP_STAMP)
@@ -79,6 +89,21 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(HELM) lint --strict $(CHART)
+	for values in $(CHART)/ci/*.yaml; do $(HELM) lint --strict --quiet $(CHART) -f $$values || exit 1; done
+
+## template: render the chart with VALUES, IMAGE_REGISTRY and IMAGE_TAG, as deploy would install it
+template: setup
+	$(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) $(HELM_ARGS)
+
+## deploy: install or upgrade the chart into the current kube context (NAMESPACE, RELEASE, VALUES, IMAGE_REGISTRY, IMAGE_TAG)
+deploy: setup
+	$(HELM) upgrade --install $(RELEASE) $(CHART) --namespace $(NAMESPACE) --create-namespace \
+		$(HELM_ARGS) --wait --timeout 15m
+
+## undeploy: uninstall the release from the current kube context
+undeploy: setup
+	$(HELM) uninstall $(RELEASE) --namespace $(NAMESPACE) --wait
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

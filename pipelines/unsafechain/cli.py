@@ -337,17 +337,18 @@ def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
 def _topics_create(args: argparse.Namespace) -> int:
     from unsafechain.dataset.config import ConfigError, load_config
     from unsafechain.dataset.kafka import create_build_topics
+    from unsafechain.domain.settings import SetupError
 
     try:
         config = load_config(args.config, _kafka_overrides(args))
-    except ConfigError as error:
+        settings = config.kafka
+        if args.partitions:
+            settings = settings.model_copy(update={"partitions": args.partitions})
+        for name in create_build_topics(settings, config.events):
+            print(f"created {name}")
+    except (ConfigError, SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    settings = config.kafka
-    if args.partitions:
-        settings = settings.model_copy(update={"partitions": args.partitions})
-    for name in create_build_topics(settings, config.events):
-        print(f"created {name}")
     return 0
 
 

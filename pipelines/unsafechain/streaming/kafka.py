@@ -22,7 +22,8 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -35,9 +36,9 @@ from kafka.errors import (
     TopicAlreadyExistsError,
 )
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from unsafechain.domain.settings import StrictModel
+from unsafechain.domain.settings import SetupError, StrictModel
 from unsafechain.runtime.metrics import MetricsEndpoint
 from unsafechain.streaming.stages import Emitted
 from unsafechain.v1 import case_pb2
@@ -56,6 +57,78 @@ M = TypeVar("M", bound=Message)
 """The message a runner's topic carries."""
 
 Handler = Callable[[case_pb2.Case], Awaitable[Emitted]]
+
+
+class KafkaSecuritySettings(StrictModel):
+    """How the clients authenticate to the brokers and protect the connection.
+
+    Attributes:
+        protocol: ``PLAINTEXT``, ``SSL`` (TLS), ``SASL_PLAINTEXT`` or ``SASL_SSL``.
+        ca_file: PEM CA bundle to verify the brokers with (TLS); None: the system's.
+        cert_file: PEM client certificate, for brokers that require one (mutual TLS).
+        key_file: PEM private key of ``cert_file``.
+        sasl_mechanism: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
+        sasl_username: The SASL user.
+        sasl_password_env: Name of the environment variable holding the SASL password;
+            the password itself never appears in a config file, a log line or an error.
+    """
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password_env: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecuritySettings:
+        tls = self.protocol in ("SSL", "SASL_SSL")
+        sasl = self.protocol.startswith("SASL_")
+        if not tls and (self.ca_file or self.cert_file or self.key_file):
+            raise ValueError(
+                f"protocol: {self.protocol} has no TLS for ca_file, cert_file, key_file"
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file: a client certificate needs both cert_file and key_file")
+        given = [self.sasl_mechanism, self.sasl_username, self.sasl_password_env]
+        if sasl and not all(given):
+            raise ValueError(
+                f"protocol: {self.protocol} needs sasl_mechanism, sasl_username and "
+                "sasl_password_env"
+            )
+        if not sasl and any(given):
+            raise ValueError(f"protocol: {self.protocol} takes no SASL settings")
+        return self
+
+    def client_arguments(self) -> dict[str, Any]:
+        """The kafka-python arguments of every client: the protocol, TLS files and SASL
+        credentials (the password read from its environment variable).
+
+        Raises:
+            SetupError: The password's variable is named but not set.
+        """
+        arguments: dict[str, Any] = {"security_protocol": self.protocol}
+        for name, path in (
+            ("ssl_cafile", self.ca_file),
+            ("ssl_certfile", self.cert_file),
+            ("ssl_keyfile", self.key_file),
+        ):
+            if path is not None:
+                arguments[name] = str(path)
+        if self.sasl_password_env:
+            password = os.environ.get(self.sasl_password_env)
+            if not password:
+                raise SetupError(
+                    f"kafka.security.sasl_password_env: environment variable "
+                    f"{self.sasl_password_env} is not set"
+                )
+            arguments.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=password,
+            )
+        return arguments
 
 
 class KafkaSettings(StrictModel):
@@ -80,6 +153,7 @@ class KafkaSettings(StrictModel):
         heartbeat_interval_ms: Time between heartbeats.
         idle_timeout_seconds: ``build --bus kafka`` stops with an error when no case
             arrives for this long (no workers running, a stage stuck).
+        security: TLS and SASL towards the brokers; plaintext by default.
     """
 
     bootstrap_servers: Annotated[tuple[str, ...], Field(min_length=1)] = ("127.0.0.1:9092",)
@@ -94,6 +168,7 @@ class KafkaSettings(StrictModel):
     session_timeout_ms: Annotated[int, Field(ge=1000)] = 10_000
     heartbeat_interval_ms: Annotated[int, Field(ge=100)] = 3_000
     idle_timeout_seconds: Annotated[float, Field(gt=0)] = 600.0
+    security: KafkaSecuritySettings = KafkaSecuritySettings()
 
 
 class PermanentError(Exception):
@@ -127,7 +202,10 @@ def create_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[str]:
 
     Topics that exist already are left as they are, so this can run before every build.
     """
-    admin = KafkaAdminClient(bootstrap_servers=list(settings.bootstrap_servers))
+    admin = KafkaAdminClient(
+        bootstrap_servers=list(settings.bootstrap_servers),
+        **settings.security.client_arguments(),
+    )
     created = []
     try:
         for topic in topics:
@@ -181,6 +259,7 @@ def make_producer(settings: KafkaSettings, *, timeout_ms: int | None = None) -> 
         acks="all",
         linger_ms=_LINGER_MS,
         client_id=_client_id("producer"),
+        **settings.security.client_arguments(),
         **bounds,
     )
 
@@ -195,6 +274,7 @@ def make_consumer(settings: KafkaSettings, topics: Sequence[str], group: str) ->
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        **settings.security.client_arguments(),
         max_poll_records=settings.max_poll_records,
         max_poll_interval_ms=settings.max_poll_interval_ms,
         session_timeout_ms=settings.session_timeout_ms,
@@ -308,6 +388,7 @@ class LagReporter:
             client_id=_client_id(f"{group}-lag"),
             group_id=group,
             enable_auto_commit=False,
+            **settings.security.client_arguments(),
         )
         self._thread = threading.Thread(target=self._run, name=f"{group}-lag", daemon=True)
 
