@@ -177,7 +177,7 @@ def test_each_build_gets_one_run_and_what_is_redelivered_undecodable_refused_or_
     tmp_path, bootstrap
 ):
     with training_service() as (service, port):
-        path = _follow_config(tmp_path, bootstrap, "follow", port)
+        path = _follow_config(tmp_path, bootstrap, "trigger-follow", port)
         topic, dlq = _topic(path)
         first, second = _event("build-a"), _event("build-b")
         # The same build announced twice (a re-finished build), poison, an empty subset,
@@ -187,7 +187,9 @@ def test_each_build_gets_one_run_and_what_is_redelivered_undecodable_refused_or_
         _announce(bootstrap, topic, _event("build-empty", selected=0), _event(REFUSED), second)
         with _follower(path) as thread:
             _wait(
-                lambda: committed_offsets(bootstrap, topic, "follow.v1.train") == 6, 60, "commits"
+                lambda: committed_offsets(bootstrap, topic, "trigger-follow.v1.train") == 6,
+                60,
+                "commits",
             )
             assert thread.is_alive()
 
@@ -224,9 +226,9 @@ def test_an_unavailable_service_is_retried_until_it_answers(tmp_path, bootstrap,
     path = _follow_config(
         tmp_path,
         bootstrap,
-        "outage",
+        "trigger-outage",
         port,
-        kafka=kafka_section(bootstrap, "outage") | {"max_poll_interval_ms": 90_000},
+        kafka=kafka_section(bootstrap, "trigger-outage") | {"max_poll_interval_ms": 90_000},
         retry={"initial_backoff_seconds": 0.2, "give_up_after_seconds": 60},
     )
     topic, _ = _topic(path)
@@ -235,7 +237,11 @@ def test_an_unavailable_service_is_retried_until_it_answers(tmp_path, bootstrap,
         _wait(lambda: "trying again in" in caplog.text, 30, "a failed try")
         with training_service(port) as (service, _):
             _wait(lambda: service.for_build("build-late"), 30, "the submit")
-            _wait(lambda: committed_offsets(bootstrap, topic, "outage.v1.train") == 1, 90, "commit")
+            _wait(
+                lambda: committed_offsets(bootstrap, topic, "trigger-outage.v1.train") == 1,
+                90,
+                "commit",
+            )
         assert thread.is_alive()
     [submit] = service.for_build("build-late")
     assert submit.created
@@ -257,7 +263,7 @@ def test_a_worker_killed_before_it_commits_submits_nothing_new_when_started_agai
     tmp_path, bootstrap
 ):
     with training_service() as (service, port):
-        path = _follow_config(tmp_path, bootstrap, "killed", port)
+        path = _follow_config(tmp_path, bootstrap, "trigger-killed", port)
         topic, _ = _topic(path)
         _announce(bootstrap, topic, _event("build-k"))
         service.hold.clear()  # the service takes the run but keeps its answer back
@@ -269,11 +275,15 @@ def test_a_worker_killed_before_it_commits_submits_nothing_new_when_started_agai
         finally:
             service.hold.set()
         _wait(lambda: service.for_build("build-k"), 10, "the first run to be created")
-        assert committed_offsets(bootstrap, topic, "killed.v1.train") == 0
+        assert committed_offsets(bootstrap, topic, "trigger-killed.v1.train") == 0
         second = _worker(path, tmp_path / "worker-2.log")
         try:
             _wait(lambda: len(service.for_build("build-k")) == 2, 60, "the redelivered submit")
-            _wait(lambda: committed_offsets(bootstrap, topic, "killed.v1.train") == 1, 90, "commit")
+            _wait(
+                lambda: committed_offsets(bootstrap, topic, "trigger-killed.v1.train") == 1,
+                90,
+                "commit",
+            )
         finally:
             second.send_signal(signal.SIGTERM)
             code = second.wait(timeout=60)
