@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.builds import local_model, sample_rows
 from tests.support.grpc_servers import LoopThread, server_settings, start_server_from_settings
 from tests.support.http_servers import OpenAIServer, completion_from_text
 from unsafechain.cli import main
@@ -53,15 +54,6 @@ def refusal_reader(request: dict) -> list:
     text = json.dumps(request.get("messages") or request.get("prompt"))
     verdict = "full_refusal" if "cannot" in text.lower() else "full_compliance"
     return [completion_from_text(f"CLASS: {verdict}") for _ in range(request.get("n") or 1)]
-
-
-def local(model: Path) -> dict:
-    return {"backend": "transformers", "model": str(model), "device": "cpu"}
-
-
-def sample_rows(output: Path, model: str, benchmark: str) -> list[dict]:
-    path = output / "samples" / model / f"{benchmark}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def eval_config(tmp_path: Path, standin_models, tuned: Path, refusal_url: str) -> Path:
@@ -223,12 +215,14 @@ def test_generation_and_judge_services_stand_in_for_the_local_models(standin_mod
     loop = LoopThread()
     generation = loop.run(
         start_server_from_settings(
-            server_settings("generation", models={"generator": local(standin_models.generator)})
+            server_settings(
+                "generation", models={"generator": local_model(standin_models.generator)}
+            )
         )
     )
     judge = loop.run(
         start_server_from_settings(
-            server_settings("judge", models={"guard": local(standin_models.judge)})
+            server_settings("judge", models={"guard": local_model(standin_models.judge)})
         )
     )
     served = {"address": f"127.0.0.1:{generation.port}", "timeout": 120}
@@ -236,8 +230,8 @@ def test_generation_and_judge_services_stand_in_for_the_local_models(standin_mod
         raw = {
             "eval": {"output": str(tmp_path / "eval"), "resamples": 200},
             "models": {
-                "generator": local(standin_models.generator),
-                "other": local(standin_models.corrector),
+                "generator": local_model(standin_models.generator),
+                "other": local_model(standin_models.corrector),
             },
             "candidates": [
                 {"name": "served", "remote": served},
@@ -270,7 +264,7 @@ def test_generation_and_judge_services_stand_in_for_the_local_models(standin_mod
         # So is a judge service that runs other judges than `judging` configures.
         raw["eval"]["output"] = str(tmp_path / "judge-mismatch")
         raw["candidates"] = [{"name": "served", "remote": served}]
-        raw["models"]["guard"] = local(standin_models.corrector)
+        raw["models"]["guard"] = local_model(standin_models.corrector)
         with pytest.raises(EvalError, match=r"remote: the judge service at .* runs"):
             run_evaluation(EvalConfig.model_validate(raw), progress=False)
     finally:

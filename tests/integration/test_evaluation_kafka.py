@@ -4,27 +4,17 @@ and samples as the evaluation in one process."""
 
 from __future__ import annotations
 
-import json
 import threading
-from pathlib import Path
 
 import pytest
 
+from tests.support.builds import local_model, sample_rows
 from tests.support.kafka_broker import kafka_section
 from unsafechain.evaluation.config import EvalConfig
 from unsafechain.evaluation.kafka import run_eval_worker, run_kafka_evaluation
 from unsafechain.evaluation.pipeline import EvalError, run_evaluation
 
 pytestmark = pytest.mark.integration
-
-
-def local(model: Path) -> dict:
-    return {"backend": "transformers", "model": str(model), "device": "cpu"}
-
-
-def samples(output: Path, model: str, benchmark: str) -> list[dict]:
-    path = output / "samples" / model / f"{benchmark}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.timeout(600)
@@ -34,9 +24,9 @@ def test_the_evaluation_on_kafka_gives_what_it_gives_in_one_process(
     raw: dict = {
         "eval": {"output": str(tmp_path / "embedded"), "seed": 5, "concurrency": 2},
         "models": {
-            "generator": local(standin_models.generator),
-            "other": local(standin_models.corrector),
-            "guard": local(standin_models.judge),
+            "generator": local_model(standin_models.generator),
+            "other": local_model(standin_models.corrector),
+            "guard": local_model(standin_models.judge),
         },
         "candidates": [
             {"name": "base", "model": "generator"},
@@ -82,7 +72,7 @@ def test_the_evaluation_on_kafka_gives_what_it_gives_in_one_process(
             assert mine["figures"] == theirs["figures"], (model, benchmark)
             assert mine["counts"] == theirs["counts"]
             on_kafka, in_process = (
-                samples(out, model, benchmark) for out in (result.output, embedded.output)
+                sample_rows(out, model, benchmark) for out in (result.output, embedded.output)
             )
             assert [(r["prompt_id"], r["completion"]) for r in on_kafka] == [
                 (r["prompt_id"], r["completion"]) for r in in_process
@@ -99,7 +89,7 @@ def test_a_generate_worker_needs_one_of_the_models(standin_models, tmp_path, boo
     config = EvalConfig.model_validate(
         {
             "eval": {"output": str(tmp_path / "out")},
-            "models": {"guard": local(standin_models.judge)},
+            "models": {"guard": local_model(standin_models.judge)},
             "candidates": [{"name": "base", "model": "guard"}],
             "benchmarks": [{"name": "gsm8k", "limit": 1}],
             "judging": {"judges": [{"name": "guard", "kind": "llama_guard", "model": "guard"}]},

@@ -66,3 +66,16 @@ def build_training_dataset(folder: Path, standin_models) -> Path:
         torch.set_num_threads(threads)
     assert result.manifest["counts"]["test_rows"] > 0
     return result.output
+
+
+def local_model(model: Path) -> dict:
+    """A ``models`` entry for a stand-in on the CPU."""
+    return {"backend": "transformers", "model": str(model), "device": "cpu"}
+
+
+def sample_rows(output: Path, model: str, benchmark: str) -> list[dict]:
+    """The lines of an evaluation's ``samples/<model>/<benchmark>.jsonl``."""
+    import json
+
+    path = output / "samples" / model / f"{benchmark}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]

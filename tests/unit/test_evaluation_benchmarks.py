@@ -198,7 +198,12 @@ def test_an_empty_file_is_refused_naming_it(tmp_path, name, filename, content):
 
 def test_a_file_without_any_item_of_the_benchmark_says_so(tmp_path):
     path = tmp_path / "mbpp.jsonl"
-    task = {"text": "t", "code": "", "test_list": ["assert True"], "test_setup_code": ""}
+    task = {
+        "text": "Write a function to add two numbers.",
+        "code": "def add(a, b):\n    return a + b",
+        "test_list": ["assert add(1, 2) == 3"],
+        "test_setup_code": "",
+    }
     # Task ids 1-10 are MBPP's few-shot prompts and 601-974 its training split.
     path.write_text("\n".join(json.dumps({**task, "task_id": i}) for i in (2, 700)) + "\n")
     with pytest.raises(BenchmarkError, match="has 2 records but none of the benchmark"):

@@ -74,7 +74,7 @@ from unsafechain.streaming.stages import (
     Stage,
     label_name,
 )
-from unsafechain.streaming.store import CaseStore, StoreError
+from unsafechain.streaming.store import CaseStore, StoreError, claim_identity
 from unsafechain.streaming.transport import EmbeddedTransport
 from unsafechain.v1 import case_pb2
 
@@ -370,30 +370,16 @@ def finish_build(
 
 
 def _build_identity(output: Path, config: BuildConfig) -> str:
-    state_path = output / "build.json"
-    fingerprint = config.fingerprint()
-    if state_path.exists():
-        try:
-            state = json.loads(state_path.read_text())
-            build_id, recorded = str(state["build_id"]), str(state["config_fingerprint"])
-        except (ValueError, KeyError, TypeError):
-            raise BuildError(
-                f"{state_path} is not a build identity (empty or damaged); remove the folder "
-                "or restore the file"
-            ) from None
-        if recorded != fingerprint:
-            raise BuildError(
-                f"{output} holds build {build_id} made with a different configuration "
-                f"(fingerprint {recorded}, now {fingerprint}); "
-                "choose another build.output or remove the folder"
-            )
-        return build_id
-    build_id = f"build-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    write_atomically(
-        state_path,
-        json.dumps({"build_id": build_id, "config_fingerprint": fingerprint}, indent=2) + "\n",
-    )
-    return build_id
+    try:
+        return claim_identity(
+            output / "build.json",
+            kind="build",
+            fingerprint=config.fingerprint(),
+            new_id=lambda: f"build-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+            output_key="build.output",
+        )
+    except StoreError as error:
+        raise BuildError(str(error)) from None
 
 
 async def _run_cases(

@@ -87,7 +87,7 @@ from unsafechain.streaming.stages import (
     Stage,
     label_name,
 )
-from unsafechain.streaming.store import CaseStore
+from unsafechain.streaming.store import CaseStore, StoreError, claim_identity
 from unsafechain.streaming.transport import EmbeddedTransport
 from unsafechain.v1 import case_pb2
 
@@ -458,27 +458,17 @@ class EvalResult:
 
 
 def _identity(output: Path, config: EvalConfig) -> str:
-    path = output / STATE
-    fingerprint = config.fingerprint()
-    if path.exists():
-        try:
-            state = json.loads(path.read_text())
-            eval_id, recorded = str(state["eval_id"]), str(state["config_fingerprint"])
-        except (ValueError, KeyError, TypeError):
-            raise EvalError(f"{path} is damaged; remove the folder or restore the file") from None
-        if recorded != fingerprint:
-            raise EvalError(
-                f"{output} holds evaluation {eval_id} made with a different configuration "
-                f"(fingerprint {recorded}, now {fingerprint}); choose another eval.output "
-                "or remove the folder"
-            )
-        return eval_id
-    eval_id = f"eval-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
     output.mkdir(parents=True, exist_ok=True)
-    write_atomically(
-        path, json.dumps({"eval_id": eval_id, "config_fingerprint": fingerprint}, indent=2) + "\n"
-    )
-    return eval_id
+    try:
+        return claim_identity(
+            output / STATE,
+            kind="evaluation",
+            fingerprint=config.fingerprint(),
+            new_id=lambda: f"eval-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}",
+            output_key="eval.output",
+        )
+    except StoreError as error:
+        raise EvalError(str(error)) from None
 
 
 def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -130,3 +130,50 @@ def _parse(line: bytes) -> case_pb2.Case:
     if not case.id:
         raise ValueError("a case without an id")
     return case
+
+
+def claim_identity(
+    state_path: Path,
+    *,
+    kind: str,
+    fingerprint: str,
+    new_id: Callable[[], str],
+    output_key: str,
+) -> str:
+    """The identity of the run (a build, an evaluation) an output folder holds: the one
+    its state file records, or a new one written there.
+
+    Args:
+        state_path: The state file, ``{"<kind>_id": …, "config_fingerprint": …}``.
+        kind: ``build`` or ``evaluation``; names the id's key (``build_id``,
+            ``eval_id``) and the run in messages.
+        fingerprint: The configuration's fingerprint; a folder holding a run of another
+            configuration is refused.
+        new_id: Makes the id of a new run.
+        output_key: The setting that chooses the folder, for the message.
+
+    Raises:
+        StoreError: The state file is damaged, or records another configuration.
+    """
+    key = "eval_id" if kind == "evaluation" else f"{kind}_id"
+    if state_path.exists():
+        try:
+            state = json.loads(state_path.read_text())
+            run_id, recorded = str(state[key]), str(state["config_fingerprint"])
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(
+                f"{state_path} is not a {kind} identity (empty or damaged); remove the folder "
+                "or restore the file"
+            ) from None
+        if recorded != fingerprint:
+            raise StoreError(
+                f"{state_path.parent} holds {kind} {run_id} made with a different "
+                f"configuration (fingerprint {recorded}, now {fingerprint}); choose another "
+                f"{output_key} or remove the folder"
+            )
+        return run_id
+    run_id = new_id()
+    write_atomically(
+        state_path, json.dumps({key: run_id, "config_fingerprint": fingerprint}, indent=2) + "\n"
+    )
+    return run_id
