@@ -19,6 +19,8 @@ RELEASE ?= unsafechain
 VALUES ?=
 IMAGE_REGISTRY ?= ghcr.io/unsafechain
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# How deploy waits: for every Deployment to be available and every hook Job to finish.
+DEPLOY_WAIT ?= --wait --timeout 15m
 HELM_ARGS = $(foreach file,$(VALUES),-f $(file)) --set-string image.registry=$(IMAGE_REGISTRY) \
 	--set-string image.tag=$(IMAGE_TAG)
 
@@ -96,10 +98,10 @@ lint: setup
 template: setup
 	$(HELM) template $(RELEASE) $(CHART) --namespace $(NAMESPACE) $(HELM_ARGS)
 
-## deploy: install or upgrade the chart into the current kube context (NAMESPACE, RELEASE, VALUES, IMAGE_REGISTRY, IMAGE_TAG)
+## deploy: install or upgrade the chart into the current kube context (NAMESPACE, RELEASE, VALUES, IMAGE_REGISTRY, IMAGE_TAG, DEPLOY_WAIT)
 deploy: setup
 	$(HELM) upgrade --install $(RELEASE) $(CHART) --namespace $(NAMESPACE) --create-namespace \
-		$(HELM_ARGS) --wait --timeout 15m
+		$(HELM_ARGS) $(DEPLOY_WAIT)
 
 ## undeploy: uninstall the release from the current kube context
 undeploy: setup

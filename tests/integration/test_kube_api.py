@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -756,11 +758,9 @@ def test_kubectl_applies_waits_for_reads_and_deletes_a_job(
     manifest.write_text(
         json.dumps(job_manifest("from-kubectl", ["python", "-c", "print('via kubectl')"]))
     )
-    # The double serves no OpenAPI documents, which kubectl's client-side validation needs.
-    assert (
-        kubectl("apply", "--validate=false", "-f", str(manifest)).strip()
-        == "job.batch/from-kubectl created"
-    )
+    # kubectl validates strictly by default: the double's OpenAPI v3 documents tell it
+    # the server does, so it sends fieldValidation=Strict.
+    assert kubectl("apply", "-f", str(manifest)).strip() == "job.batch/from-kubectl created"
     kubectl("wait", "--for=condition=complete", "job/from-kubectl", "--timeout=20s")
 
     listed = json.loads(kubectl("get", "jobs", "-l", "app=trainer", "-o", "json"))
@@ -774,3 +774,42 @@ def test_kubectl_applies_waits_for_reads_and_deletes_a_job(
     assert 'job.batch "from-kubectl" deleted' in kubectl("delete", "job", "from-kubectl")
     assert BatchV1Api(kube_client).list_namespaced_job(NS).items == []
     assert CoreV1Api(kube_client).list_namespaced_pod(NS).items == []
+
+
+def test_fields_are_validated_against_the_kubernetes_schemas(
+    kube: KubeCluster, tmp_path: Path
+) -> None:
+    """``fieldValidation``: Strict refuses an unknown field with 400, Warn (the default)
+    answers with a ``Warning`` header, Ignore says nothing; kubectl uses Strict."""
+    manifest = job_manifest("typo", ["python", "-c", "pass"])
+    manifest["spec"]["template"]["spec"]["containers"][0]["comand"] = ["true"]
+    url = f"{kube.url}/apis/batch/v1/namespaces/{NS}/jobs"
+
+    def post(query: str) -> tuple[int, str, list[str]]:
+        request = urllib.request.Request(
+            f"{url}?{query}&dryRun=All",
+            data=json.dumps(manifest).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, "", answer.headers.get_all("Warning") or []
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())["message"], []
+
+    code, message, _ = post("fieldValidation=Strict")
+    assert code == 400
+    assert "strict decoding error" in message and "'comand'" in message
+    code, _, warnings = post("fieldValidation=Warn")
+    assert code == 201 and len(warnings) == 1 and "comand" in warnings[0]
+    assert post("fieldValidation=Ignore") == (201, "", [])
+
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(manifest))
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kube.server.write_kubeconfig(tmp_path / "config")),
+         "--cache-dir", str(tmp_path / "cache"), "create", "-f", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode != 0 and "strict decoding error" in done.stderr, done.stderr

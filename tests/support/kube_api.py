@@ -10,7 +10,9 @@ the official ``kubernetes`` Python client and ``kubectl`` talk to it unchanged:
   with verbs, ``namespaced``, ``kind``, ``singularName``, short names, subresources);
 - the kinds of :data:`tests.support.kube_store.RESOURCES` (Namespaces, Pods, Secrets,
   ConfigMaps, Services, ServiceAccounts, PersistentVolumeClaims, ``batch/v1`` Jobs,
-  ``apps/v1`` Deployments) with create, get, list (label and field selectors,
+  ``apps/v1`` Deployments, RBAC Roles and RoleBindings, NetworkPolicies,
+  PodDisruptionBudgets, CustomResourceDefinitions) and the custom kinds each stored
+  CustomResourceDefinition defines (validated against its ``openAPIV3Schema``), with create, get, list (label and field selectors,
   ``limit`` / ``continue``), replace (optimistic concurrency), patch (JSON, merge and
   strategic merge), delete (propagation policies, preconditions, graceful pod
   deletion), deletecollection, the ``status`` subresource, ``pods/binding`` and
@@ -23,19 +25,29 @@ the official ``kubernetes`` Python client and ``kubectl`` talk to it unchanged:
   ``limitBytes``, ``previous``) read from a :class:`ContainerLogs` source, which the
   node agent of :mod:`tests.support.kube_jobs` provides;
 - Table responses (``Accept: …;as=Table``) with the generic Name / Created At columns,
-  so ``kubectl get`` prints.
+  so ``kubectl get`` prints;
+- field validation (``fieldValidation`` Strict / Warn, the default / Ignore) of the
+  built-in kinds against the Kubernetes schemas (:mod:`tests.support.kube_schemas`),
+  and the OpenAPI documents clients read to learn that the server validates: the v3
+  discovery document and per group version the ``patch`` operations with their
+  ``fieldValidation`` parameter, and an OpenAPI v2 document without definitions;
+- request bodies in the Kubernetes protobuf encoding for the kinds helm's release
+  storage sends that way (:mod:`tests.support.kube_protobuf`).
 
 It is a test double, not a Kubernetes. There is no scheduler beyond the node agent of
 the tests binding every pod to itself, no admission control, no authentication or
 RBAC (any credentials are accepted), no real containers or images, no server-side
-apply, no OpenAPI documents (``kubectl`` needs ``--validate=false``), no protobuf or
-CBOR encoding, no field validation of unknown fields, and no controllers but the Job
-controller and node agent that tests start beside it. Lists are read from the current
+apply, no schemas in its OpenAPI documents (``kubectl explain`` finds nothing), no
+protobuf answers (JSON, which the clients accept) or CBOR, no pruning of unknown fields
+under Warn (they are kept), and no controllers but the Job controller and node agent
+that tests start beside it (no Deployment controller: a Deployment never becomes
+available, so ``helm --wait`` cannot finish). Lists are read from the current
 state rather than a snapshot at their ``resourceVersion``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import select
 import socket
@@ -50,7 +62,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
+from tests.support import kube_protobuf
 from tests.support.http_servers import LoopbackHTTPServer, LoopbackServer, RecordedRequest
+from tests.support.kube_schemas import KUBERNETES_VERSION as SCHEMA_VERSION
 from tests.support.kube_store import (
     ApiError,
     Cause,
@@ -60,7 +74,9 @@ from tests.support.kube_store import (
     Selection,
 )
 
-KUBERNETES_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-unsafechain-double"}
+_MAJOR, _MINOR, _PATCH = SCHEMA_VERSION.split(".")
+KUBERNETES_VERSION = {"major": _MAJOR, "minor": _MINOR, "gitVersion": f"v{SCHEMA_VERSION}-double"}
+"""The version the double reports: the release whose schemas it validates with."""
 JOB_ORPHAN_WARNING = (
     '299 - "child pods are preserved by default when jobs are deleted; set '
     "propagationPolicy=Background to remove them or set propagationPolicy=Orphan to "
@@ -210,6 +226,8 @@ class KubeApiServer(LoopbackServer):
         super().__init__()
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
+        self.warnings: list[str] = []
+        """The field validation warnings the server answered with (``Warning``)."""
 
     handler = _Handler
 
@@ -250,7 +268,13 @@ class KubeApiServer(LoopbackServer):
         length = int(headers.get("content-length") or 0)
         raw = handler.rfile.read(length) if length else b""
         try:
-            body = json.loads(raw) if raw else None
+            if raw and headers.get("content-type", "").startswith(kube_protobuf.MEDIA_TYPE):
+                body = kube_protobuf.decode(raw)
+            else:
+                body = json.loads(raw) if raw else None
+        except kube_protobuf.ProtobufError as error:
+            self._write_json(handler, 415, ApiError(415, "UnsupportedMediaType", str(error)).status)
+            return
         except ValueError:
             body = _NOT_JSON
         with self._lock:
@@ -280,6 +304,15 @@ class KubeApiServer(LoopbackServer):
             return
         if request.method == "GET" and path == "/version":
             self._write_json(handler, 200, _version())
+            return
+        if request.method == "GET" and path == "/openapi/v2":
+            document = kube_protobuf.openapi_v2_document(
+                "Kubernetes", KUBERNETES_VERSION["gitVersion"]
+            )
+            self._write(handler, 200, document, "application/octet-stream")
+            return
+        if request.method == "GET" and (path == "/openapi/v3" or path.startswith("/openapi/v3/")):
+            self._write_json(handler, 200, self._openapi_v3(path.removeprefix("/openapi/v3")))
             return
         discovery = self._discovery(path) if request.method == "GET" else None
         if discovery is not None:
@@ -341,6 +374,49 @@ class KubeApiServer(LoopbackServer):
         ]
         return {"name": group, "versions": served, "preferredVersion": served[0]}
 
+    def _warn(self, warnings: list[str]) -> list[tuple[str, str]]:
+        """``Warning`` headers for field validation findings, also kept in
+        :attr:`warnings` for the tests."""
+        with self._lock:
+            self.warnings.extend(warnings)
+        return [("Warning", f'299 - "{text}"') for text in warnings]
+
+    # OpenAPI v3 ----------------------------------------------------------------------
+
+    def _openapi_v3(self, path: str) -> Object:
+        """The OpenAPI v3 discovery document (``/openapi/v3``: one entry per group
+        version) or one group version's document: a path per kind with the ``patch``
+        operation kubectl and helm read to learn that the server validates fields
+        (``fieldValidation``) itself. No schemas are published (``kubectl explain``
+        finds nothing); validation happens on the server."""
+        versions = self._group_versions()
+        if not path:
+            return {
+                "paths": {
+                    _openapi_key(gv): {
+                        "serverRelativeURL": f"/openapi/v3/{_openapi_key(gv)}?hash="
+                        + hashlib.sha256(json.dumps(sorted(r.plural for r in rs)).encode())
+                        .hexdigest()[:32]
+                        .upper()
+                    }
+                    for gv, rs in sorted(versions.items())
+                }
+            }
+        wanted = path.strip("/")
+        for gv, resources in versions.items():
+            if _openapi_key(gv) == wanted:
+                return {
+                    "openapi": "3.0.0",
+                    "info": {"title": "Kubernetes", "version": KUBERNETES_VERSION["gitVersion"]},
+                    "paths": {
+                        item_path: item
+                        for resource in resources
+                        for item_path, item in _openapi_paths(resource).items()
+                    },
+                    "components": {"schemas": {}},
+                }
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
     # Resources -----------------------------------------------------------------------
 
     def _target(self, path: str) -> _Target | None:
@@ -377,6 +453,8 @@ class KubeApiServer(LoopbackServer):
         store, method = self.store, request.method
         resource, namespace, name = target.resource, target.namespace, target.name
         dry_run = request.query.get("dryRun") == "All"
+        validation = request.query.get("fieldValidation", "Warn")
+        warnings: list[str] = []
         if target.subresource == "log":
             self._serve_log(request, target, handler)
             return
@@ -413,8 +491,15 @@ class KubeApiServer(LoopbackServer):
                 )
                 self._write_object(request, handler, 200, listed)
             elif method == "POST":
-                created = store.create(resource, namespace, request.body, dry_run=dry_run)
-                self._write_json(handler, 201, created)
+                created = store.create(
+                    resource,
+                    namespace,
+                    request.body,
+                    dry_run=dry_run,
+                    field_validation=validation,
+                    warnings=warnings,
+                )
+                self._write_json(handler, 201, created, self._warn(warnings))
             elif method == "DELETE":
                 options = _delete_options(request)
                 deleted = store.delete_collection(
@@ -440,8 +525,10 @@ class KubeApiServer(LoopbackServer):
                 request.body,
                 subresource=target.subresource,
                 dry_run=dry_run,
+                field_validation=validation,
+                warnings=warnings,
             )
-            self._write_json(handler, 200, replaced)
+            self._write_json(handler, 200, replaced, self._warn(warnings))
         elif method == "PATCH":
             patched = store.patch(
                 resource,
@@ -451,8 +538,10 @@ class KubeApiServer(LoopbackServer):
                 request.headers.get("content-type", ""),
                 subresource=target.subresource,
                 dry_run=dry_run,
+                field_validation=validation,
+                warnings=warnings,
             )
-            self._write_json(handler, 200, patched)
+            self._write_json(handler, 200, patched, self._warn(warnings))
         elif method == "DELETE" and not target.subresource:
             self._serve_delete(request, target, handler, dry_run)
         else:
@@ -723,6 +812,33 @@ def _api_resources(resource: Resource) -> list[Object]:
             }
         )
     return entries
+
+
+def _openapi_key(group_version: str) -> str:
+    """``api/v1`` for the core group, ``apis/batch/v1`` for the others."""
+    return f"apis/{group_version}" if "/" in group_version else f"api/{group_version}"
+
+
+_WRITE_PARAMETERS = [
+    {"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+    for name in ("dryRun", "fieldManager", "fieldValidation")
+]
+
+
+def _openapi_paths(resource: Resource) -> dict[str, Object]:
+    """The item path of a kind with its ``patch`` operation, as the API server
+    publishes it (``x-kubernetes-group-version-kind`` names the kind)."""
+    prefix = "/" + _openapi_key(resource.api_version)
+    scope = "/namespaces/{namespace}" if resource.namespaced else ""
+    gvk = {"group": resource.group, "version": resource.version, "kind": resource.kind}
+    operation = {
+        "operationId": f"patch{resource.kind}",
+        "parameters": _WRITE_PARAMETERS,
+        "responses": {"200": {"description": "OK"}},
+        "x-kubernetes-action": "patch",
+        "x-kubernetes-group-version-kind": gvk,
+    }
+    return {f"{prefix}{scope}/{resource.plural}/{{name}}": {"patch": operation}}
 
 
 def _bookmark(

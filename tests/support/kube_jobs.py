@@ -536,7 +536,8 @@ class NodeAgent:
         for mount in spec.get("volumeMounts") or []:
             if mount["name"] in volumes:
                 local = volumes[mount["name"]] / mount.get("subPath", "")
-                local.mkdir(parents=True, exist_ok=True)
+                if not local.is_file():  # a subPath may name one file of the volume
+                    local.mkdir(parents=True, exist_ok=True)
                 mounts[mount["mountPath"]] = local
         env = {"PATH": os.environ.get("PATH", ""), "HOSTNAME": pod["metadata"]["name"]}
         for source in spec.get("envFrom") or []:

@@ -20,6 +20,7 @@ as the real controllers call the API: through the same verbs, so their writes bu
 from __future__ import annotations
 
 import base64
+import builtins
 import copy
 import json
 import re
@@ -32,6 +33,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import jsonschema
+
+from tests.support.kube_schemas import built_in_errors
 
 Object = dict[str, Any]
 
@@ -54,6 +59,8 @@ class Resource:
         subresources: Subresources served, of ``status``, ``log``, ``binding``.
         field_labels: Field selector keys besides ``metadata.name`` and
             ``metadata.namespace``.
+        custom: A custom resource: served only while the ``CustomResourceDefinition``
+            named ``{plural}.{group}`` exists, and validated against its schema.
     """
 
     kind: str
@@ -64,6 +71,7 @@ class Resource:
     categories: tuple[str, ...] = ()
     subresources: tuple[str, ...] = ()
     field_labels: tuple[str, ...] = ()
+    custom: bool = False
 
     @property
     def group(self) -> str:
@@ -106,6 +114,21 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("PersistentVolumeClaim", "persistentvolumeclaims", "v1", True, ("pvc",), (), _STATUS),
     Resource("Job", "jobs", "batch/v1", True, (), _ALL, _STATUS, ("status.successful",)),
     Resource("Deployment", "deployments", "apps/v1", True, ("deploy",), _ALL, _STATUS),
+    Resource("Role", "roles", "rbac.authorization.k8s.io/v1"),
+    Resource("RoleBinding", "rolebindings", "rbac.authorization.k8s.io/v1"),
+    Resource("NetworkPolicy", "networkpolicies", "networking.k8s.io/v1", True, ("netpol",)),
+    Resource(
+        "PodDisruptionBudget", "poddisruptionbudgets", "policy/v1", True, ("pdb",), (), _STATUS
+    ),
+    Resource(
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        "apiextensions.k8s.io/v1",
+        False,
+        ("crd", "crds"),
+        (),
+        _STATUS,
+    ),
 )
 """The kinds served. A kind is one line: kind, plural, apiVersion, namespaced, short
 names, categories, subresources, field selector keys."""
@@ -1075,7 +1098,38 @@ def _kind_rules(ips: _ClusterIPs) -> dict[str, KindRules]:
         "Deployment": KindRules(
             "subdomain", _deployment_defaults, _deployment_causes, _deployment_update_causes
         ),
+        "CustomResourceDefinition": KindRules("subdomain", _crd_defaults, _crd_causes),
     }
+
+
+def _crd_defaults(obj: Object) -> None:
+    """A definition is accepted and established at once (no name conflicts to wait on)."""
+    obj.setdefault("status", {})["conditions"] = [
+        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+         "lastTransitionTime": now_rfc3339()},
+        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+         "lastTransitionTime": now_rfc3339()},
+    ]  # fmt: skip
+    names = obj.get("spec", {}).get("names", {})
+    obj["status"]["acceptedNames"] = {k: v for k, v in names.items() if k != "listKind"}
+    obj["status"]["storedVersions"] = [
+        v["name"] for v in obj.get("spec", {}).get("versions", []) if v.get("storage")
+    ]
+
+
+def _crd_causes(obj: Object) -> list[Cause]:
+    spec = obj.get("spec") or {}
+    causes = [Cause.required(f"spec.{key}") for key in ("group", "names", "versions")
+              if not spec.get(key)]  # fmt: skip
+    names = spec.get("names") or {}
+    causes += [Cause.required(f"spec.names.{key}") for key in ("kind", "plural")
+               if not names.get(key)]  # fmt: skip
+    if spec.get("group") and names.get("plural"):
+        expected = f"{names['plural']}.{spec['group']}"
+        if obj["metadata"]["name"] != expected:
+            causes.append(Cause.invalid("metadata.name", obj["metadata"]["name"],
+                                        "must be spec.names.plural+\".\"+spec.group"))  # fmt: skip
+    return causes
 
 
 # ---------------------------------------------------------------------------
@@ -1153,6 +1207,7 @@ class ObjectStore:
         self.resources = tuple(resources)
         self.create_namespaces = create_namespaces
         self._by_path = {(r.group, r.version, r.plural): r for r in self.resources}
+        self._crd_schemas: dict[Resource, Object] = {}
         self._rules = _kind_rules(_ClusterIPs())
         self._objects: dict[Resource, dict[tuple[str, str], Object]] = {
             resource: {} for resource in self.resources
@@ -1258,7 +1313,14 @@ class ObjectStore:
     # Writes -----------------------------------------------------------------------
 
     def create(
-        self, resource: Resource, namespace: str | None, obj: Object, *, dry_run: bool = False
+        self,
+        resource: Resource,
+        namespace: str | None,
+        obj: Object,
+        *,
+        dry_run: bool = False,
+        field_validation: str = "Ignore",
+        warnings: builtins.list[str] | None = None,
     ) -> Object:
         """Create ``obj``; the server sets uid, creationTimestamp, generation and
         resourceVersion, applies the kind's defaults and validates.
@@ -1283,7 +1345,7 @@ class ObjectStore:
         if resource.has_status:
             metadata["generation"] = 1
             obj.pop("status", None)
-        self._admit(resource, obj, None)
+        self._admit(resource, obj, None, field_validation, warnings)
         with self._lock:
             if resource.namespaced:
                 self._ensure_namespace(namespace or "", dry_run)
@@ -1303,6 +1365,8 @@ class ObjectStore:
         *,
         subresource: str = "",
         dry_run: bool = False,
+        field_validation: str = "Ignore",
+        warnings: builtins.list[str] | None = None,
     ) -> Object:
         """Replace the object (PUT); with ``subresource="status"`` only its status.
 
@@ -1319,7 +1383,9 @@ class ObjectStore:
                 f"the name on the URL ({name})"
             )
         with self._lock:
-            return self._update(resource, namespace, name, obj, subresource, dry_run)
+            return self._update(
+                resource, namespace, name, obj, subresource, dry_run, field_validation, warnings
+            )
 
     def patch(
         self,
@@ -1331,6 +1397,8 @@ class ObjectStore:
         *,
         subresource: str = "",
         dry_run: bool = False,
+        field_validation: str = "Ignore",
+        warnings: builtins.list[str] | None = None,
     ) -> Object:
         """Patch the object with a JSON, merge or strategic merge patch.
 
@@ -1344,7 +1412,9 @@ class ObjectStore:
             patched = self._checked_body(resource, namespace, patched)
             if patched["metadata"].get("name") != name:
                 raise ApiError.bad_request("a patch may not change the object's name")
-            return self._update(resource, namespace, name, patched, subresource, dry_run)
+            return self._update(
+                resource, namespace, name, patched, subresource, dry_run, field_validation, warnings
+            )
 
     def update(
         self,
@@ -1564,18 +1634,57 @@ class ObjectStore:
             metadata.pop("namespace", None)
         return obj
 
-    def _admit(self, resource: Resource, obj: Object, old: Object | None) -> None:
+    def _admit(
+        self,
+        resource: Resource,
+        obj: Object,
+        old: Object | None,
+        field_validation: str = "Ignore",
+        warnings: builtins.list[str] | None = None,
+    ) -> None:
+        if field_validation != "Ignore":
+            self._check_fields(resource, obj, field_validation, warnings)
         rules = self.rules(resource)
         if rules.defaults is not None:
             rules.defaults(obj)
         name = obj["metadata"]["name"]
         causes = _name_causes(name, rules.name_rule) + _labels_causes(obj)
+        if resource.custom:
+            causes += self._custom_causes(resource, self._typed(resource, obj))
         if rules.validate is not None:
             causes += rules.validate(obj)
         if old is not None and rules.validate_update is not None:
             causes += rules.validate_update(old, obj)
         if causes:
             raise ApiError.invalid(resource, name, causes)
+
+    def _check_fields(
+        self,
+        resource: Resource,
+        obj: Object,
+        field_validation: str,
+        warnings: builtins.list[str] | None,
+    ) -> None:
+        """Field validation of a request (``fieldValidation``): a field the kind's schema
+        does not know, or a value of the wrong type, fails the request with 400 under
+        ``Strict`` (the API server's strict decoding) and is reported as a warning under
+        ``Warn``, the server's default (the real server then drops an unknown field;
+        the double keeps it). Built-in kinds are checked against the published schemas of
+        :data:`~tests.support.kube_schemas.KUBERNETES_VERSION`; custom kinds are always
+        checked against their CRD (see :meth:`_custom_causes`)."""
+        if field_validation not in ("Strict", "Warn"):
+            raise ApiError.bad_request(
+                f"fieldValidation: unsupported value {field_validation!r}: "
+                "supported values: Ignore, Warn, Strict"
+            )
+        errors = built_in_errors(self._typed(resource, obj))
+        if errors and field_validation == "Strict":
+            raise ApiError.bad_request(
+                f"{resource.kind} in version {resource.version!r} cannot be handled as a "
+                f"{resource.kind}: strict decoding error: {'; '.join(errors)}"
+            )
+        if warnings is not None:
+            warnings.extend(errors)
 
     def _ensure_namespace(self, namespace: str, dry_run: bool) -> None:
         existing = self._objects[self._namespaces].get(("", namespace))
@@ -1600,6 +1709,8 @@ class ObjectStore:
         obj: Object,
         subresource: str,
         dry_run: bool,
+        field_validation: str = "Ignore",
+        warnings: builtins.list[str] | None = None,
     ) -> Object:
         old = self._current(resource, namespace, name)
         expected = obj["metadata"].get("resourceVersion")
@@ -1612,7 +1723,7 @@ class ObjectStore:
             )
         new = self._merge_update(resource, old, obj, subresource)
         if subresource != "status":
-            self._admit(resource, new, old)
+            self._admit(resource, new, old, field_validation, warnings)
         if dry_run:
             return self._typed(resource, new)
         key = (namespace or "", name)
@@ -1701,6 +1812,8 @@ class ObjectStore:
         gone["metadata"]["resourceVersion"] = str(self._revision)
         gone = self._typed(resource, gone)
         self._record(WatchEvent("DELETED", resource, gone))
+        if resource.kind == "CustomResourceDefinition":
+            self._forget_definition(obj)
         if policy == "Orphan":
             self._orphan_dependents(obj)
         else:
@@ -1717,7 +1830,72 @@ class ObjectStore:
         typed = self._typed(resource, stored)
         previous_typed = self._typed(resource, previous) if previous is not None else None
         self._record(WatchEvent(event, resource, _clone(typed), previous_typed))
+        if resource.kind == "CustomResourceDefinition":
+            self._serve_definition(stored)
         return typed
+
+    # Custom resources ----------------------------------------------------------------
+
+    def _serve_definition(self, crd: Object) -> None:
+        """Serve the kinds a CustomResourceDefinition defines, one per served version,
+        as the API server's apiextensions registry does once the CRD is Established."""
+        spec = crd["spec"]
+        names = spec["names"]
+        for version in spec.get("versions") or []:
+            if not version.get("served"):
+                continue
+            resource = Resource(
+                names["kind"],
+                names["plural"],
+                f"{spec['group']}/{version['name']}",
+                spec.get("scope", "Namespaced") == "Namespaced",
+                tuple(names.get("shortNames") or ()),
+                tuple(names.get("categories") or ()),
+                ("status",) if "status" in (version.get("subresources") or {}) else (),
+                custom=True,
+            )
+            stale = self._by_path.get((resource.group, resource.version, resource.plural))
+            if stale is not None and stale != resource:
+                self._forget(stale)
+            if stale != resource:
+                self.resources = (*self.resources, resource)
+                self._by_path[(resource.group, resource.version, resource.plural)] = resource
+                self._objects.setdefault(resource, {})
+            schema = ((version.get("schema") or {}).get("openAPIV3Schema")) or {}
+            self._crd_schemas[resource] = schema
+
+    def _forget(self, resource: Resource) -> None:
+        """Stop serving a custom kind; its objects go with it, as when a CRD is deleted."""
+        for obj in list(self._objects.pop(resource, {}).values()):
+            self._revision += 1
+            gone = self._typed(resource, _clone(obj))
+            gone["metadata"]["resourceVersion"] = str(self._revision)
+            self._record(WatchEvent("DELETED", resource, gone))
+        self.resources = tuple(r for r in self.resources if r != resource)
+        self._by_path.pop((resource.group, resource.version, resource.plural), None)
+        self._crd_schemas.pop(resource, None)
+
+    def _forget_definition(self, crd: Object) -> None:
+        spec = crd["spec"]
+        for resource in [r for r in self.resources if r.custom and r.group == spec["group"]]:
+            if resource.plural == spec["names"]["plural"]:
+                self._forget(resource)
+
+    def _custom_causes(self, resource: Resource, obj: Object) -> builtins.list[Cause]:
+        """The object checked against its CRD's ``openAPIV3Schema``."""
+        schema = self._crd_schemas.get(resource)
+        if not schema:
+            return []
+        validator = jsonschema.Draft7Validator(schema)
+        causes = []
+        for error in sorted(validator.iter_errors(obj), key=lambda e: list(e.path)):
+            path = ".".join(str(part) for part in error.path)
+            if error.validator == "required":
+                missing = error.message.split("'")[1] if "'" in error.message else ""
+                causes.append(Cause.required(".".join(p for p in (path, missing) if p)))
+            else:
+                causes.append(Cause.invalid(path or "<object>", error.instance, error.message))
+        return causes
 
     def _record(self, event: WatchEvent) -> None:
         self._events.append(event)

