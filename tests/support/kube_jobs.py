@@ -78,6 +78,9 @@ class ContainerLaunch:
         mounts: Each ``mountPath`` and the local folder mounted there.
         root: The local folder that stands for the container's own filesystem.
         spec: The container as the pod spec holds it.
+        pod_spec: The pod's spec (its security context, volumes).
+        read_only: The mount paths mounted read-only: ``readOnly`` mounts, and
+            ConfigMap and Secret volumes always, as kubelet mounts them.
     """
 
     namespace: str
@@ -89,6 +92,8 @@ class ContainerLaunch:
     mounts: Mapping[str, Path]
     root: Path
     spec: Object
+    pod_spec: Object = field(default_factory=dict)
+    read_only: frozenset[str] = frozenset()
 
     def local_path(self, container_path: str) -> Path:
         """The local path that ``container_path`` is inside the container: under the
@@ -311,6 +316,7 @@ class Started:
     container: str
     launch: ContainerLaunch
     pid: int | None
+    running: RunningContainer | None = None
 
 
 class NodeAgent:
@@ -472,7 +478,7 @@ class NodeAgent:
         container.started_at = now_rfc3339()
         container.exit = None
         self.started.append(
-            Started(launch.namespace, launch.pod, launch.container, launch, running.pid)
+            Started(launch.namespace, launch.pod, launch.container, launch, running.pid, running)
         )
 
     def _poll(self, pod: Object, run: _PodRun) -> None:
@@ -532,14 +538,25 @@ class NodeAgent:
         root = run.folder / spec["name"] / "root"
         root.mkdir(parents=True, exist_ok=True)
         volumes = self._volumes(pod, run)
-        mounts = {}
+        always_read_only = {
+            v["name"] for v in pod["spec"].get("volumes") or [] if "secret" in v or "configMap" in v
+        }
+        mounts, read_only = {}, set()
         for mount in spec.get("volumeMounts") or []:
             if mount["name"] in volumes:
                 local = volumes[mount["name"]] / mount.get("subPath", "")
                 if not local.is_file():  # a subPath may name one file of the volume
                     local.mkdir(parents=True, exist_ok=True)
                 mounts[mount["mountPath"]] = local
-        env = {"PATH": os.environ.get("PATH", ""), "HOSTNAME": pod["metadata"]["name"]}
+                if mount.get("readOnly") or mount["name"] in always_read_only:
+                    read_only.add(mount["mountPath"])
+        # kubelet's order: the service variables, then envFrom, then env, each value
+        # expanded against what is defined so far.
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOSTNAME": pod["metadata"]["name"],
+            **self._service_env(pod),
+        }
         for source in spec.get("envFrom") or []:
             prefix = source.get("prefix", "")
             if "secretRef" in source:
@@ -555,11 +572,39 @@ class NodeAgent:
             _expand(part, env) for part in [*(spec.get("command") or []), *(spec.get("args") or [])]
         )
         launch = ContainerLaunch(
-            namespace, pod["metadata"]["name"], spec["name"], argv, env, root, mounts, root, spec
+            namespace,
+            pod["metadata"]["name"],
+            spec["name"],
+            argv,
+            env,
+            root,
+            mounts,
+            root,
+            spec,
+            pod["spec"],
+            frozenset(read_only),
         )
         working_dir = launch.local_path(spec["workingDir"]) if spec.get("workingDir") else root
         working_dir.mkdir(parents=True, exist_ok=True)
         return launch.replace(working_dir=working_dir)
+
+    def _service_env(self, pod: Object) -> dict[str, str]:
+        """The variables kubelet makes of Services: those of the ``kubernetes`` Service
+        of ``default`` always (a fixed address where the test made none), and, unless the
+        pod sets ``enableServiceLinks: false``, those of every Service of its namespace
+        that has a cluster IP."""
+        services = self.store.resource("", "v1", "services")
+        env = service_env(KUBERNETES_SERVICE, "10.96.0.1")
+        with contextlib.suppress(ApiError):
+            api = self.store.get(services, "default", "kubernetes")
+            env = service_env(api, api["spec"]["clusterIP"])
+        if pod["spec"].get("enableServiceLinks", True):
+            namespace = pod["metadata"]["namespace"]
+            for service in self.store.list(services, namespace)["items"]:
+                ip = service["spec"].get("clusterIP")
+                if ip and ip != "None":
+                    env = {**service_env(service, ip), **env}
+        return env
 
     def _env_value(self, pod: Object, variable: Object, env: Mapping[str, str]) -> str | None:
         if "value" in variable:
@@ -608,15 +653,26 @@ class NodeAgent:
             raise _ConfigError(f'{plural.removesuffix("s")} "{name}" not found') from None
 
     def _volumes(self, pod: Object, run: _PodRun) -> dict[str, Path]:
+        """Each volume as a local folder, as kubelet hands them over: a claim owned by
+        the pod's ``fsGroup`` with the setgid bit, an emptyDir open to all, a ConfigMap's
+        or Secret's keys as files (all, or the ``items`` named, with ``mode`` /
+        ``defaultMode``, 0644 by default, group ``fsGroup``)."""
         namespace = pod["metadata"]["namespace"]
+        fs_group = (pod["spec"].get("securityContext") or {}).get("fsGroup")
         volumes: dict[str, Path] = {}
         for volume in pod["spec"].get("volumes") or []:
             name = volume["name"]
             if "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
                 path = self.claims.get(claim, self.work_dir / "claims" / namespace / claim)
+                path.mkdir(parents=True, exist_ok=True)
+                if fs_group is not None:
+                    os.chown(path, -1, fs_group)
+                    path.chmod(0o2775)
             elif "emptyDir" in volume:
                 path = run.folder / "volumes" / name
+                path.mkdir(parents=True, exist_ok=True)
+                path.chmod(0o777)
             elif "hostPath" in volume:
                 path = Path(volume["hostPath"]["path"])
             elif "secret" in volume or "configMap" in volume:
@@ -628,12 +684,16 @@ class NodeAgent:
                     else self._config_data(namespace, source)
                 )
                 path.mkdir(parents=True, exist_ok=True)
+                path.chmod(0o755)
                 items = source.get("items") or [{"key": k, "path": k} for k in data]
                 for item in items:
                     if item["key"] in data:
                         target = path / item["path"]
                         target.parent.mkdir(parents=True, exist_ok=True)
                         target.write_text(data[item["key"]])
+                        target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
+                        if fs_group is not None:
+                            os.chown(target, -1, fs_group)
             else:
                 continue
             path.mkdir(parents=True, exist_ok=True)
@@ -773,6 +833,43 @@ def _expand(text: str, env: Mapping[str, str]) -> str:
         return env.get(match.group(1), match.group(0))
 
     return _REFERENCE.sub(substitute, text)
+
+
+KUBERNETES_SERVICE: Object = {
+    "metadata": {"name": "kubernetes", "namespace": "default"},
+    "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP"}]},
+}
+"""The API server's Service, whose variables kubelet injects into every pod."""
+
+
+def _env_name(name: str) -> str:
+    """kubelet's makeEnvVariableName: upper case, '-' becomes '_'."""
+    return name.replace("-", "_").upper()
+
+
+def service_env(service: Object, cluster_ip: str) -> dict[str, str]:
+    """The variables kubelet makes of one Service (pkg/kubelet/envvars FromServices):
+    ``<NAME>_SERVICE_HOST``, ``<NAME>_SERVICE_PORT`` (the first port), one
+    ``<NAME>_SERVICE_PORT_<PORTNAME>`` per named port, and the Docker-link ones,
+    ``<NAME>_PORT`` (the first port) and per port ``<NAME>_PORT_<port>_<PROTO>`` with
+    ``_PROTO``, ``_PORT`` and ``_ADDR``."""
+    prefix = _env_name(service["metadata"]["name"])
+    ports = service["spec"]["ports"]
+    env = {f"{prefix}_SERVICE_HOST": cluster_ip, f"{prefix}_SERVICE_PORT": str(ports[0]["port"])}
+    for port in ports:
+        if port.get("name"):
+            env[f"{prefix}_SERVICE_PORT_{_env_name(port['name'])}"] = str(port["port"])
+    for index, port in enumerate(ports):
+        protocol = port.get("protocol", "TCP")
+        address = f"{protocol.lower()}://{cluster_ip}:{port['port']}"
+        if index == 0:
+            env[f"{prefix}_PORT"] = address
+        link = f"{prefix}_PORT_{port['port']}_{protocol.upper()}"
+        env[link] = address
+        env[f"{link}_PROTO"] = protocol.lower()
+        env[f"{link}_PORT"] = str(port["port"])
+        env[f"{link}_ADDR"] = cluster_ip
+    return env
 
 
 def _field_ref(pod: Object, path: str) -> str:
@@ -1107,6 +1204,7 @@ class KubeCluster:
         history: Watch events kept (see :class:`ObjectStore`).
         create_namespaces: Create namespaces on first use (see :class:`ObjectStore`).
         pod_backoff: See :class:`JobController`.
+        max_grace_seconds: See :class:`NodeAgent`.
 
     Example::
 
@@ -1123,10 +1221,15 @@ class KubeCluster:
         history: int = 10_000,
         create_namespaces: bool = True,
         pod_backoff: float = 0.0,
+        max_grace_seconds: float = 2.0,
     ):
         self.store = ObjectStore(history=history, create_namespaces=create_namespaces)
         self.node = NodeAgent(
-            self.store, runtime or LocalProcesses(prepare=use_this_python), work_dir, claims=claims
+            self.store,
+            runtime or LocalProcesses(prepare=use_this_python),
+            work_dir,
+            claims=claims,
+            max_grace_seconds=max_grace_seconds,
         )
         self.jobs = JobController(self.store, pod_backoff=pod_backoff)
         self.server = KubeApiServer(self.store, logs=self.node)
