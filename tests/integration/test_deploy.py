@@ -9,8 +9,9 @@ to learn that the server validates fields, field validation of every object agai
 Kubernetes schemas (a finding is a ``Warning`` the test fails on), protobuf-encoded
 release Secrets, three-way strategic merge patches on upgrade, custom kinds served from
 their CustomResourceDefinitions, and the topics hook Job run for real: its container is
-the rendered command line, run as a local process against the test's Kafka-compatible
-broker.
+the rendered command line after the image's entrypoint, run under bubblewrap with its
+volumes at their mount paths (:mod:`tests.support.kube_sandbox`) against the test's
+Kafka-compatible broker.
 
 Not covered: ``--wait`` (``DEPLOY_WAIT`` is set to a plain timeout: the double has no
 Deployment controller or kubelet, so no Deployment ever becomes available), images,
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,7 +34,8 @@ import yaml
 from kafka import KafkaConsumer
 
 from tests.support.chart import CHART, ROOT, render, requires_helm
-from tests.support.kube_jobs import ContainerLaunch, KubeCluster, LocalProcesses
+from tests.support.kube_jobs import KubeCluster
+from tests.support.kube_sandbox import Sandboxed
 from tests.support.kube_schemas import CUSTOM_SPECS, crd
 
 VENV_BIN = Path(sys.executable).parent
@@ -44,34 +46,12 @@ REGISTRY = "registry.example.com/unsafechain"
 TAG = "0.1.0-test"
 PREFIX = "deploy-test"
 
-IMAGE_ENTRYPOINT = (str(VENV_BIN / "unsafechain"),)
-"""The images' ``ENTRYPOINT ["unsafechain"]``: the console script of this environment."""
-
 pytestmark = requires_helm
-
-
-def as_in_the_image(launch: ContainerLaunch) -> ContainerLaunch:
-    """Run a container as its image would: ``args`` after the image's entrypoint when
-    the pod sets no ``command``, and every argument or variable that is a path inside
-    a mounted volume (the config file, ``HOME=/tmp``) is that volume's local folder."""
-
-    def local(value: str) -> str:
-        path = PurePosixPath(value)
-        if path.is_absolute() and any(path.is_relative_to(m) for m in launch.mounts):
-            return str(launch.local_path(value))
-        return value
-
-    argv = launch.argv if launch.spec.get("command") else (*IMAGE_ENTRYPOINT, *launch.argv)
-    return launch.replace(
-        argv=tuple(local(part) for part in argv),
-        env={name: local(value) for name, value in launch.env.items()},
-    )
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[KubeCluster]:
-    runtime = LocalProcesses(prepare=as_in_the_image)
-    with KubeCluster(tmp_path / "kube", runtime=runtime) as running:
+    with KubeCluster(tmp_path / "kube", runtime=Sandboxed()) as running:
         yield running
 
 
