@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from unsafechain.runtime.logs import configure_logging
 from unsafechain.runtime.settings import add_client_arguments
@@ -65,6 +66,9 @@ def _build(args: argparse.Namespace) -> int:
         )
     return 0
 
+
+INTERRUPTED_EXIT_STATUS = 130
+"""The exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 
 STOPPED_EXIT_STATUS = 3
 """``unsafechain train``'s exit status when SIGTERM or SIGINT stopped the run at a checkpoint."""
@@ -224,7 +228,7 @@ def _train_remotely(args: argparse.Namespace) -> int:
         return 2 if "INVALID_ARGUMENT" in str(error) else 1
     except KeyboardInterrupt:
         print("stopped following; the run goes on (unsafechain runs cancel RUN --server …)")
-        return 130
+        return INTERRUPTED_EXIT_STATUS
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -493,15 +497,61 @@ def _judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unsafechain")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_global_arguments(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after its name: the main parser holds
+    the defaults, each command's parser the same options without one, so a value given
+    after the command is not overwritten by the main parser's default."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--log-level", default=default("INFO"), help="DEBUG, INFO, WARNING or ERROR"
+    )
+    parser.add_argument(
+        "--log-json", action="store_true", default=default(False),
+        help="log one JSON object per line",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-progress", action="store_true", default=default(False),
+        help="hide the progress bars",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verbose", action="store_true", default=default(False),
+        help="show the libraries' own progress bars, warnings and log records too",
+    )  # fmt: skip
+
+
+class _Commands:
+    """A subparsers action whose every parser takes the global options."""
+
+    def __init__(self, action: argparse._SubParsersAction):
+        self._action = action
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(name, **kwargs)
+        _add_global_arguments(parser, defaults=False)
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="unsafechain",
         description="Build correction-based safety-alignment datasets for reasoning models.",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"unsafechain {_version()}")
+    _add_global_arguments(parser, defaults=True)
+    commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     build = commands.add_parser(
         "build",
@@ -511,7 +561,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
     build.add_argument("--output", help="output folder; overrides build.output in the config")
-    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.add_argument(
         "--bus",
         choices=["embedded", "kafka"],
@@ -567,7 +616,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the configuration and print the plan (rows, tokens, steps, the first "
         "row with its trained tokens marked) without loading the model's weights",
     )
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
         "--report-to",
         metavar="FILE",
@@ -612,7 +660,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the configuration and print the plan (models, benchmarks, "
         "generations, judge calls) without loading a model",
     )
-    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     evaluate.add_argument(
         "--bus",
         choices=["embedded", "kafka"],
@@ -624,7 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_eval)
 
     runs = commands.add_parser("runs", help="list or cancel the training service's runs")
-    run_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    run_commands = _Commands(
+        runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    )
     listing = run_commands.add_parser("list", help="every run, newest first")
     add_client_arguments(listing)
     listing.set_defaults(handler=_runs)
@@ -636,7 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.set_defaults(handler=_runs)
 
     topics = commands.add_parser("topics", help="manage the build's Kafka topics")
-    topic_commands = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    topic_commands = _Commands(
+        topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    )
     create = topic_commands.add_parser(
         "create",
         help="create every build topic and its dead-letter topic",
@@ -696,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be set as UNSAFECHAIN_<SETTING> in the environment "
         "(nested: UNSAFECHAIN_MODEL__BASE_URL); SIGTERM drains and exits 0.",
     )
-    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    services = _Commands(serve.add_subparsers(dest="service", required=True, metavar="SERVICE"))
     for name in SERVICE_NAMES:
         service = services.add_parser(name, help=f"serve the {name} engine")
         _service_part(name, "settings").add_arguments(service)
@@ -728,9 +779,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, json_lines=args.log_json)
-    return args.handler(args)
+    configure_logging(args.log_level, json_lines=args.log_json, verbose=args.verbose)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt as interrupt:
+        # One line, no traceback: what was kept, when the command says (Interrupted).
+        detail = f": {interrupt}" if str(interrupt) else ""
+        print(f"interrupted{detail}", file=sys.stderr)
+        return INTERRUPTED_EXIT_STATUS
+
+
+def entry() -> None:
+    """The ``unsafechain`` console script: :func:`main`, then exit with its status. After
+    Ctrl-C the process ends at once (what the command kept is on disk already): a model
+    call still running in a worker thread would otherwise abort the interpreter's
+    shutdown in a native library (``terminate called without an active exception``)."""
+    status = main()
+    if status == INTERRUPTED_EXIT_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -53,6 +53,7 @@ from unsafechain.domain.convert import (
     sampling_to_pb,
 )
 from unsafechain.domain.files import write_atomically
+from unsafechain.domain.settings import Interrupted
 from unsafechain.generation.engine import Generator
 from unsafechain.generation.factory import describe_generator, generation_engine
 from unsafechain.intake.answers import CHECKERS, Checker, code_sandbox
@@ -250,8 +251,7 @@ def run_build(
                 asyncio.run(_run_cases(config, start.build_id, start.todo, start.store, progress))
             except KeyboardInterrupt:
                 stored = len(start.store.ids)
-                logger.warning("interrupted: %d cases stored; run again to resume", stored)
-                raise
+                raise Interrupted(f"{stored} cases stored; run again to resume") from None
         return finish_build(config, start)
     finally:
         start.store.close()

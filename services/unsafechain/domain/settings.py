@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message names the key."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a command after it kept what it had; the message says what
+    was kept and how to go on, and is the one line the command line prints."""
+
+
 class StrictModel(BaseModel):
     """A settings model that rejects unknown keys, so a typo names itself."""
 
