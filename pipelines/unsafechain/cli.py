@@ -44,7 +44,9 @@ def _build(args: argparse.Namespace) -> int:
         resume = ResumeOptions(retry_failed=args.retry_failed, repair=args.repair)
         if args.bus == "kafka":
             from unsafechain.dataset.kafka import run_kafka_build
+            from unsafechain.streaming.kafka import require_broker
 
+            require_broker(config.kafka)
             result = run_kafka_build(
                 config, progress=not args.no_progress, resume=resume, republish=args.republish
             )
@@ -297,7 +299,9 @@ def _eval(args: argparse.Namespace) -> int:
             return 0
         if args.bus == "kafka":
             from unsafechain.evaluation.kafka import run_kafka_evaluation
+            from unsafechain.streaming.kafka import require_broker
 
+            require_broker(config.kafka)
             result = run_kafka_evaluation(config, progress=not args.no_progress)
         else:
             result = run_evaluation(config, progress=not args.no_progress)
@@ -342,10 +346,12 @@ def _topics_create(args: argparse.Namespace) -> int:
     from unsafechain.dataset.config import ConfigError, load_config
     from unsafechain.dataset.kafka import create_build_topics
     from unsafechain.domain.settings import SetupError
+    from unsafechain.streaming.kafka import require_broker
 
     try:
         config = load_config(args.config, _kafka_overrides(args))
         settings = config.kafka
+        require_broker(settings)
         if args.partitions:
             settings = settings.model_copy(update={"partitions": args.partitions})
         for name in create_build_topics(settings, config.events):
@@ -360,6 +366,7 @@ def _worker(args: argparse.Namespace) -> int:
     from unsafechain.dataset.config import ConfigError, load_config
     from unsafechain.dataset.kafka import run_worker
     from unsafechain.domain.settings import SetupError
+    from unsafechain.streaming.kafka import require_broker
 
     if args.stage == "train":
         return _follow_datasets(args)
@@ -367,6 +374,7 @@ def _worker(args: argparse.Namespace) -> int:
         return _eval_worker(args)
     try:
         config = load_config(args.config, _kafka_overrides(args))
+        require_broker(config.kafka)
         run_worker(config, args.stage, metrics_port=args.metrics_port)
     except (ConfigError, SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -375,32 +383,36 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _eval_worker(args: argparse.Namespace) -> int:
+    from unsafechain.domain.settings import SetupError
     from unsafechain.evaluation.benchmarks import BenchmarkError
     from unsafechain.evaluation.config import ConfigError, load_eval_config
     from unsafechain.evaluation.kafka import run_eval_worker
     from unsafechain.evaluation.pipeline import EvalError
+    from unsafechain.streaming.kafka import require_broker
 
     try:
         config = load_eval_config(args.config, _kafka_overrides(args))
+        require_broker(config.kafka)
         run_eval_worker(
             config, args.stage, candidate=args.candidate, metrics_port=args.metrics_port
         )
-    except (ConfigError, EvalError, BenchmarkError) as error:
+    except (ConfigError, EvalError, BenchmarkError, SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
 def _follow_datasets(args: argparse.Namespace) -> int:
-    from unsafechain.domain.settings import ConfigError
+    from unsafechain.domain.settings import ConfigError, SetupError
     from unsafechain.runtime.settings import SettingsError
-    from unsafechain.streaming.kafka import Unrecoverable
+    from unsafechain.streaming.kafka import Unrecoverable, require_broker
     from unsafechain.triggers.training import follow_datasets, load_follow_config
 
     try:
         settings, template = load_follow_config(args.config, _kafka_overrides(args))
+        require_broker(settings.kafka)
         follow_datasets(settings, template, metrics_port=args.metrics_port)
-    except (ConfigError, SettingsError) as error:
+    except (ConfigError, SettingsError, SetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Unrecoverable as error:

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -195,6 +196,31 @@ def dead_letter_topic(settings: KafkaSettings, topic: str) -> str:
 def group_name(settings: KafkaSettings, stage: str) -> str:
     """The consumer group of a stage, e.g. ``unsafechain.v1.generate``."""
     return f"{settings.topic_prefix}.{settings.version}.{stage}"
+
+
+BROKER_CHECK_SECONDS = 5.0
+"""How long :func:`require_broker` waits for a bootstrap server to accept."""
+
+
+def require_broker(settings: KafkaSettings, timeout: float = BROKER_CHECK_SECONDS) -> None:
+    """Fail fast, naming the setting, when no bootstrap server accepts a connection:
+    the Kafka client alone would retry for half a minute and end in a traceback.
+
+    Raises:
+        SetupError: None of ``kafka.bootstrap_servers`` answers within ``timeout``.
+    """
+    problems = []
+    for server in settings.bootstrap_servers:
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout):
+                return
+        except (OSError, ValueError) as error:
+            problems.append(f"{server}: {getattr(error, 'strerror', None) or error}")
+    raise SetupError(
+        f"kafka.bootstrap_servers: no broker answers ({'; '.join(problems)}); start one "
+        "(`make kafka-up` for a local one) or pass --bootstrap HOST:PORT"
+    )
 
 
 def create_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[str]:

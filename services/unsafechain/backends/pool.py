@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from unsafechain.backends.base import ModelBackend
-from unsafechain.backends.settings import BackendSettings, create_backend
+from unsafechain.backends.settings import BackendSettings, create_backend, missing_local_model
 from unsafechain.domain.settings import SetupError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class BackendPool:
         if key not in self._built:
             settings = self.settings(key)
             logger.info("starting model %r (%s)", key, settings.model)
+            missing = missing_local_model(settings)
+            if missing:
+                raise SetupError(f"models.{key}.model: {missing}")
             try:
                 backend = create_backend(settings)
             except (OSError, ValueError) as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -126,6 +127,25 @@ def top_k_problem(
 
 # How a model is reached, not what it computes: left out of configuration fingerprints.
 _RUNTIME_ONLY = ("timeout", "max_concurrency", "retry", "max_batch_size", "device")
+
+
+def missing_local_model(settings: BackendSettings) -> str | None:
+    """What is wrong with a local model that names a folder which is not there, or None.
+
+    A transformers model is a hub name (``namespace/name``) or a folder; one that reads
+    as a path (``./…``, ``/…``, ``~/…`` or more than one ``/``) and does not exist would
+    otherwise be sent to the hub and fail there with a message about repository ids."""
+    if settings.backend != "transformers":
+        return None
+    name = settings.model
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if not looks_local or Path(name).expanduser().exists():
+        return None
+    hint = ""
+    if "standins" in name:
+        folder = Path(name).parent
+        hint = f"; make the demo's stand-in models with `unsafechain standins --out {folder}`"
+    return f"{name} is no folder here (relative paths start from {Path.cwd()}){hint}"
 
 
 def content_fingerprint(content: dict) -> str:

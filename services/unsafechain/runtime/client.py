@@ -73,9 +73,24 @@ def open_channel(settings: ClientSettings) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(settings.address, credentials, options=options)
 
 
+def _tls_hint(details: str) -> str:
+    """What to do about a connection that failed on TLS, from how gRPC reports it: a
+    plaintext client's connection closed by a TLS server, or a certificate no CA the
+    client trusts has signed."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (
+            " (the server's certificate is signed by no CA this client trusts: pass "
+            "--ca-file with the CA that signed it)"
+        )
+    if details.endswith("Socket closed") and "failed to connect" in details:
+        return " (a server that speaks TLS closes plaintext connections: pass --ca-file or --tls)"
+    return ""
+
+
 def backend_error(error: grpc.aio.AioRpcError, where: str) -> BackendError:
     """The backend error a failed call is reported as."""
-    message = f"{where}: {error.code().name}: {error.details()}"
+    details = error.details() or ""
+    message = f"{where}: {error.code().name}: {details}{_tls_hint(details)}"
     if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return BackendTimeout(message)
     if error.code() in _UNAVAILABLE:

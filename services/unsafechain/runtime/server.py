@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,7 +37,7 @@ from unsafechain.domain.types import JudgeTarget
 from unsafechain.runtime.auth import TokenAuthenticator
 from unsafechain.runtime.metrics import MetricsEndpoint, ServiceMetrics
 from unsafechain.runtime.redaction import Redactor, install_log_redaction
-from unsafechain.runtime.settings import RequestLimits, ServerSettings
+from unsafechain.runtime.settings import RequestLimits, ServerSettings, SettingsError
 from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)
@@ -434,4 +436,49 @@ def run_service(settings: ServerSettings, create_servicer: ServicerFactory) -> i
         0 after a clean drain.
     """
     logger.info("settings: %s", settings.public_view())
+    check_before_start(settings)
     return asyncio.run(_serve(settings, create_servicer))
+
+
+def check_before_start(settings: ServerSettings) -> None:
+    """What would otherwise fail only after the models have loaded, checked first: the
+    ports are free and the TLS and token files readable.
+
+    Raises:
+        SettingsError: Naming the flag, with every problem found.
+    """
+    problems = []
+    for flag, host, port in (
+        ("--port", settings.host, settings.port),
+        ("--metrics-port", settings.metrics_host, settings.metrics_port),
+    ):
+        if port and (problem := _port_problem(host, port)):
+            problems.append(f"{flag} {port}: {problem}; pick a free one with {flag}")
+    files = {
+        "--tls-cert": settings.tls_cert_file,
+        "--tls-key": settings.tls_key_file,
+        "--tls-client-ca": settings.tls_client_ca_file,
+        "--auth-tokens-file": settings.auth_tokens_file,
+    }
+    for flag, path in files.items():
+        if path is not None:
+            try:
+                path.read_bytes()
+            except OSError as error:
+                problems.append(f"{flag} {path}: {error.strerror}")
+    if problems:
+        raise SettingsError("; ".join(problems))
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound, or None; bound and let go at once, with the
+    address reuse the servers use."""
+    address = host.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            return f"{host}:{port} is in use" if error.errno == errno.EADDRINUSE else str(error)
+    return None
