@@ -12,11 +12,11 @@ the official ``kubernetes`` Python client and ``kubectl`` talk to it unchanged:
   ConfigMaps, Services, ServiceAccounts, PersistentVolumeClaims, ``batch/v1`` Jobs,
   ``apps/v1`` Deployments, RBAC Roles and RoleBindings, NetworkPolicies,
   PodDisruptionBudgets, CustomResourceDefinitions) and the custom kinds each stored
-  CustomResourceDefinition defines (validated against its ``openAPIV3Schema``), with create, get, list (label and field selectors,
-  ``limit`` / ``continue``), replace (optimistic concurrency), patch (JSON, merge and
-  strategic merge), delete (propagation policies, preconditions, graceful pod
-  deletion), deletecollection, the ``status`` subresource, ``pods/binding`` and
-  ``dryRun``;
+  CustomResourceDefinition defines (validated against its ``openAPIV3Schema``), with
+  create, get, list (label and field selectors, ``limit`` / ``continue``), replace
+  (optimistic concurrency), patch (JSON, merge and strategic merge), delete
+  (propagation policies, preconditions, graceful pod deletion), deletecollection, the
+  ``status`` subresource, ``pods/binding`` and ``dryRun``;
 - watch (``?watch=1``) from a ``resourceVersion``, newline-delimited JSON events,
   ``timeoutSeconds``, ``allowWatchBookmarks``, and a 410 Expired ERROR event for a
   version older than the history kept (:class:`~tests.support.kube_store.ObjectStore`'s
