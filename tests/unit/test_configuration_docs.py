@@ -87,5 +87,5 @@ def test_an_undocumented_key_is_an_error():
 
         size: int = 1
 
-    with pytest.raises(UndocumentedKey, match="Bare.size"):
+    with pytest.raises(UndocumentedKey, match=r"Bare\.size"):
         describe(Bare, "size", Bare.model_fields["size"])
