@@ -50,46 +50,22 @@ class Schema:
         title: The section's heading.
         usage: Where the schema is read, as a user types it.
         model: The settings model at its top level.
-        note: A paragraph on how the values are given.
     """
 
     title: str
     usage: str
     model: type[BaseModel]
-    note: str = ""
 
-
-_SERVICE_NOTE = (
-    "Most keys are also flags (`--help` lists them). Flags win over the environment, the "
-    "environment over the file given with `--config`, which contributes the sections a "
-    "build configuration has under the same names."
-)
 
 SCHEMAS: tuple[Schema, ...] = (
     Schema("Build configuration", "unsafechain build --config FILE", BuildConfig),
     Schema("Training run", "unsafechain train --config FILE", TrainingSettings),
     Schema("Evaluation", "unsafechain eval --config FILE", EvalConfig),
-    Schema(
-        "Training follower",
-        "unsafechain worker train --config FILE",
-        FollowSettings,
-    ),
-    Schema(
-        "Generation service",
-        "unsafechain serve generation",
-        GenerationServiceSettings,
-        _SERVICE_NOTE,
-    ),
-    Schema("Judge service", "unsafechain serve judge", JudgeServiceSettings, _SERVICE_NOTE),
-    Schema(
-        "Correction service",
-        "unsafechain serve correction",
-        CorrectionServiceSettings,
-        _SERVICE_NOTE,
-    ),
-    Schema(
-        "Training service", "unsafechain serve training", TrainingServiceSettings, _SERVICE_NOTE
-    ),
+    Schema("Training follower", "unsafechain worker train --config FILE", FollowSettings),
+    Schema("Generation service", "unsafechain serve generation", GenerationServiceSettings),
+    Schema("Judge service", "unsafechain serve judge", JudgeServiceSettings),
+    Schema("Correction service", "unsafechain serve correction", CorrectionServiceSettings),
+    Schema("Training service", "unsafechain serve training", TrainingServiceSettings),
 )
 """The schemas, in the order the reference lists them."""
 
@@ -321,6 +297,20 @@ def _walk(root: type[BaseModel], *, shared: bool = False) -> dict[type[BaseModel
     return found
 
 
+def _sources_note(model: type[BaseModel]) -> list[str]:
+    """How a service's settings are given, and which keys its ``--config`` file gives."""
+    sections = getattr(model, "config_sections", None)
+    if not sections:
+        return []
+    keys = ", ".join(f"`{key}`" for key in sections)
+    return [
+        "Most keys are also flags (`--help` lists them). Flags win over the environment, "
+        f"the environment over the file given with `--config`, of which the service reads "
+        f"the top-level keys {keys} (a build configuration's, where it has them).",
+        "",
+    ]
+
+
 def render() -> str:
     """The whole reference, as ``docs/configuration.md`` holds it."""
     lines = [
@@ -343,8 +333,7 @@ def render() -> str:
     listed: set[type[BaseModel]] = set()
     for schema in SCHEMAS:
         lines += [f"## {schema.title}", "", f"`{schema.usage}`", ""]
-        if schema.note:
-            lines += [schema.note, ""]
+        lines += _sources_note(schema.model)
         if schema.model not in listed:
             lines += _model_section(schema.model, "the top level")
             listed.add(schema.model)
