@@ -24,7 +24,7 @@ DEPLOY_WAIT ?= --wait --timeout 15m
 HELM_ARGS = $(foreach file,$(VALUES),-f $(file)) --set-string image.registry=$(IMAGE_REGISTRY) \
 	--set-string image.tag=$(IMAGE_TAG)
 
-.PHONY: setup proto demo test bench lint format clean kafka-up kafka-down template deploy undeploy
+.PHONY: setup proto demo test bench lint docs format clean kafka-up kafka-down template deploy undeploy
 
 ## setup: create the virtual environment, generate the protobuf code, install the package (idempotent)
 setup: $(SETUP_STAMP)
@@ -93,6 +93,10 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(HELM) lint --strict $(CHART)
 	for values in $(CHART)/ci/*.yaml; do $(HELM) lint --strict --quiet $(CHART) -f $$values || exit 1; done
+
+## docs: regenerate docs/configuration.md, the configuration reference, from the settings models
+docs: setup
+	$(PY) -m unsafechain.docs.configuration --out docs/configuration.md
 
 ## template: render the chart with VALUES, IMAGE_REGISTRY and IMAGE_TAG, as deploy would install it
 template: setup

@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.builds import write_build_config
 from unsafechain.cli import build_parser, main
+from unsafechain.dataset.card import PLOT_ALT
 from unsafechain.dataset.config import load_config
 from unsafechain.dataset.pipeline import BuildError, run_build
 
@@ -67,7 +68,7 @@ def test_every_stage_runs_and_the_manifest_counts_add_up(built):
     assert counts["corrected"] > 0
     assert counts["written"] + counts["failed"] == counts["cases"]
     assert sum(result.manifest["by_status"].values()) == counts["cases"]
-    assert "at least 100% of its K=3 completions" in result.manifest["rules"]["hard_case"]
+    assert result.manifest["rules"]["hard_case"] == "all 3 completions judged unsafe"
 
 
 def test_bad_prompt_lines_are_reported_with_file_line_and_reason(built):
@@ -253,7 +254,17 @@ def test_dataset_card_names_every_source_and_embeds_the_plot(built):
     card = (result.output / "README.md").read_text()
     for source in ("redteam", "mixed"):
         assert f"| {source} |" in card
-    assert "![Unsafe rate by source and harm category](unsafe_rate.png)" in card
+    assert f"![{PLOT_ALT}](unsafe_rate.png)" in card
+    assert "- Hard case: all 3 completions judged unsafe." in card
+    # The fixture builds on the stand-ins, which their config.json names.
+    assert "> **Built with stand-in models.**" in card
+    assert {m["standin"] for m in result.manifest["models"].values()} == {
+        "generator",
+        "judge",
+        "corrector",
+    }
+    unsafe = result.manifest["counts"]["judged_unsafe"]
+    assert f"out of all {unsafe} unsafe verdicts on generated completions" in card
     assert f"| written | {result.manifest['counts']['written']} |" in card
     assert (result.output / "unsafe_rate.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert result.manifest["files"]["card"] == ["README.md", "unsafe_rate.png"]

@@ -128,10 +128,11 @@ def test_rates_count_unsafe_completions_and_corrected_hard_cases():
     assert (redteam.generated, redteam.unsafe, redteam.hard, redteam.corrected) == (6, 4, 2, 1)
     assert redteam.unsafe_rate == 4 / 6 and redteam.correction_rate == 0.5
     by_category = rates_by(rows, "category")
-    # In code order, S2 before S10, and cases without a category last.
+    # In code order, S2 before S10; the safe case "s" counts under no category.
     assert [(name, r.cases) for name, r in by_category.items()] == [
         ("S1", 1),
         ("S2", 1),
         ("S10", 1),
-        ("none", 1),
     ]
+    unnamed = _row("u", "redteam", corrected=True)
+    assert [(name, r.cases) for name, r in rates_by([unnamed], "category").items()] == [("none", 1)]

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 6,
     "demo": 6,
     "triggers": 6,
+    "docs": 7,
     "cli": 7,
 }
 

@@ -2,8 +2,10 @@
 
 The card is a Hugging Face Hub dataset card: YAML front matter (configurations for the
 subsets with the test split, features, license, task categories, language, size
-category) and a body with a content warning, the counts, the models, the rules, the
-judges' targets, decontamination, limitations and the method's citation.
+category) and a body with a stand-in disclaimer (when the models are the stand-ins),
+a content warning, the counts, the rates, the models, the rules, the judges' targets,
+decontamination, limitations and the method's citation. Every rate states its
+denominator: the harm categories are the share of unsafe verdicts naming each.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import copy
 import logging
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +26,7 @@ from matplotlib.ticker import PercentFormatter
 from unsafechain.dataset.assembly import TEST_SPLIT
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.rows import NO_CATEGORY
+from unsafechain.demo.marker import STANDS_IN_FOR
 from unsafechain.domain.plots import new_figure, save_png
 from unsafechain.judge.llama_guard import CATEGORY_BY_CODE
 from unsafechain.judge.settings import EnsembleSettings
@@ -31,6 +34,10 @@ from unsafechain.judge.settings import EnsembleSettings
 logger = logging.getLogger(__name__)
 
 PLOT = "unsafe_rate.png"
+PLOT_ALT = (
+    "Unsafe and correction rates by source, and the share of unsafe verdicts naming each "
+    "harm category"
+)
 
 CITATION = """@article{tomar2025unsafechain,
   title   = {UnsafeChain: Enhancing Reasoning Model Safety via Hard Cases},
@@ -93,14 +100,57 @@ def rates_by(cases: list[dict], key: Literal["source", "category"]) -> dict[str,
     """Rates per ``source`` or per ``category``, sorted by name, numbers by value.
 
     A case counts under every harm category its unsafe verdicts name, so category rows
-    overlap; a case with none counts under ``none``, last.
+    overlap; a case with unsafe completions whose verdicts name none counts under
+    ``none``, last, and a case without unsafe completions under no category.
     """
     rates: dict[str, Rates] = defaultdict(Rates)
     for row in cases:
-        names = [row["source"]] if key == "source" else row["harm_categories"] or [NO_CATEGORY]
+        if key == "source":
+            names = [row["source"]]
+        elif any(c["label"] == "unsafe" for c in row["provenance"]["completions"]):
+            names = row["harm_categories"] or [NO_CATEGORY]
+        else:
+            names = []
         for name in names:
             rates[name].add(row)
     return dict(sorted(rates.items(), key=lambda item: _natural_order(item[0])))
+
+
+@dataclass
+class CategoryShares:
+    """How often the unsafe verdicts on the generated completions name each harm
+    category: the denominator is every unsafe verdict, so a share says what the judges
+    flagged, not how unsafe a category's prompts are.
+
+    Attributes:
+        unsafe_verdicts: Unsafe verdicts on generated completions (corrections left out).
+        naming: Unsafe verdicts naming each category code (``none``: naming none); a
+            verdict naming two codes counts under both.
+    """
+
+    unsafe_verdicts: int = 0
+    naming: dict[str, int] = field(default_factory=dict)
+
+    def share(self, code: str) -> float | None:
+        """Unsafe verdicts naming ``code`` per unsafe verdict; ``None`` without any."""
+        return self.naming.get(code, 0) / self.unsafe_verdicts if self.unsafe_verdicts else None
+
+
+def category_shares(cases: list[dict]) -> CategoryShares:
+    """The unsafe verdicts of ``cases``' generated completions, by the categories they
+    name, in code order (S2 before S10, ``none`` last)."""
+    counts: dict[str, int] = defaultdict(int)
+    total = 0
+    for row in cases:
+        for completion in row["provenance"]["completions"]:
+            for verdict in completion.get("verdicts", []):
+                if verdict["label"] != "unsafe":
+                    continue
+                total += 1
+                for code in dict.fromkeys(verdict["categories"] or [NO_CATEGORY]):
+                    counts[code] += 1
+    ordered = dict(sorted(counts.items(), key=lambda item: _natural_order(item[0])))
+    return CategoryShares(unsafe_verdicts=total, naming=ordered)
 
 
 def _natural_order(name: str) -> tuple:
@@ -133,10 +183,11 @@ def write_card(
     """
     by_source = rates_by(cases, "source")
     by_category = rates_by(cases, "category")
-    _plot(output / PLOT, by_source, by_category)
+    shares = category_shares(cases)
+    _plot(output / PLOT, by_source, shares)
     test = [row for row in cases if row.get("split") == TEST_SPLIT and row["response"]]
     front = front_matter(output, config, subsets, len(test))
-    body = _card_text(config, manifest, by_source, by_category, subsets, test)
+    body = _card_text(config, manifest, by_source, (by_category, shares), subsets, test)
     (output / "README.md").write_text(f"---\n{front.to_yaml()}\n---\n\n{body}", encoding="utf-8")
     logger.info("dataset card written to %s", output / "README.md")
 
@@ -196,20 +247,59 @@ def _rates_table(title: str, rates: dict[str, Rates], label=str) -> list[str]:
     return lines
 
 
+def _category_table(by_category: dict[str, Rates], shares: CategoryShares) -> list[str]:
+    lines = [
+        "| harm category | unsafe verdicts naming it | share of unsafe verdicts | cases | hard "
+        "| corrected | correction rate |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    codes = sorted({*shares.naming, *by_category}, key=_natural_order)
+    for code in codes:
+        r = by_category.get(code, Rates())
+        lines.append(
+            f"| {category_label(code)} | {shares.naming.get(code, 0)} "
+            f"| {_percent(shares.share(code))} | {r.cases} | {r.hard} | {r.corrected} "
+            f"| {_percent(r.correction_rate)} |"
+        )
+    return lines
+
+
+def standin_lines(manifest: dict) -> list[str]:
+    """The card's disclaimer when the build ran on the stand-ins of ``unsafechain
+    standins`` (as its manifest records them); nothing for real models."""
+    standins = {key: m["standin"] for key, m in manifest["models"].items() if m.get("standin")}
+    if not standins:
+        return []
+    roles = "; ".join(
+        f"`{key}` stands in for {STANDS_IN_FOR.get(role, 'a real model')}"
+        for key, role in standins.items()
+    )
+    return [
+        "> **Built with stand-in models.** The models of this build are the tiny stand-ins "
+        f"that `unsafechain standins` trains on a synthetic world ({roles}). Their "
+        "completions, verdicts and corrections, and every count, rate and plot on this "
+        "card, say nothing about real safety: this build shows what each stage writes, "
+        "not data to train a model on.",
+        "",
+    ]
+
+
 def _card_text(
     config: BuildConfig,
     manifest: dict,
     by_source: dict[str, Rates],
-    by_category: dict[str, Rates],
+    categories: tuple[dict[str, Rates], CategoryShares],
     subsets: dict[str, list[dict]],
     test: list[dict],
 ) -> str:
     generation, correction, assembly = config.generation, config.correction, config.assembly
     read = manifest["read_by_source"]
     targets = [target.value for target in config.judging.targets]
+    by_category, shares = categories
     lines = [
         f"# {config.card.pretty_name}",
         "",
+        *standin_lines(manifest),
         "> **Content warning.** This dataset holds prompts that ask for harmful content "
         "(violence, weapons, crime, self-harm, hate and more), and its provenance keeps "
         "the model completions that were judged unsafe, verbatim. It is meant for safety "
@@ -242,14 +332,19 @@ def _card_text(
         "## Unsafe and correction rates",
         "",
         "Unsafe rate: completions judged unsafe per completion generated. Correction rate: "
-        "hard cases corrected per hard case. A case counts under every harm category its "
-        "unsafe verdicts name (`none`: no category named).",
+        "hard cases with a correction that passed re-judging per hard case.",
         "",
-        f"![Unsafe rate by source and harm category]({PLOT})",
+        f"Harm categories: the share of unsafe verdicts naming each category, out of all "
+        f"{shares.unsafe_verdicts} unsafe verdicts on generated completions (`none`: naming "
+        "no category). A verdict may name several categories, so the shares can add up to "
+        "more than 100%. The case columns count the cases whose unsafe verdicts name the "
+        "category.",
+        "",
+        f"![{PLOT_ALT}]({PLOT})",
         "",
         *_rates_table("source", by_source),
         "",
-        *_rates_table("harm category", by_category, category_label),
+        *_category_table(by_category, shares),
         "",
         "## Models and settings",
         "",
@@ -407,27 +502,50 @@ def _decontamination_lines(manifest: dict) -> list[str]:
     return lines
 
 
-def _plot(path: Path, by_source: dict[str, Rates], by_category: dict[str, Rates]) -> None:
+def _plot(path: Path, by_source: dict[str, Rates], shares: CategoryShares) -> None:
+    """Three panels of horizontal bars, each labelled with its count over its
+    denominator: the unsafe rate and the correction rate by source, and the share of
+    unsafe verdicts naming each harm category."""
+    total = shares.unsafe_verdicts
     panels = [
-        ("by source", {name: r.unsafe_rate for name, r in by_source.items()}),
-        ("by harm category", {category_label(n): r.unsafe_rate for n, r in by_category.items()}),
+        (
+            "Unsafe rate by source",
+            "completions judged unsafe / completions generated",
+            {name: (r.unsafe, r.generated) for name, r in by_source.items() if r.generated},
+            "#c0392b",
+        ),
+        (
+            "Correction rate by source",
+            "hard cases corrected / hard cases",
+            {name: (r.corrected, r.hard) for name, r in by_source.items()},
+            "#27ae60",
+        ),
+        (
+            "Harm categories: share of unsafe verdicts naming the category",
+            f"unsafe verdicts naming the category / all {total} unsafe verdicts",
+            {category_label(code): (n, total) for code, n in shares.naming.items()},
+            "#e67e22",
+        ),
     ]
-    # A group without completions has no rate to draw.
-    panels = [
-        (title, {name: rate for name, rate in values.items() if rate is not None})
-        for title, values in panels
-    ]
-    height = 1.5 + 0.35 * sum(len(values) for _, values in panels)
-    figure = new_figure(8, height)
-    axes = figure.subplots(
-        2, 1, gridspec_kw={"height_ratios": [max(len(values), 1) for _, values in panels]}
-    )
-    for axis, (title, values) in zip(axes, panels, strict=True):
-        names = list(values)[::-1]
-        bars = axis.barh(names, [values[name] for name in names], color="#c0392b")
-        axis.bar_label(bars, labels=[f"{values[name]:.0%}" for name in names], padding=3)
-        axis.set_xlim(0, 1.12)
+    sizes = [max(len(values), 1) for _, _, values, _ in panels]
+    figure = new_figure(9, 1.0 + 1.1 * len(panels) + 0.32 * sum(sizes))
+    axes = figure.subplots(len(panels), 1, gridspec_kw={"height_ratios": sizes})
+    for axis, (title, xlabel, values, color) in zip(axes, panels, strict=True):
+        axis.set_title(title, loc="left")
+        axis.set_xlabel(xlabel)
+        axis.set_xlim(0, 1.3)
         axis.xaxis.set_major_formatter(PercentFormatter(1.0))
-        axis.set_title(f"Unsafe rate {title}", loc="left")
-        axis.set_xlabel("completions judged unsafe / generated")
+        axis.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+        if not values:
+            axis.set_yticks([])
+            axis.text(0.02, 0.5, "none", transform=axis.transAxes, va="center")
+            continue
+        names = list(values)[::-1]
+        rates = [count / whole if whole else 0.0 for count, whole in (values[n] for n in names)]
+        bars = axis.barh(names, rates, color=color)
+        labels = [
+            f"{count}/{whole} ({count / whole:.0%})" if whole else "no hard cases"
+            for count, whole in (values[n] for n in names)
+        ]
+        axis.bar_label(bars, labels=labels, padding=3)
     save_png(figure, path)

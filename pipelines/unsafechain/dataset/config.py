@@ -124,6 +124,11 @@ class RemoteStages(StrictModel):
     provenance, and stops with an error naming the stage when it is not what this
     configuration's section for the stage says. A correct stage run here re-judges
     through ``remote.judge`` when that is set.
+
+    Attributes:
+        generation: The generation service that runs the generate stage.
+        judge: The judge service that runs the judge stage (and the re-judging).
+        correction: The correction service that runs the correct stage.
     """
 
     generation: ClientSettings | None = None
@@ -143,8 +148,8 @@ class EventSettings(StrictModel):
         publish: ``null``: announce when the build runs on Kafka (``--bus kafka``);
             ``true``: also from an embedded build, through the brokers of the ``kafka``
             section; ``false``: never.
-        topic: The topic's short name; the topic is ``<kafka.topic_prefix>.<kafka.version>
-            .<topic>``.
+        topic: The topic's short name; the topic is
+            ``<kafka.topic_prefix>.<kafka.version>.<topic>``.
         timeout_seconds: Bound on reaching the brokers and on the event's delivery
             (acknowledged by every in-sync replica).
     """
@@ -159,7 +164,27 @@ class EventSettings(StrictModel):
 
 
 class BuildConfig(StrictModel):
-    """The whole build."""
+    """The whole build.
+
+    Attributes:
+        build: The output folder, the seed and the concurrency.
+        sources: The prompt sources, read in order; a later duplicate of an earlier
+            prompt is removed.
+        deduplication: Removing duplicate and near-duplicate prompts.
+        decontamination: Removing prompts that overlap an evaluation benchmark.
+        test_split: The held-out test split drawn per source.
+        models: The model table: every ``model`` key of the stages names an entry.
+        generation: Sampling K completions per prompt from the reasoning model.
+        judging: The judges and the parts of a completion they judge.
+        routing: When a prompt is hard, and which unsafe completions are corrected.
+        rows: What becomes a training row.
+        correction: Correcting unsafe completions, re-judged, with bounded retries.
+        remote: Stages run by gRPC services instead of this process.
+        kafka: The Kafka transport of ``--bus kafka`` and the workers.
+        events: The announcement of the finished dataset on Kafka.
+        assembly: Sizes and seed of the ``random`` and ``selected`` subsets.
+        card: What the dataset card says that the build cannot know.
+    """
 
     build: RunSettings
     sources: Annotated[list[SourceSettings], Field(min_length=1)]

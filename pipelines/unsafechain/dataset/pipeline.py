@@ -45,7 +45,8 @@ from unsafechain.dataset.card import PLOT, write_card
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.events import Announcement, EventNotPublished, announce
 from unsafechain.dataset.rows import ONE_PER_PROMPT, case_rows, case_to_row, status_name
-from unsafechain.dataset.stages import CorrectStage, RouteStage
+from unsafechain.dataset.stages import CorrectStage, RouteStage, hard_case_rule
+from unsafechain.demo.marker import standin_role
 from unsafechain.domain.convert import (
     attempt_from_pb,
     identity_to_pb,
@@ -648,10 +649,7 @@ def _manifest(
             "undecodable": dead_letters.undecodable,
         },
         "rules": {
-            "hard_case": (
-                f"a prompt is hard when at least {config.routing.hard_fraction:.0%} of its "
-                f"K={config.generation.samples} completions are judged unsafe"
-            ),
+            "hard_case": hard_case_rule(config.routing.hard_fraction, config.generation.samples),
             "training_row": _row_rule(config),
             "corrected": (
                 "unsafe completions of hard prompts"
@@ -666,7 +664,13 @@ def _manifest(
         "read_by_source": dict(intake.read_by_source),
         "removed": removed,
         "models": {
-            key: {"backend": m.backend, "model": m.model, "base_url": m.base_url}
+            key: {
+                "backend": m.backend,
+                "model": m.model,
+                "base_url": m.base_url,
+                # A stand-in of `unsafechain standins` (its role), or None for a real model.
+                "standin": standin_role(m.model) if m.backend == "transformers" else None,
+            }
             for key, m in config.models.items()
         },
         "settings": config.model_dump(mode="json", exclude={"models"}),

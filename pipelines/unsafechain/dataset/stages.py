@@ -24,6 +24,25 @@ from unsafechain.streaming.stages import (
 from unsafechain.v1 import case_pb2
 
 
+def unsafe_needed(hard_fraction: float, completions: int) -> int:
+    """How many of a case's ``completions`` must be judged unsafe for it to be hard:
+    ``hard_fraction`` of them, rounded up, and at least one."""
+    return max(1, math.ceil(hard_fraction * completions - 1e-9))
+
+
+def hard_case_rule(hard_fraction: float, samples: int) -> str:
+    """The hardness rule in words, for K=``samples``: "all 3 completions judged unsafe",
+    "at least 2 of 3 completions judged unsafe"."""
+    needed = unsafe_needed(hard_fraction, samples)
+    if needed >= samples:
+        return (
+            "the only completion judged unsafe"
+            if samples == 1
+            else (f"all {samples} completions judged unsafe")
+        )
+    return f"at least {needed} of {samples} completions judged unsafe"
+
+
 class RouteStage(Stage):
     """Sends the cases with completions to correct to correction; the others keep a
     completion judged safe.
@@ -60,9 +79,8 @@ class RouteStage(Stage):
 
     def is_hard(self, case: case_pb2.Case) -> bool:
         """Whether enough completions are unsafe."""
-        total = len(case.completions)
         unsafe = sum(c.label == case_pb2.VERDICT_LABEL_UNSAFE for c in case.completions)
-        return unsafe > 0 and unsafe >= math.ceil(self._hard_fraction * total - 1e-9)
+        return unsafe >= unsafe_needed(self._hard_fraction, len(case.completions))
 
     async def process(self, case: case_pb2.Case) -> Emitted:
         case.hard = self.is_hard(case)

@@ -72,6 +72,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from unsafechain.demo import marker
+from unsafechain.demo.marker import STANDIN_KEY
 from unsafechain.judge.llama_guard import (
     CATEGORY_BY_CODE,
     LLAMA_GUARD_3_CATEGORIES,
@@ -915,6 +917,8 @@ def _build_one(recipe: _Recipe, bpe: Tokenizer, directory: Path, seed: int) -> _
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    # What a build reads to know that it ran on stand-ins (see unsafechain.demo.marker).
+    setattr(config, STANDIN_KEY, recipe.name)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -1152,7 +1156,8 @@ def _built_fingerprint(marker: Path) -> str | None:
 def _fingerprint(seed: int) -> str:
     """Identifies everything a build depends on."""
     digest = hashlib.sha256()
-    digest.update(Path(__file__).read_bytes())
+    for module in (__file__, marker.__file__):
+        digest.update(Path(module).read_bytes())
     for path in sorted(PROMPTS_DIR.glob("*.jsonl")):
         digest.update(path.read_bytes())
     for name in ("system.md", "user.md.j2"):

@@ -105,7 +105,21 @@ class RemoteJudging(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """The whole evaluation."""
+    """The whole evaluation.
+
+    Attributes:
+        eval: The output folder, the seed, the concurrency and the statistics.
+        models: The model table: a candidate's and a judge's ``model`` name an entry.
+        candidates: The models evaluated, side by side.
+        benchmarks: The benchmarks every candidate is evaluated on.
+        sampling: Sampling per prompt, the same for every candidate; default: one
+            greedy sample.
+        judging: The judges of the safety benchmarks.
+        refusal: The judges of the over-refusal benchmarks (a ``kind: refusal`` judge);
+            needed when one (``xstest``) is listed.
+        remote: Judging sent to judge services instead of this process.
+        kafka: The Kafka transport of ``eval --bus kafka`` and its workers.
+    """
 
     eval: EvalRunSettings
     models: dict[str, BackendSettings] = Field(default_factory=dict)

@@ -17,7 +17,13 @@ from unsafechain.domain.types import ModelRef, SamplingParams
 
 
 class RetrySettings(StrictModel):
-    """Retries with exponential backoff; a server's ``Retry-After`` wins."""
+    """Retries with exponential backoff; a server's ``Retry-After`` wins.
+
+    Attributes:
+        max_attempts: Tries of one call in all, the first included.
+        initial_backoff: Seconds before the first retry, doubled for each further one.
+        max_backoff: Longest wait between two tries, in seconds.
+    """
 
     max_attempts: Annotated[int, Field(ge=1)] = 5
     initial_backoff: Annotated[float, Field(ge=0)] = 0.5

@@ -119,6 +119,15 @@ class CorrectionServiceSettings(ServerSettings):
     ``model`` and ``judge_model`` are shorthands (``--model …``, ``--judge-model …``,
     ``UNSAFECHAIN_MODEL__*``) for the ``corrector`` and ``guard`` entries in ``models``;
     ``judge`` one for the re-judging Llama Guard judge (``--judge-name`` …).
+
+    Attributes:
+        models: The model table: the corrector's and the judges' ``model`` are keys of it.
+        correction: The corrector's settings, as in a build.
+        judging: The judges that re-judge every attempt, as in a build.
+        model: Shorthand for the corrector's entry in ``models``.
+        judge_model: Shorthand for ``models.guard``, the re-judging guard.
+        judge: Shorthand for the re-judging Llama Guard judge on ``guard``: ``name``,
+            ``prompt_format``, ``threshold``, ``top_logprobs``, ``targets``.
     """
 
     service: ClassVar[str] = "correction"

@@ -55,6 +55,12 @@ class GenerationServiceSettings(ServerSettings):
 
     ``model`` is a shorthand (``--model …`` flags, ``UNSAFECHAIN_MODEL__*``) for the
     generator's entry in ``models``.
+
+    Attributes:
+        models: The model table; ``generation.model`` is a key of it.
+        generation: The stage's settings, as in a build; its sampling is the default
+            of requests that carry none.
+        model: Shorthand for the generator's entry in ``models``.
     """
 
     service: ClassVar[str] = "generation"

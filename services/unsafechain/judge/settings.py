@@ -48,6 +48,7 @@ class LlamaGuardSettings(_JudgeBase):
     """Llama Guard 3 (``kind: llama_guard``, the default kind).
 
     Attributes:
+        kind: ``llama_guard``; may be left out.
         model: Key of the guard model in ``models``.
         prompt_format: How the Llama Guard prompt is rendered: ``chat_template`` sends
             the conversation and the model's chat template renders it (the tokenizer's
@@ -79,6 +80,7 @@ class RubricSettings(_JudgeBase):
     """An LLM-as-judge grading with the StrongREJECT rubric (``kind: rubric``).
 
     Attributes:
+        kind: ``rubric``.
         model: Key of the grading model in ``models``, usually an OpenAI-compatible API.
         threshold: StrongREJECT score at or above which a verdict is unsafe.
         template: Jinja file with the rubric prompt, receiving ``prompt`` and
@@ -95,6 +97,7 @@ class RefusalSettings(_JudgeBase):
     """An XSTest-style refusal classifier (``kind: refusal``).
 
     Attributes:
+        kind: ``refusal``.
         model: Key of the classifying model in ``models``.
         compliance_is_unsafe: Label full compliance unsafe; ``false`` labels every
             answer safe and keeps only the class, for over-refusal studies on benign
@@ -116,6 +119,7 @@ class EnsembleSettings(_JudgeBase):
     """Several judges combined into one verdict (``kind: ensemble``).
 
     Attributes:
+        kind: ``ensemble``.
         members: Names of other judges in ``judging.judges``; not ensembles. Give
             members ``report: false`` when only the ensemble's verdict should count.
         rule: ``majority``, ``any_unsafe`` or ``mean_score`` (see :class:`EnsembleRule`).
@@ -156,6 +160,13 @@ class JudgingSettings(StrictModel):
     Every judge with ``report: true`` (the default) gives verdicts on every part; a
     completion is unsafe if any of them says so. An ensemble judges through its
     members, which may be left out of the dataset with ``report: false``.
+
+    Attributes:
+        judges: The judges, each selected by its ``kind`` (``llama_guard`` when left
+            out); default: one Llama Guard judge named ``llama-guard`` on the ``guard``
+            model.
+        targets: The parts of a completion judged: ``full`` (the whole completion),
+            ``reasoning`` (the ``<think>`` section), ``answer`` (what follows it).
     """
 
     judges: Annotated[list[JudgeSettings], Field(min_length=1)] = Field(
@@ -230,6 +241,15 @@ class JudgeServiceSettings(ServerSettings):
     ``model`` is a shorthand (``--model …`` flags, ``UNSAFECHAIN_MODEL__*``) for the
     ``guard`` entry in ``models``, the model of the default Llama Guard judge; ``judge``
     one for that judge (``--judge-name``, ``--threshold`` …, ``UNSAFECHAIN_JUDGE__*``).
+
+    Attributes:
+        models: The model table: each judge's ``model`` is a key of it.
+        judging: The judges served and the parts they judge, as in a build.
+        batching: Micro-batching of concurrent requests.
+        model: Shorthand for ``models.guard``.
+        judge: Shorthand for one Llama Guard judge on ``guard``: ``name``,
+            ``prompt_format``, ``threshold``, ``top_logprobs``, ``targets``,
+            ``batch_max_size``, ``batch_max_wait_ms``.
     """
 
     service: ClassVar[str] = "judge"

@@ -363,7 +363,16 @@ class SecretKeySettings(StrictModel):
 
 
 class TolerationSettings(StrictModel):
-    """A pod toleration, as Kubernetes spells it."""
+    """A pod toleration, as Kubernetes spells it.
+
+    Attributes:
+        key: The taint key tolerated; None with ``operator: Exists`` tolerates every taint.
+        operator: ``Equal`` matches ``value``; ``Exists`` any value of ``key``.
+        value: The taint value matched by ``operator: Equal``.
+        effect: The taint effect tolerated; None: every effect.
+        tolerationSeconds: How long a ``NoExecute`` taint is tolerated before the pod is
+            evicted; None: forever.
+    """
 
     key: str | None = None
     operator: Literal["Equal", "Exists"] = "Equal"

@@ -1,0 +1,1 @@
+"""Documents generated from the code: the configuration reference."""
