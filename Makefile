@@ -93,11 +93,13 @@ bench: setup
 	$(PY) bench/training_packing.py --rows 400 --batch 8 --block 1024
 	$(PY) bench/eval_throughput.py --prompts 200 --samples 4 --concurrency 16 --latency 0.2
 
-## lint: ruff lint and format check, and the type checker (mypy) over the whole package
+## lint: ruff lint and format check, the type checker (mypy) over the whole package, hadolint over
+## images/, helm lint over the chart
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint images/Dockerfile*
 	$(HELM) lint --strict $(CHART)
 	for values in $(CHART)/ci/*.yaml; do $(HELM) lint --strict --quiet $(CHART) -f $$values || exit 1; done
 
