@@ -117,10 +117,11 @@ undeploy: setup
 	$(HELM) uninstall $(RELEASE) --namespace $(NAMESPACE) --wait
 
 # Builds images/Dockerfile as $(IMAGE_REGISTRY)/$(1):$(IMAGE_TAG) with the build args $(2), with
-# `docker build` where a Docker engine answers, else with buildah (no daemon, chroot isolation).
+# `docker build` where a Docker engine answers, else with buildah (no daemon, chroot isolation;
+# --layers keeps the layer cache docker keeps by default).
 define image_build
 	@if docker info >/dev/null 2>&1; then builder="docker build"; \
-	elif command -v buildah >/dev/null; then builder="buildah bud --isolation chroot"; \
+	elif command -v buildah >/dev/null; then builder="buildah bud --isolation chroot --layers"; \
 	else echo "no Docker engine answers and buildah is missing (apt-get install -y buildah)" >&2; \
 		exit 1; fi; \
 	set -x; $$builder -f images/Dockerfile --build-arg VERSION=$(VERSION) \
