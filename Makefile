@@ -17,14 +17,23 @@ NAMESPACE ?= unsafechain
 RELEASE ?= unsafechain
 # Space-separated values files, each passed with -f.
 VALUES ?=
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_REGISTRY ?= ghcr.io/unsafechain
-IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_TAG ?= $(VERSION)
+# images/Dockerfile's bases: empty BASE_IMAGE keeps its default (the pinned python slim image).
+BASE_IMAGE ?=
+CUDA_BASE_IMAGE ?= nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+CUDA_TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cu128
+# More flags for `docker build` / `buildah bud`: volumes and pip build args for a mirror or a
+# TLS-inspecting proxy (README, "Container images").
+IMAGE_BUILD_FLAGS ?=
 # How deploy waits: for every Deployment to be available and every hook Job to finish.
 DEPLOY_WAIT ?= --wait --timeout 15m
 HELM_ARGS = $(foreach file,$(VALUES),-f $(file)) --set-string image.registry=$(IMAGE_REGISTRY) \
 	--set-string image.tag=$(IMAGE_TAG)
 
-.PHONY: setup proto demo test bench lint docs format clean kafka-up kafka-down template deploy undeploy
+.PHONY: setup proto demo test bench lint docs format clean kafka-up kafka-down template deploy \
+	undeploy images images-cpu images-cuda base-image
 
 ## setup: create the virtual environment, generate the protobuf code, install the package (idempotent)
 setup: $(SETUP_STAMP)
@@ -86,11 +95,13 @@ bench: setup
 	$(PY) bench/training_packing.py --rows 400 --batch 8 --block 1024
 	$(PY) bench/eval_throughput.py --prompts 200 --samples 4 --concurrency 16 --latency 0.2
 
-## lint: ruff lint and format check, and the type checker (mypy) over the whole package
+## lint: ruff lint and format check, the type checker (mypy) over the whole package, hadolint over
+## images/, helm lint over the chart
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint images/Dockerfile*
 	$(HELM) lint --strict $(CHART)
 	for values in $(CHART)/ci/*.yaml; do $(HELM) lint --strict --quiet $(CHART) -f $$values || exit 1; done
 
@@ -110,6 +121,35 @@ deploy: setup
 ## undeploy: uninstall the release from the current kube context
 undeploy: setup
 	$(HELM) uninstall $(RELEASE) --namespace $(NAMESPACE) --wait
+
+# Builds images/Dockerfile as $(IMAGE_REGISTRY)/$(1):$(IMAGE_TAG) with the build args $(2), with
+# `docker build` where a Docker engine answers, else with buildah (no daemon, chroot isolation;
+# --layers keeps the layer cache docker keeps by default).
+define image_build
+	@if docker info >/dev/null 2>&1; then builder="docker build"; \
+	elif command -v buildah >/dev/null; then builder="buildah bud --isolation chroot --layers"; \
+	else echo "no Docker engine answers and buildah is missing (apt-get install -y buildah)" >&2; \
+		exit 1; fi; \
+	set -x; $$builder -f images/Dockerfile --build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null) $(2) $(IMAGE_BUILD_FLAGS) \
+		-t $(IMAGE_REGISTRY)/$(1):$(IMAGE_TAG) .
+endef
+
+## images: build both images, $(IMAGE_REGISTRY)/unsafechain:$(IMAGE_TAG) and …/unsafechain-cuda:$(IMAGE_TAG)
+images: images-cpu images-cuda
+
+## images-cpu: the CPU image of the services and workers (BASE_IMAGE, the CPU torch wheel)
+images-cpu:
+	$(call image_build,unsafechain,$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)))
+
+## images-cuda: the CUDA image of training Jobs (CUDA_BASE_IMAGE, torch from CUDA_TORCH_INDEX_URL)
+images-cuda:
+	$(call image_build,unsafechain-cuda,--build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE) \
+		--build-arg TORCH_INDEX_URL=$(CUDA_TORCH_INDEX_URL))
+
+## base-image: localhost/debian-python:bookworm, a debootstrap stand-in for BASE_IMAGE (needs root)
+base-image:
+	images/debootstrap-base.sh
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
