@@ -4,10 +4,15 @@ For the minimal value set and the TLS + tokens one (``charts/unsafechain/ci/``),
 values file the test writes on top (every model behind a loopback OpenAI-compatible
 server, every gRPC port a free one), the chart is rendered with ``helm template`` and each
 of the four gRPC service Deployments (generation, judge, correction, training) is started
-from its rendered pod spec, as kubelet would start it:
+from its rendered pod spec, as kubelet would start it: each render's ConfigMaps and
+Services and the test's Secrets go into a namespace of the Kubernetes API double, a pod
+of the Deployment's template is created there, and the double's node agent
+(:mod:`tests.support.kube_jobs`) resolves and starts it with the bubblewrap runtime of
+:mod:`tests.support.kube_sandbox`:
 
 - the command line is the image's ENTRYPOINT (``["unsafechain"]``, mapped to this
-  virtualenv's console script in :data:`IMAGE`, the one stand-in for the image) with the
+  virtualenv's console script in
+  :data:`tests.support.kube_sandbox.PLATFORM_IMAGE`, the one stand-in for the image) with the
   container's ``command`` / ``args``, ``$(VAR)`` expanded;
 - the environment is resolved as kubelet resolves it: ``envFrom``, ``value`` with
   ``$(VAR)`` expansion, ``secretKeyRef`` from the Secrets the test provides (API keys,

@@ -66,12 +66,19 @@ class Image:
 _VENV_BIN = Path(sys.executable).parent
 PLATFORM_IMAGE = Image(
     entrypoint=(str(_VENV_BIN / "unsafechain"),),
-    env={"PATH": f"{_VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-    working_dir="/",
+    env={
+        "PATH": f"{_VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/tmp",
+        "HF_HOME": "/tmp/huggingface",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+    },
+    working_dir="/tmp",
     files=(Path(sys.base_prefix).resolve(), _VENV_BIN.parent, ROOT),
 )
-"""The platform's image (``images/Dockerfile``: ``ENTRYPOINT ["unsafechain"]``, WORKDIR
-``/``), standing in as this virtualenv: its console script, interpreter and sources."""
+"""The platform's image as ``images/Dockerfile`` makes it (``ENTRYPOINT ["unsafechain"]``,
+its ``ENV``, ``WORKDIR /tmp``), standing in as this virtualenv: its console script,
+interpreter and sources."""
 
 
 class Sandboxed:
