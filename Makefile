@@ -32,8 +32,8 @@ DEPLOY_WAIT ?= --wait --timeout 15m
 HELM_ARGS = $(foreach file,$(VALUES),-f $(file)) --set-string image.registry=$(IMAGE_REGISTRY) \
 	--set-string image.tag=$(IMAGE_TAG)
 
-.PHONY: setup proto demo test bench lint docs format clean kafka-up kafka-down template deploy \
-	undeploy images images-cpu images-cuda base-image
+.PHONY: setup proto demo test test-unit certs bench lint docs format clean kafka-up kafka-down \
+	template deploy undeploy images images-cpu images-cuda base-image
 
 ## setup: create the virtual environment, generate the protobuf code, install the package (idempotent)
 setup: $(SETUP_STAMP)
@@ -87,6 +87,14 @@ kafka-down:
 ## test: the whole test suite
 test: setup
 	$(PY) -m pytest -q
+
+## test-unit: the unit tests only (seconds; no broker, no model, no server)
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+## certs: a local CA, server and client certificates and a token file for trying the services with TLS and tokens, in the git-ignored .cache/certs
+certs: setup
+	$(PY) -m unsafechain.runtime.devcerts --out .cache/certs
 
 ## bench: the judge service micro-batching against one-by-one judging, under load with oversized requests, training with packing against padding, and the evaluation's throughput against fixed-latency servers
 bench: setup

@@ -15,10 +15,13 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unsafechain.runtime.logs import configure_logging
 from unsafechain.runtime.settings import add_client_arguments
+
+if TYPE_CHECKING:
+    from unsafechain.dataset.config import BuildConfig
 
 SERVICE_NAMES = ("generation", "judge", "correction", "training")
 
@@ -38,9 +41,11 @@ def _build(args: argparse.Namespace) -> int:
     from unsafechain.domain.settings import SetupError
     from unsafechain.intake.sources import SourceError
 
-    overrides = {"build.output": args.output} if args.output else {}
+    overrides: dict[str, object] = {"build.output": args.output} if args.output else {}
     try:
-        config = load_config(args.config, overrides | _kafka_overrides(args))
+        config = load_config(args.config, overrides | _kafka_overrides(args) | _set_values(args))
+        if args.limit:
+            config = _limited(config, args.limit)
         resume = ResumeOptions(retry_failed=args.retry_failed, repair=args.repair)
         if args.bus == "kafka":
             from unsafechain.dataset.kafka import run_kafka_build
@@ -72,6 +77,17 @@ def _build(args: argparse.Namespace) -> int:
 INTERRUPTED_EXIT_STATUS = 130
 """The exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 
+
+def _limited(config: BuildConfig, limit: int) -> BuildConfig:
+    """The build with at most ``limit`` prompts read from each source (its first valid
+    ones, in file order: the same prompts every time), for a quick try."""
+    sources = [
+        source.model_copy(update={"limit": min(limit, source.limit or limit)})
+        for source in config.sources
+    ]
+    return config.model_copy(update={"sources": sources})
+
+
 STOPPED_EXIT_STATUS = 3
 """``unsafechain train``'s exit status when SIGTERM or SIGINT stopped the run at a checkpoint."""
 
@@ -90,8 +106,9 @@ def _train(args: argparse.Namespace) -> int:
 
     reporter = _reporter(args.report_to)
     on_metrics = (lambda entry: reporter.report("metrics", **entry)) if reporter else None
-    overrides = {"output.dir": args.output} if args.output else {}
+    overrides: dict[str, object] = {"output.dir": args.output} if args.output else {}
     try:
+        overrides |= _set_values(args)
         if args.config_json is not None:
             settings = training_settings_from_text(
                 args.config_json, overrides, where="--config-json"
@@ -293,7 +310,7 @@ def _eval(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {"eval.output": args.output} if args.output else {}
     overrides |= _kafka_overrides(args)
     try:
-        config = load_eval_config(args.config, overrides)
+        config = load_eval_config(args.config, overrides | _set_values(args))
         if args.dry_run:
             print(plan_evaluation(config, dry_run=True).describe())
             return 0
@@ -334,6 +351,49 @@ def _kafka_overrides(args: argparse.Namespace) -> dict[str, object]:
     return overrides
 
 
+def _set_values(args: argparse.Namespace) -> dict[str, object]:
+    """``--set KEY=VALUE`` as overrides: each value read as YAML (``8``, ``true``,
+    ``[a, b]``), checked with the rest of the configuration.
+
+    Raises:
+        ConfigError: An item is not KEY=VALUE, or its value is not YAML.
+    """
+    import yaml
+
+    from unsafechain.domain.settings import ConfigError
+
+    values: dict[str, object] = {}
+    for item in getattr(args, "set", None) or ():
+        key, sign, text = item.partition("=")
+        if not sign or not key.strip():
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. build.concurrency=8")
+        try:
+            values[key.strip()] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item}: the value is not YAML ({error})") from None
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a configuration key (dotted, a list item by its index: build.concurrency=8, "
+        "sources.0.limit=10), checked like the file; repeatable, wins over the file",
+    )
+
+
 def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bootstrap",
@@ -349,7 +409,7 @@ def _topics_create(args: argparse.Namespace) -> int:
     from unsafechain.streaming.kafka import require_broker
 
     try:
-        config = load_config(args.config, _kafka_overrides(args))
+        config = load_config(args.config, _kafka_overrides(args) | _set_values(args))
         settings = config.kafka
         require_broker(settings)
         if args.partitions:
@@ -373,7 +433,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.stage.startswith("eval-"):
         return _eval_worker(args)
     try:
-        config = load_config(args.config, _kafka_overrides(args))
+        config = load_config(args.config, _kafka_overrides(args) | _set_values(args))
         require_broker(config.kafka)
         run_worker(config, args.stage, metrics_port=args.metrics_port)
     except (ConfigError, SetupError) as error:
@@ -391,7 +451,7 @@ def _eval_worker(args: argparse.Namespace) -> int:
     from unsafechain.streaming.kafka import require_broker
 
     try:
-        config = load_eval_config(args.config, _kafka_overrides(args))
+        config = load_eval_config(args.config, _kafka_overrides(args) | _set_values(args))
         require_broker(config.kafka)
         run_eval_worker(
             config, args.stage, candidate=args.candidate, metrics_port=args.metrics_port
@@ -573,6 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
     build.add_argument("--output", help="output folder; overrides build.output in the config")
+    _add_set_argument(build)
+    build.add_argument(
+        "--limit",
+        type=_positive,
+        metavar="N",
+        help="read at most N prompts from each source (the first valid ones, so the same "
+        "every time): a quick try of a configuration",
+    )
     build.add_argument(
         "--bus",
         choices=["embedded", "kafka"],
@@ -622,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the run configuration itself, as JSON (how the training service starts runs)",
     )
     train.add_argument("--output", help="output folder; overrides output.dir in the config")
+    _add_set_argument(train)
     train.add_argument(
         "--dry-run",
         action="store_true",
@@ -666,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--config", required=True, type=Path, help="evaluation config (YAML)")
     evaluate.add_argument("--output", help="output folder; overrides eval.output in the config")
+    _add_set_argument(evaluate)
     evaluate.add_argument(
         "--dry-run",
         action="store_true",
@@ -708,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
     create.add_argument("--partitions", type=int, help="overrides kafka.partitions")
+    _add_set_argument(create)
     _add_kafka_arguments(create)
     create.set_defaults(handler=_topics_create)
 
@@ -738,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics (consumer lag) on this port"
     )
+    _add_set_argument(worker)
     _add_kafka_arguments(worker)
     worker.set_defaults(handler=_worker)
 

@@ -100,6 +100,12 @@ class Sandboxed:
         sandbox += ["--unshare-uts", "--hostname", launch.pod]
         sandbox += _image_arguments(self.image)
         sandbox += _mount_arguments(launch.mounts, launch.read_only)
+        # An image file this machine keeps under a mount point (a checkout under /tmp,
+        # where the pods mount an emptyDir) is bound again on top: in an image, a volume
+        # never hides the image's own program.
+        for path in self.image.files:
+            if any(path.is_relative_to(mount) for mount in launch.mounts):
+                sandbox += ["--ro-bind", str(path), str(path)]
         sandbox += ["--dev", "/dev", "--proc", "/proc"]
         sandbox += ["--chdir", spec.get("workingDir", self.image.working_dir), "--clearenv"]
         for key, value in env.items():

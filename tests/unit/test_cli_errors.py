@@ -47,7 +47,7 @@ def _error(capsys, argv: list[str]) -> str:
 
 def test_a_model_path_that_is_no_model_names_its_key(tmp_path, capsys):
     err = _error(capsys, ["build", "--config", str(_config(tmp_path)), "--no-progress"])
-    assert err.startswith("error: models.m: cannot start /nowhere/no-such-model")
+    assert err.startswith("error: models.m.model: /nowhere/no-such-model is no folder here")
 
 
 def test_an_unset_api_key_variable_names_it(tmp_path, capsys, monkeypatch):

@@ -152,18 +152,36 @@ def load_config_text(
 
 
 def set_dotted(raw: dict, values: Mapping[str, object], *, where: str) -> None:
-    """Set each dotted key of ``values`` (``"build.output"``) in the mapping ``raw``.
+    """Set each dotted key of ``values`` (``"build.output"``; a list item by its index,
+    ``"sources.0.limit"``) in the mapping ``raw``.
 
     Raises:
-        ConfigError: A parent of a key is there and is not a mapping.
+        ConfigError: A parent of a key is there and is neither a mapping nor a list
+            indexed by a number it has.
     """
     for dotted, value in values.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for depth, key in enumerate(parents):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                parent = ".".join(parents[: depth + 1])
-                raise ConfigError(f"{where}: {parent}: must be a mapping to set {dotted}")
+        node: dict | list = raw
+        keys = dotted.split(".")
+        for depth, key in enumerate(keys):
+            at = ".".join(keys[:depth])
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit():
+                    raise ConfigError(f"{where}: {at}: must be a mapping to set {dotted}")
+                if int(key) >= len(node):
+                    raise ConfigError(
+                        f"{where}: {at}.{key}: no item {key} (the list has {len(node)})"
+                    )
+                if last:
+                    node[int(key)] = value
+                    break
+                child = node[int(key)]
+            elif last:
+                node[key] = value
+                break
+            else:
+                child = node.setdefault(key, {})
+            if not isinstance(child, dict | list):
+                where_key = ".".join(keys[: depth + 1])
+                raise ConfigError(f"{where}: {where_key}: must be a mapping to set {dotted}")
             node = child
-        node[leaf] = value

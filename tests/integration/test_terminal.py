@@ -1,7 +1,8 @@
 """The command line as a user meets it: known failures end with one ``error:`` line that
 names the flag or configuration key and says what to do, Ctrl-C ends with one line and
 status 130, and nothing prints a traceback. Each runs the installed ``unsafechain``
-console script in a process of its own, as a shell would."""
+console script in a process of its own, as a shell would (the errors a command finds
+in its configuration are tested in-process in tests/unit/test_cli_errors.py)."""
 
 from __future__ import annotations
 
@@ -81,31 +82,6 @@ def test_a_local_model_folder_that_is_not_there_names_the_key_and_the_standins_c
     line = one_error_line(done)
     assert line.startswith(f"error: models.guard.model: {missing} is no folder here")
     assert "unsafechain standins --out .cache/standins-not-made" in line
-
-
-def test_an_unset_api_key_variable_names_the_model_and_the_variable(tmp_path: Path) -> None:
-    config = {
-        "build": {"output": str(tmp_path / "out")},
-        "sources": [{"name": "demo", "path": str(DEMO.parent / "prompts" / "redteam.jsonl")}],
-        "models": {
-            key: {
-                "backend": "openai",
-                "model": key,
-                "base_url": "http://127.0.0.1:9/v1",
-                "api_key_env": "UNSAFECHAIN_TEST_UNSET_KEY",
-            }
-            for key in ("generator", "guard", "corrector")
-        },
-        "generation": {"model": "generator"},
-        "judging": {"judges": [{"name": "llama_guard", "kind": "llama_guard", "model": "guard"}]},
-        "correction": {"model": "corrector"},
-    }
-    path = tmp_path / "openai.yaml"
-    path.write_text(yaml.safe_dump(config))
-    done = run("build", "--config", str(path))
-    assert done.returncode == 2
-    line = one_error_line(done)
-    assert "models.generator" in line and "UNSAFECHAIN_TEST_UNSET_KEY is not set" in line
 
 
 @pytest.mark.parametrize(
