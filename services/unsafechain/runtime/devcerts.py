@@ -167,7 +167,8 @@ def make_local_pki(
     tokens = folder / "tokens"
     tokens.touch(mode=0o600)
     tokens.chmod(0o600)
-    tokens.write_text(f"# accepted bearer tokens, one per line\n{secrets.token_urlsafe(32)}\n")
+    # The token alone: the server reads it as its accepted tokens, a client as its own.
+    tokens.write_text(f"{secrets.token_urlsafe(32)}\n")
     return LocalPki(ca_path, server_cert, server_key, client_cert, client_key, tokens)
 
 
