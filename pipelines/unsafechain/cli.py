@@ -71,7 +71,29 @@ def _build(args: argparse.Namespace) -> int:
             f"dead letters: {counts['dead_lettered']} "
             f"(by stage {letters['by_stage']}, undecodable {letters['undecodable']})"
         )
+    problem = build_outcome_problem(counts)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def build_outcome_problem(counts: dict[str, int]) -> str | None:
+    """Why a finished build is no dataset to use, or None: most verdicts are ERROR (the
+    judge was not reached), or no row was written at all."""
+    judged = counts["judged_safe"] + counts["judged_unsafe"] + counts["judged_error"]
+    if judged and counts["judged_error"] * 2 > judged:
+        return (
+            f"{counts['judged_error']} of {judged} verdicts are ERROR: the judge calls failed "
+            "(is the judge reachable? the reasons are in failed.jsonl); once it is, run again "
+            "with --retry-failed"
+        )
+    if counts["cases"] and not counts["written"]:
+        return (
+            f"no row written: {counts['failed']} of {counts['cases']} cases failed "
+            "(the reasons are in failed.jsonl)"
+        )
+    return None
 
 
 INTERRUPTED_EXIT_STATUS = 130

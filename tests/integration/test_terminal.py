@@ -6,7 +6,6 @@ in its configuration are tested in-process in tests/unit/test_cli_errors.py)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from tests.support.certs import make_certificates
+from tests.support.http_servers import OpenAIServer
 from tests.support.kafka_broker import free_port
 from unsafechain.demo.standins import StandinModels
 
@@ -29,14 +29,13 @@ UNSAFECHAIN = str(Path(sys.executable).parent / "unsafechain")
 DEMO = ROOT / "pipelines" / "unsafechain" / "demo" / "demo.yaml"
 
 
-def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None):
+def run(*args: str, timeout: float = 60, log_level: str = "WARNING"):
     return subprocess.run(
-        [UNSAFECHAIN, "--log-level", "WARNING", *args],
+        [UNSAFECHAIN, "--log-level", log_level, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
     )
 
 
@@ -193,3 +192,44 @@ def test_global_options_go_before_or_after_the_command_and_the_version_is_there(
     for args in (["--log-level", "ERROR", "topics", "create"], ["topics", "create", "--verbose"]):
         done = run(*args, "--help")
         assert done.returncode == 0, done.stderr
+
+
+def test_a_build_whose_judge_was_not_reached_exits_non_zero_saying_so(tmp_path: Path) -> None:
+    """The guard behind a port nothing listens on: every verdict is ERROR; the build
+    writes what it has and ends with status 1 and one line saying why."""
+    with OpenAIServer(model="generator") as generator, OpenAIServer(model="corrector") as fixer:
+        unreachable = f"http://127.0.0.1:{free_port()}/v1"
+        endpoints = {
+            "generator": generator.base_url,
+            "guard": unreachable,
+            "corrector": fixer.base_url,
+        }
+        config = {
+            "build": {"output": str(tmp_path / "out"), "concurrency": 2},
+            "sources": [
+                {"name": "demo", "path": str(DEMO.parent / "prompts" / "redteam.jsonl"), "limit": 3}
+            ],
+            "models": {
+                key: {
+                    "backend": "openai",
+                    "model": key,
+                    "base_url": url,
+                    "retry": {"max_attempts": 1},
+                }
+                for key, url in endpoints.items()
+            },
+            "generation": {"model": "generator", "samples": 2},
+            "judging": {
+                "judges": [{"name": "llama_guard", "kind": "llama_guard", "model": "guard"}]
+            },
+            "correction": {"model": "corrector"},
+        }
+        path = tmp_path / "build.yaml"
+        path.write_text(yaml.safe_dump(config))
+        # ERROR: the judge's failed calls are WARNING records, one per call.
+        done = run("build", "--config", str(path), "--no-progress", timeout=120, log_level="ERROR")
+    assert done.returncode == 1, done.stderr
+    line = one_error_line(done)
+    assert line.startswith("error: 6 of 6 verdicts are ERROR: the judge calls failed")
+    assert "--retry-failed" in line
+    assert "dataset written to" in done.stdout
