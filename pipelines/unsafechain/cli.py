@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 def _build(args: argparse.Namespace) -> int:
+    from unsafechain.dataset.checks import local_problems
     from unsafechain.dataset.config import ConfigError, load_config
     from unsafechain.dataset.pipeline import BuildError, ResumeOptions, run_build
     from unsafechain.domain.settings import SetupError
@@ -46,6 +47,9 @@ def _build(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides | _kafka_overrides(args) | _set_values(args))
         if args.limit:
             config = _limited(config, args.limit)
+        problems = local_problems(config)
+        if problems:
+            raise SetupError("; ".join(problems))
         resume = ResumeOptions(retry_failed=args.retry_failed, repair=args.repair)
         if args.bus == "kafka":
             from unsafechain.dataset.kafka import run_kafka_build
@@ -185,6 +189,31 @@ def _train(args: argparse.Namespace) -> int:
     for name, path in result.record["outputs"].items():
         print(f"{name}: {result.output_dir / path}")
     print(f"record: {result.output_dir / 'run.json'}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``unsafechain check``: every problem of a build configuration on this machine,
+    all of them, before anything is loaded."""
+    from unsafechain.dataset.checks import local_problems, reachability_problems
+    from unsafechain.dataset.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, _kafka_overrides(args) | _set_values(args))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    problems = local_problems(config)
+    if not args.offline:
+        problems += reachability_problems(config, kafka=args.bus == "kafka")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    checked = "files, models, keys" + ("" if args.offline else ", endpoints, services")
+    if args.bus == "kafka" and not args.offline:
+        checked += ", the broker"
+    print(f"{args.config}: ready (checked {checked})")
     return 0
 
 
@@ -695,6 +724,23 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds; overrides kafka.idle_timeout_seconds (default 600)",
     )
     build.set_defaults(handler=_build)
+
+    check = commands.add_parser(
+        "check",
+        help="check a build configuration against this machine before running it",
+        description="Report every problem a build would meet, together, before any model "
+        "loads: source files, local model folders, the API key variables, every model "
+        "endpoint (and the model it serves), every remote stage's health and, with --bus "
+        "kafka, the broker. A build runs the checks that need no network itself.",
+    )
+    check.add_argument("--config", required=True, type=Path, help="build configuration (YAML)")
+    check.add_argument("--bus", choices=["embedded", "kafka"], default="embedded")
+    check.add_argument(
+        "--offline", action="store_true", help="only what needs no network (files, keys)"
+    )
+    _add_set_argument(check)
+    _add_kafka_arguments(check)
+    check.set_defaults(handler=_check)
 
     train = commands.add_parser(
         "train",
