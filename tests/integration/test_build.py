@@ -281,3 +281,22 @@ def test_subsets_are_reassembled_with_new_sizes_without_rebuilding(built, tmp_pa
     assert resized.manifest["subsets"]["random"] == 2
     selected = _rows(output / "subsets" / "selected.jsonl")
     assert len(selected) == 3
+
+
+def test_rows_follow_the_prompts_order_whatever_order_the_cases_finished_in(built, tmp_path):
+    """Sources in the configuration's order, each in its file's, whatever order the
+    concurrent stages finished the cases in: the build's cases stored in reverse give
+    the same files, line for line."""
+    path, result = built
+    copy = tmp_path / "copy"
+    shutil.copytree(result.output, copy)
+    cases = (copy / "cases.jsonl").read_text().splitlines()
+    (copy / "cases.jsonl").write_text("\n".join(reversed(cases)) + "\n")
+    again = run_build(load_config(path, {"build.output": str(copy)}), progress=False)
+    assert again.manifest["counts"]["resumed"] == again.manifest["counts"]["cases"]
+    for name in ("dataset.jsonl", "failed.jsonl", "release/full.jsonl", "pairs.jsonl"):
+        assert (copy / name).read_text() == (result.output / name).read_text(), name
+    redteam = (PROMPTS / "redteam.jsonl").read_text().splitlines()
+    order = {json.loads(line)["prompt"]: index for index, line in enumerate(redteam)}
+    prompts = [row["prompt"] for row in _rows(copy / "dataset.jsonl") if row["source"] == "redteam"]
+    assert prompts == sorted(prompts, key=order.__getitem__)

@@ -549,11 +549,17 @@ class CaseTally:
 
 
 def _tally(config: BuildConfig, start: BuildStart) -> CaseTally:
-    wanted = {record.id for record in start.intake.records}
+    """The stored cases of this build's prompts, in the prompts' order (the sources in
+    the configuration's order, each in its file's), whatever order they finished in: two
+    runs of a build write the same files, line for line."""
+    position = {record.id: index for index, record in enumerate(start.intake.records)}
+    cases = sorted(
+        (case for case in start.store.cases() if case.id in position),
+        key=lambda case: position[case.id],
+    )
     tally = CaseTally(policy=config.rows.policy)
-    for case in start.store.cases():
-        if case.id in wanted:
-            tally.add(case)
+    for case in cases:
+        tally.add(case)
     return tally
 
 
