@@ -10,6 +10,8 @@ Workers run in threads of this process, as ``unsafechain worker`` runs them.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -151,15 +153,31 @@ def test_a_backend_that_never_recovers_dead_letters_every_case_and_keeps_it_as_f
 
 
 def test_a_build_without_workers_stops_after_its_idle_bound_with_a_clear_error(
-    tmp_path, standin_models, bootstrap
+    tmp_path, standin_models, bootstrap, caplog
 ):
+    """Before it gives up, the build says which stage has messages no worker consumed."""
     path = _config(tmp_path, standin_models, bootstrap, "idle", "http://127.0.0.1:9/v1")
-    config = load_config(path, {"kafka.idle_timeout_seconds": 3})
+    config = load_config(
+        path, {"kafka.idle_timeout_seconds": 4, "kafka.stall_warning_seconds": 1.5}
+    )
     create_build_topics(config.kafka)
     started = time.monotonic()
-    with pytest.raises(BuildError, match=r"no case arrived for .* are the stage workers running"):
+    with (
+        caplog.at_level(logging.WARNING, logger="unsafechain.dataset.kafka"),
+        pytest.raises(BuildError, match=r"no case arrived for .* are the stage workers running"),
+    ):
         run_kafka_build(config, progress=False)
     assert time.monotonic() - started < 30
+    warnings = [
+        r.getMessage() for r in caplog.records if "no worker has consumed" in r.getMessage()
+    ]
+    assert warnings, caplog.text
+    # The count is the broker's offsets (Tansu counts a produced batch as one).
+    assert re.search(r"consumed: generate \([1-9][0-9]* waiting\);", warnings[0]), warnings[0]
+    assert (
+        "is `unsafechain worker generate --config …` running on topic prefix 'idle'" in warnings[0]
+    )
+    assert "judge (" not in warnings[0]
 
 
 @pytest.mark.timeout(240)

@@ -60,8 +60,18 @@ from unsafechain.streaming.kafka import (
     publish_cases,
     stopped_by_signals,
     topic_name,
+    uncommitted,
 )
-from unsafechain.streaming.stages import PROMPTS, RECORDS, Emitted, run_stage, stage_failed
+from unsafechain.streaming.stages import (
+    GENERATED,
+    JUDGED,
+    PROMPTS,
+    RECORDS,
+    TO_CORRECT,
+    Emitted,
+    run_stage,
+    stage_failed,
+)
 from unsafechain.v1 import case_pb2
 
 logger = logging.getLogger(__name__)
@@ -154,6 +164,34 @@ def _run_worker(
 
 async def _engines(config: BuildConfig) -> StageEngines:
     return StageEngines(config)
+
+
+STAGE_INPUTS = (("generate", PROMPTS), ("judge", GENERATED), ("route", JUDGED),
+                ("correct", TO_CORRECT))  # fmt: skip
+"""Each stage worker and the topic it consumes."""
+
+
+def _warn_stalled(settings: KafkaSettings, idle: float, missing: int) -> None:
+    """Say which stages have messages no worker has consumed: those are the stages
+    whose workers are not running (or are stuck)."""
+    waiting = {
+        stage: uncommitted(settings, group_name(settings, stage), topic_name(settings, topic))
+        for stage, topic in STAGE_INPUTS
+    }
+    stalled = [f"{stage} ({count} waiting)" for stage, count in waiting.items() if count]
+    if stalled:
+        first = next(stage for stage, count in waiting.items() if count)
+        logger.warning(
+            "no case arrived for %.0f s (%d not stored yet); messages no worker has "
+            "consumed: %s; is `unsafechain worker %s --config …` running on topic prefix %r?",
+            idle, missing, ", ".join(stalled), first, settings.topic_prefix,
+        )  # fmt: skip
+    else:
+        logger.warning(
+            "no case arrived for %.0f s (%d not stored yet); no stage has messages "
+            "waiting: they are in the stages' hands (a slow model, a stuck worker)",
+            idle, missing,
+        )  # fmt: skip
 
 
 def run_kafka_build(
@@ -331,6 +369,7 @@ def _sink_until_stored(
             sent = publish_cases(settings, PROMPTS, (new_case(r, provenance) for r in fresh))
             published.add(record.id for record in fresh)
             logger.info("published %d cases to %s", sent, topic_name(settings, PROMPTS))
+            warned = 0.0
             with stopped_by_signals(request_stop, group):
                 while not sink.done and not stopping and not stop():
                     batch = poll_batch(consumer)
@@ -339,6 +378,11 @@ def _sink_until_stored(
                     if batch:
                         commit(consumer, "sink")
                     idle = time.monotonic() - sink.last_progress
+                    if idle > settings.stall_warning_seconds and (
+                        time.monotonic() - warned > settings.stall_warning_seconds
+                    ):
+                        warned = time.monotonic()
+                        _warn_stalled(settings, idle, sink.missing)
                     if idle > settings.idle_timeout_seconds:
                         raise BuildError(
                             f"no case arrived for {idle:.0f} s ({sink.missing} of "

@@ -154,6 +154,9 @@ class KafkaSettings(StrictModel):
         heartbeat_interval_ms: Time between heartbeats.
         idle_timeout_seconds: ``build --bus kafka`` stops with an error when no case
             arrives for this long (no workers running, a stage stuck).
+        stall_warning_seconds: ``build --bus kafka`` warns when no case has arrived for
+            this long, naming each stage with messages no worker has consumed, and again
+            every as long.
         security: TLS and SASL towards the brokers; plaintext by default.
     """
 
@@ -169,6 +172,7 @@ class KafkaSettings(StrictModel):
     session_timeout_ms: Annotated[int, Field(ge=1000)] = 10_000
     heartbeat_interval_ms: Annotated[int, Field(ge=100)] = 3_000
     idle_timeout_seconds: Annotated[float, Field(gt=0)] = 600.0
+    stall_warning_seconds: Annotated[float, Field(gt=0)] = 30.0
     security: KafkaSecuritySettings = KafkaSecuritySettings()
 
 
@@ -221,6 +225,38 @@ def require_broker(settings: KafkaSettings, timeout: float = BROKER_CHECK_SECOND
         f"kafka.bootstrap_servers: no broker answers ({'; '.join(problems)}); start one "
         "(`make kafka-up` for a local one) or pass --bootstrap HOST:PORT"
     )
+
+
+_PROBE_TIMEOUT_MS = 5_000
+"""Bound on each call of an offsets probe."""
+
+
+def uncommitted(settings: KafkaSettings, group: str, topic: str) -> int | None:
+    """Messages on ``topic`` (full name) that consumer group ``group`` has not committed,
+    summed over the partitions; None when the broker does not answer in time. The probe
+    joins no group: it reads offsets only."""
+    probe = KafkaConsumer(
+        bootstrap_servers=list(settings.bootstrap_servers),
+        group_id=group,
+        enable_auto_commit=False,
+        client_id=_client_id("probe"),
+        request_timeout_ms=_PROBE_TIMEOUT_MS,
+        **settings.security.client_arguments(),
+    )
+    try:
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())
+        ]
+        ends = probe.end_offsets(partitions, timeout_ms=_PROBE_TIMEOUT_MS)
+        committed = {
+            tp: probe.committed(tp, timeout_ms=_PROBE_TIMEOUT_MS) or 0 for tp in partitions
+        }
+    except KafkaError as error:
+        logger.debug("%s: offsets of %s not read: %s", group, topic, error)
+        return None
+    finally:
+        probe.close(timeout_ms=_PROBE_TIMEOUT_MS)
+    return sum(max(0, ends.get(tp, 0) - committed[tp]) for tp in partitions)
 
 
 def create_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[str]:
