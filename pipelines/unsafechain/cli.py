@@ -47,6 +47,16 @@ def _build(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides | _kafka_overrides(args) | _set_values(args))
         if args.limit:
             config = _limited(config, args.limit)
+        if args.dry_run:
+            from unsafechain.dataset.plan import Assumptions, plan_build
+
+            assumptions = Assumptions(
+                unsafe_rate=args.unsafe_rate,
+                tokens_per_second=args.tokens_per_second,
+                judge_seconds=args.judge_seconds,
+            )
+            print(plan_build(config, assumptions).describe())
+            return 0
         problems = local_problems(config)
         if problems:
             raise SetupError("; ".join(problems))
@@ -692,6 +702,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="read at most N prompts from each source (the first valid ones, so the same "
         "every time): a quick try of a configuration",
     )
+    plan = build.add_argument_group(
+        "dry run",
+        "print what the build will do (prompts after screening, calls, a rough "
+        "time) and exit; no model loads, nothing is written",
+    )
+    plan.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    plan.add_argument(
+        "--unsafe-rate", type=float, default=0.4, metavar="P",
+        help="share of completions judged unsafe, for the expected corrections (default 0.4)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--tokens-per-second", type=float, default=40.0, metavar="N",
+        help="decoding speed of one sequence, for the rough time (default 40)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--judge-seconds", type=float, default=0.5, metavar="S",
+        help="seconds per judge call, for the rough time (default 0.5)",
+    )  # fmt: skip
     build.add_argument(
         "--bus",
         choices=["embedded", "kafka"],
