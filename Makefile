@@ -66,6 +66,7 @@ demo: setup
 	$(VENV)/bin/unsafechain build --config $(DEMO_CONFIG)
 	$(VENV)/bin/unsafechain train --config $(DEMO_TRAIN_CONFIG)
 	$(VENV)/bin/unsafechain eval --config $(DEMO_EVAL_CONFIG)
+	@echo "demo done: the dataset and its card in out/demo/ (README.md), the fine-tuned run in out/demo-train/, the comparison in out/demo-eval/report.html"
 
 ## kafka-up: start a local Kafka-compatible broker (Tansu, memory-only) on 127.0.0.1:$(KAFKA_PORT)
 kafka-up: setup
