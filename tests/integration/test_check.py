@@ -4,7 +4,6 @@ OpenAI API's ``/v1/models``, TGI's ``/info``)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -14,19 +13,9 @@ from tests.support.http_servers import OpenAIServer, TGIServer
 from tests.support.kafka_broker import free_port
 from unsafechain.cli import main
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_logging")]
 
 PROMPTS = Path(__file__).resolve().parents[2] / "pipelines/unsafechain/demo/prompts/redteam.jsonl"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """Undo the command line's logging set-up, which replaces the root handlers."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def write(tmp_path: Path, models: dict, **sections) -> Path:

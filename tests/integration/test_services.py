@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import socket
 import time
 import urllib.request
@@ -74,16 +73,6 @@ async def rpc_error(call: Coroutine[Any, Any, Any]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await call
     return failure.value
-
-
-@pytest.fixture
-def restore_logging():
-    """Undo the command line's logging set-up, which replaces the root handlers."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import shutil
@@ -154,16 +153,6 @@ async def _call_across_sigterm(
         service.process.send_signal(signal.SIGTERM)
         judgment = await in_flight
         return judgment.label
-
-
-@pytest.fixture
-def restore_logging():
-    """Undo the command line's logging set-up, which replaces the root handlers."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_serve_without_a_model_is_refused_naming_the_setting(capsys, restore_logging):

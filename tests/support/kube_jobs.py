@@ -154,7 +154,9 @@ class ContainerRuntime(Protocol):
         ...
 
 
-class _LocalProcess:
+class LocalProcess:
+    """A container that is a local process and its process group."""
+
     def __init__(self, process: subprocess.Popen[bytes]):
         self._process = process
 
@@ -175,7 +177,9 @@ class _LocalProcess:
             os.killpg(self._process.pid, signum)
 
 
-class _Finished:
+class Finished:
+    """A container that ended before it ran (it could not start)."""
+
     def __init__(self, exit: ContainerExit):
         self._exit = exit
 
@@ -207,7 +211,7 @@ class LocalProcesses:
         if self.prepare is not None:
             launch = self.prepare(launch)
         if not launch.argv:
-            return _Finished(
+            return Finished(
                 ContainerExit(128, "StartError", "no command: image entrypoints are unknown here")
             )
         try:
@@ -222,8 +226,8 @@ class LocalProcesses:
             )
         except OSError as error:
             message = f"exec: {launch.argv[0]!r}: {error.strerror}"
-            return _Finished(ContainerExit(128, "StartError", message))
-        return _LocalProcess(process)
+            return Finished(ContainerExit(128, "StartError", message))
+        return LocalProcess(process)
 
 
 def use_this_python(launch: ContainerLaunch) -> ContainerLaunch:

@@ -37,7 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tests.support.kube_jobs import ContainerExit, ContainerLaunch, RunningContainer
+from tests.support.kube_jobs import (
+    ContainerExit,
+    ContainerLaunch,
+    Finished,
+    LocalProcess,
+    RunningContainer,
+)
 from unsafechain.sandbox.runner import bwrap_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,49 +136,28 @@ class Sandboxed:
         if "child-pid" not in info:
             running.signal(signal.SIGKILL)
             process.wait(10)
-            return _Failed(ContainerExit(128, "StartError", "bubblewrap could not set it up"))
+            return Finished(ContainerExit(128, "StartError", "bubblewrap could not set it up"))
         return running
 
 
-class _SandboxedProcess:
-    """bubblewrap and the container's process inside; signals go to the process itself
-    (bubblewrap passes none on), then to what is left of the group."""
+class _SandboxedProcess(LocalProcess):
+    """bubblewrap and the container's process inside it: signals go to the process
+    itself (bubblewrap passes none on), a kill to what is left of the group too."""
 
     def __init__(self, process: subprocess.Popen[bytes], child_pid: int | None):
-        self._process = process
+        super().__init__(process)
         self._child = child_pid
 
     @property
     def pid(self) -> int | None:
         return self._child
 
-    def poll(self) -> ContainerExit | None:
-        code = self._process.poll()
-        if code is None:
-            return None
-        self.signal(signal.SIGKILL)
-        return ContainerExit(128 - code if code < 0 else code)
-
     def signal(self, signum: int) -> None:
         if self._child is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self._child, signum)
         if signum == signal.SIGKILL or self._child is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._process.pid, signum)
-
-
-class _Failed:
-    def __init__(self, exit: ContainerExit):
-        self._exit = exit
-
-    pid = None
-
-    def poll(self) -> ContainerExit:
-        return self._exit
-
-    def signal(self, signum: int) -> None:
-        """Nothing is left to signal."""
+            super().signal(signum)
 
 
 def _hidden_ancestor(path: Path) -> Path | None:

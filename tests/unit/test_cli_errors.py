@@ -3,7 +3,6 @@ setting, never in a traceback."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,7 @@ import yaml
 
 from unsafechain.cli import main
 
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def _config(tmp_path: Path, **changes) -> Path:

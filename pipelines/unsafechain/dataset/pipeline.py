@@ -44,6 +44,7 @@ from unsafechain.dataset.assembly import make_subsets, write_exports, write_json
 from unsafechain.dataset.card import PLOT, write_card
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.events import Announcement, EventNotPublished, announce
+from unsafechain.dataset.plan import read_build_prompts
 from unsafechain.dataset.rows import ONE_PER_PROMPT, case_rows, case_to_row, status_name
 from unsafechain.dataset.stages import CorrectStage, RouteStage, hard_case_rule
 from unsafechain.demo.marker import standin_role
@@ -59,7 +60,7 @@ from unsafechain.generation.engine import Generator
 from unsafechain.generation.factory import describe_generator, generation_engine
 from unsafechain.intake.answers import CHECKERS, Checker, code_sandbox
 from unsafechain.intake.dedup import CONTAMINATED, DUPLICATE_EXACT, DUPLICATE_NEAR
-from unsafechain.intake.prompts import PromptIntake, read_prompts
+from unsafechain.intake.prompts import PromptIntake
 from unsafechain.intake.sources import TEST, PromptRecord
 from unsafechain.judge.engine import JUDGE_CALL_FAILED, CompletionJudge
 from unsafechain.judge.factory import describe_judge_stage, judge_engine
@@ -301,13 +302,7 @@ def start_build(config: BuildConfig, resume: ResumeOptions | None = None) -> Bui
         raise BuildError(f"build.output: {output} exists and is not a folder")
     # The sources are read before the folder is claimed, so a start that fails on them
     # (a typo in a path) leaves nothing behind that a corrected config would trip on.
-    intake = read_prompts(
-        config.sources,
-        config.deduplication,
-        config.decontamination,
-        config.test_split,
-        config.build.seed,
-    )
+    intake = read_build_prompts(config)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:

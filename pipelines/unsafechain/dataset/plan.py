@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.stages import hard_case_rule, unsafe_needed
-from unsafechain.intake.prompts import read_prompts
+from unsafechain.intake.prompts import PromptIntake, read_prompts
 
 
 @dataclass(frozen=True)
@@ -116,16 +116,22 @@ class BuildPlan:
         return "\n".join(lines)
 
 
-def plan_build(config: BuildConfig, assumptions: Assumptions | None = None) -> BuildPlan:
-    """Read and screen the sources, then count; no model is loaded, nothing written."""
-    assumptions = assumptions or Assumptions()
-    intake = read_prompts(
+def read_build_prompts(config: BuildConfig) -> PromptIntake:
+    """The build's prompts: its sources read and screened (rejected records, duplicates,
+    contamination) and the test split drawn, as the build and its plan both read them."""
+    return read_prompts(
         config.sources,
         config.deduplication,
         config.decontamination,
         config.test_split,
         config.build.seed,
     )
+
+
+def plan_build(config: BuildConfig, assumptions: Assumptions | None = None) -> BuildPlan:
+    """Read and screen the sources, then count; no model is loaded, nothing written."""
+    assumptions = assumptions or Assumptions()
+    intake = read_build_prompts(config)
     removed = Counter(removal.reason for removal in intake.removals)
     samples = config.generation.samples
     needed = unsafe_needed(config.routing.hard_fraction, samples)
