@@ -241,6 +241,9 @@ class KubernetesExecutor(Executor):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._jobs: dict[str, Object] = {}
+        # Runs whose Job a list or a watch has shown (or shown deleted): a Job this
+        # service created and no watch has shown yet is the one the create returned.
+        self._jobs_seen: set[str] = set()
         self._pods: dict[str, dict[str, Object]] = {}
         self._synced: set[str] = set()
         self._following: set[str] = set()
@@ -281,7 +284,7 @@ class KubernetesExecutor(Executor):
         manifest = job_manifest(run, self._settings)
         name = manifest["metadata"]["name"]
         try:
-            await asyncio.to_thread(
+            created = await asyncio.to_thread(
                 batch.create_namespaced_job,
                 self._settings.namespace,
                 manifest,  # type: ignore[arg-type]  # the client sends a dict as it is
@@ -296,11 +299,17 @@ class KubernetesExecutor(Executor):
                 )
                 return
             logger.info("run %s: its Job %s exists already", run.id, name)
+            created = None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             self.manager.update(
                 run.id, state="failed", message=f"the Kubernetes API is unreachable: {error}"
             )
             return
+        if created is not None and run.id not in self._jobs_seen:
+            # The watch may not have delivered it yet: without this, a reconcile before
+            # it does would take the Job for one deleted outside the service.
+            assert self._client is not None
+            self._jobs[run.id] = self._client.sanitize_for_serialization(created)
         # The watches may have seen the Job and its pod already.
         self.manager.update(run.id, executor_ref=f"job/{self._settings.namespace}/{name}")
         logger.info("run %s: Job %s/%s created", run.id, self._settings.namespace, name)
@@ -459,6 +468,7 @@ class KubernetesExecutor(Executor):
             by_run = {item["metadata"]["labels"][RUN_LABEL]: item for item in items}
             affected = set(self._jobs) | set(by_run)
             self._jobs = by_run
+            self._jobs_seen |= set(by_run)
         else:
             pods: dict[str, dict[str, Object]] = {}
             for item in items:
@@ -475,7 +485,12 @@ class KubernetesExecutor(Executor):
         if run_id is None:
             return
         if kind == "jobs":
+            self._jobs_seen.add(run_id)
             if event_type == "DELETED":
+                if _finished(obj) and run_id in self._jobs:
+                    # Deleted once finished (its TTL): its last state decides the run.
+                    self._jobs[run_id] = obj
+                    self._reconcile(run_id)
                 self._jobs.pop(run_id, None)
             else:
                 self._jobs[run_id] = obj
@@ -574,3 +589,8 @@ def _api_problem(error: ApiException) -> str:
         return f"{status.get('reason')}: {status.get('message')}"
     except (ValueError, AttributeError):
         return f"{error.status} {error.reason}"
+
+
+def _finished(job: Object) -> bool:
+    """Whether the Job has its Complete or Failed condition."""
+    return bool({"Complete", "Failed"} & set(_true_conditions(job)))
