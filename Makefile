@@ -104,7 +104,7 @@ bench: setup
 	$(PY) bench/training_packing.py --rows 400 --batch 8 --block 1024
 	$(PY) bench/eval_throughput.py --prompts 200 --samples 4 --concurrency 16 --latency 0.2
 
-## bench-build: the build's throughput, CPU per case and peak memory against fixed-latency OpenAI-compatible servers, at build.concurrency 8 and 32 (not in `make bench`: about 4 minutes here)
+## bench-build: the build's throughput, CPU per case and peak memory against fixed-latency OpenAI-compatible servers, at build.concurrency 8 and 32 (not in `make bench`: about 2 minutes here, more under load)
 bench-build: setup
 	$(PY) bench/build_throughput.py --prompts 2000 --samples 4 --latency 0.05 --concurrency 8 32
 

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,9 @@ class Result:
     faults: dict[str, int]
     calls_per_case: dict[str, float]
     cpu_ms_per_case: float
+    cpu_ms_per_call: float
     cpu_seconds: float
+    server_cpu_ms_per_case: float
     peak_rss_mb: float
     limit_as_it_stands: float
     limit_concurrent_corrections: float
@@ -137,6 +140,10 @@ class Result:
     fraction_of_limit_concurrent: float
     load_before: float
     load_after: float
+
+
+def _cpu(after: resource.struct_rusage, before: resource.struct_rusage) -> float:
+    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def _load() -> float:
@@ -178,8 +185,10 @@ def measure(args: argparse.Namespace) -> Result:
         config = folder / "build.yaml"
         config.write_text(json.dumps(build_config(args, folder, workload), indent=2))
         load_before = _load()
+        own_before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.monotonic()
         wall, cpu, rss, returncode = run_build(config)
+        own_after = resource.getrusage(resource.RUSAGE_SELF)
         load_after = _load()
         if returncode != 0:
             raise SystemExit(f"unsafechain build exited with {returncode}")
@@ -219,7 +228,9 @@ def measure(args: argparse.Namespace) -> Result:
         faults={kind: counts[kind].faults for kind in KINDS},
         calls_per_case={kind: round(counts[kind].requests / cases, 2) for kind in KINDS},
         cpu_ms_per_case=round(cpu * 1000 / cases, 1),
+        cpu_ms_per_call=round(cpu * 1000 / sum(c.requests for c in counts.values()), 2),
         cpu_seconds=round(cpu, 2),
+        server_cpu_ms_per_case=round(_cpu(own_after, own_before) * 1000 / cases, 1),
         peak_rss_mb=round(rss, 1),
         limit_as_it_stands=round(as_it_stands, 1),
         limit_concurrent_corrections=round(concurrent, 1),
@@ -288,7 +299,9 @@ def main() -> None:
             f"  wall {r.wall_seconds} s: {r.before_seconds} s before the first request, "
             f"{r.cases_seconds} s of cases, {r.after_seconds} s after the last answer; "
             f"{r.cases_per_second_wall} cases/s over the wall; corrected {r.corrected}, "
-            f"failed {r.failed}; faults {r.faults}",
+            f"failed {r.failed}; faults {r.faults}; build CPU {r.cpu_seconds} s, "
+            f"{r.cpu_ms_per_call} ms per call; the test servers' CPU "
+            f"{r.server_cpu_ms_per_case} ms per case",
             flush=True,
         )
     if args.json:
