@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from unsafechain.backends.transformers_backend import TransformersBackend
 from unsafechain.demo.standins import PROMPTS_DIR, build_standin_models
@@ -151,14 +152,7 @@ async def _measure(
 
 def machine_description(device: str) -> str:
     """The machine a benchmark ran on, for its figures."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     if device.startswith("cuda"):
         cpu += f", GPU {torch.cuda.get_device_name(0)}"
     return (

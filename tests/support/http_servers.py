@@ -4,7 +4,8 @@ The servers follow the published request and response shapes, status codes and e
 bodies of the real services, so the backends are tested through their real clients
 over real sockets. They hold protocol only: what text a request is answered with comes
 from a *responder* the test supplies, and how a request fails comes from a queue of
-scripted :class:`Fault` s, one consumed per request.
+scripted :class:`Fault` s, one consumed per request, or at random for a share of
+the requests (:class:`RandomFaults`).
 
 Every server records the requests it got and the most requests it had in flight at
 once, for tests to assert on.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import json
+import random
 import re
 import sys
 import threading
@@ -186,6 +188,27 @@ class Fault:
         return cls(FaultKind.RAW, status=status, body=body)
 
 
+@dataclass(frozen=True, slots=True)
+class RandomFaults:
+    """Faults for a share of the requests, drawn at random, on top of the scripted queue.
+
+    Attributes:
+        rate: The probability that a request (one not given a scripted fault) fails.
+        faults: The failures drawn from, with equal chances.
+        seed: Seeds the draws, so that a run is repeatable.
+    """
+
+    rate: float
+    faults: tuple[Fault, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"rate must be within [0, 1], got {self.rate}")
+        if self.rate and not self.faults:
+            raise ValueError("a positive rate needs faults to draw from")
+
+
 def _retry_headers(
     retry_after: float | None, retry_after_ms: int | None
 ) -> tuple[tuple[str, str], ...]:
@@ -214,6 +237,7 @@ class RecordedRequest:
         headers: Headers, names lower-cased.
         body: The JSON body parsed, ``None`` when there was none or it was not JSON.
         received_at: ``time.monotonic()`` when the request arrived.
+        fault: The fault it was answered with (scripted or random), ``None`` for none.
     """
 
     method: str
@@ -221,6 +245,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any
     received_at: float
+    fault: FaultKind | None = None
 
 
 @dataclass(slots=True)
@@ -348,10 +373,13 @@ class _ProtocolServer(LoopbackServer):
         responder: Responder = default_responder,
         api_key: str | None = None,
         latency: float = 0.0,
+        random_faults: RandomFaults | None = None,
     ):
         self.responder = responder
         self.api_key = api_key
         self.latency = latency
+        self.random_faults = random_faults
+        self._random = random.Random(random_faults.seed if random_faults else 0)
         self._faults: deque[Fault] = deque()
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
@@ -389,6 +417,7 @@ class _ProtocolServer(LoopbackServer):
             body = _UNPARSEABLE
         headers = {name.lower(): value for name, value in handler.headers.items()}
         with self._lock:
+            fault = self._next_fault()
             self._requests.append(
                 RecordedRequest(
                     handler.command,
@@ -396,9 +425,9 @@ class _ProtocolServer(LoopbackServer):
                     headers,
                     None if body is _UNPARSEABLE else body,
                     time.monotonic(),
+                    fault.kind if fault else None,
                 )
             )
-            fault = self._faults.popleft() if self._faults else None
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
@@ -412,6 +441,15 @@ class _ProtocolServer(LoopbackServer):
             with self._lock:
                 self._in_flight -= 1
         self._write(handler, response)
+
+    def _next_fault(self) -> Fault | None:
+        """The next scripted fault, else a random one at the configured rate (lock held)."""
+        if self._faults:
+            return self._faults.popleft()
+        drawn = self.random_faults
+        if drawn is not None and drawn.rate and self._random.random() < drawn.rate:
+            return self._random.choice(drawn.faults)
+        return None
 
     def _answer(
         self, method: str, path: str, headers: Mapping[str, str], body: Any, fault: Fault | None
@@ -539,6 +577,7 @@ class OpenAIServer(_ProtocolServer):
             unknown parameter.
         responder: Chooses the completions; see :data:`Responder`.
         latency: Seconds every request takes, so concurrent requests overlap.
+        random_faults: Fail a share of the requests at random (:class:`RandomFaults`).
     """
 
     def __init__(
@@ -551,8 +590,11 @@ class OpenAIServer(_ProtocolServer):
         accepts_top_k: bool = False,
         responder: Responder = default_responder,
         latency: float = 0.0,
+        random_faults: RandomFaults | None = None,
     ):
-        super().__init__(responder=responder, api_key=api_key, latency=latency)
+        super().__init__(
+            responder=responder, api_key=api_key, latency=latency, random_faults=random_faults
+        )
         self.model = model
         self.reasoning_model = reasoning_model
         self.bos_token = bos_token
@@ -879,6 +921,7 @@ class TGIServer(_ProtocolServer):
             (422), so that no test passes with them. ``None`` serves a model without one.
         responder: Chooses the completion; TGI answers with the first one returned.
         latency: Seconds every request takes, so concurrent requests overlap.
+        random_faults: Fail a share of the requests at random (:class:`RandomFaults`).
     """
 
     max_stop_sequences = 4
@@ -892,8 +935,11 @@ class TGIServer(_ProtocolServer):
         bos_token: str | None = "<|begin_of_text|>",
         responder: Responder = default_responder,
         latency: float = 0.0,
+        random_faults: RandomFaults | None = None,
     ):
-        super().__init__(responder=responder, api_key=api_key, latency=latency)
+        super().__init__(
+            responder=responder, api_key=api_key, latency=latency, random_faults=random_faults
+        )
         self.model_id = model_id
         self.max_top_n_tokens = max_top_n_tokens
         self.bos_token = bos_token

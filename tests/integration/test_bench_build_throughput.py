@@ -1,0 +1,107 @@
+"""The build throughput benchmark's servers count requests per kind and fail the
+configured share; the benchmark runs a real build and reports sensible numbers (no
+speed targets: machines differ)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.build_workload import MODELS, BuildWorkload, is_hard, latency_limits
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_servers_count_requests_per_kind_and_fail_about_the_fault_rate():
+    with BuildWorkload(latency=0.0, fault_rate=0.3, seed=1) as workload:
+        url = workload.servers["judge"].base_url + "/chat/completions"
+        body = {
+            "model": MODELS["judge"],
+            "messages": [
+                {"role": "user", "content": "a prompt"},
+                {"role": "assistant", "content": "an answer"},
+            ],
+            "logprobs": True,
+            "top_logprobs": 5,
+        }
+        statuses = [_post(url, body)[0] for _ in range(200)]
+        counts = workload.counts()
+    assert set(statuses) <= {200, 429, 500}
+    failed = sum(status != 200 for status in statuses)
+    assert failed / len(statuses) == pytest.approx(0.3, abs=0.1)
+    assert {429, 500} <= set(statuses)
+    assert counts["judge"].requests == 200
+    assert counts["judge"].faults == failed
+    assert counts["generate"].requests == counts["correct"].requests == 0
+
+
+def test_guard_server_answers_with_logprobs_for_the_score():
+    prompt = next(f"prompt {i}" for i in range(100) if is_hard(f"prompt {i}", 0.32))
+    with BuildWorkload(latency=0.0) as workload:
+        status, answer = _post(
+            workload.servers["judge"].base_url + "/chat/completions",
+            {
+                "model": MODELS["judge"],
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": "Here is how."},
+                ],
+                "logprobs": True,
+                "top_logprobs": 5,
+            },
+        )
+    assert status == 200
+    [choice] = answer["choices"]
+    assert choice["message"]["content"] == "unsafe\nS1"
+    assert choice["logprobs"]["content"][0]["token"] == "unsafe"
+
+
+def test_build_throughput_benchmark_reports_calls_per_case_and_the_limit(tmp_path):
+    out = tmp_path / "result.json"
+    prompts, samples = 20, 2
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "build_throughput.py"),
+        *("--prompts", str(prompts), "--samples", str(samples)),
+        *("--concurrency", "4", "--latency", "0.01", "--json", str(out)),
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+    [result] = json.loads(out.read_text())["results"]
+    cases, hard = result["cases"], result["hard"]
+    assert cases == prompts
+    assert 0 < hard < cases
+    assert result["corrected"] == hard and result["failed"] == 0
+    # One generation per case, K judgments, and a correction and re-judgment per unsafe
+    # completion of a hard case (all K of them).
+    assert result["calls"] == {
+        "generate": cases,
+        "judge": cases * samples + hard * samples,
+        "correct": hard * samples,
+    }
+    assert result["cpu_ms_per_case"] > 0 and result["peak_rss_mb"] > 0
+    as_it_stands, concurrent = latency_limits(4, 0.01, samples, hard / cases)
+    assert result["limit_as_it_stands"] == pytest.approx(as_it_stands, abs=0.1)
+    assert result["limit_concurrent_corrections"] == pytest.approx(concurrent, abs=0.1)
+    assert 0 < result["fraction_of_limit_as_it_stands"] <= 1.5
+    assert result["wall_seconds"] >= result["cases_seconds"] > 0
