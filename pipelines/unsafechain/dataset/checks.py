@@ -20,6 +20,7 @@ from unsafechain.backends.base import BackendError
 from unsafechain.backends.settings import BackendSettings, missing_local_model
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.domain.settings import SetupError
+from unsafechain.intake.sources import SourceError, detect_format
 from unsafechain.runtime.client import ServiceConnection
 from unsafechain.runtime.settings import ClientSettings, SettingsError
 from unsafechain.streaming.kafka import require_broker
@@ -42,14 +43,24 @@ def models_in_process(config: BuildConfig) -> dict[str, BackendSettings]:
 
 
 def local_problems(config: BuildConfig) -> list[str]:
-    """What is wrong on this machine without calling anything: source files, local model
-    folders, API key variables, TLS and token files of the remote stages."""
+    """What is wrong on this machine without calling anything: source and benchmark
+    files, local model folders, API key variables, TLS and token files of the remote
+    stages."""
     problems = []
-    for index, source in enumerate(config.sources):
-        local = source.format != "hub" and not _looks_like_hub_name(source.path)
+    listed = [(f"sources.{i}", source) for i, source in enumerate(config.sources)]
+    listed += [
+        (f"decontamination.benchmarks.{i}", benchmark)
+        for i, benchmark in enumerate(config.decontamination.benchmarks)
+    ]
+    for key, source in listed:
+        try:
+            local = detect_format(source) != "hub"
+        except SourceError as error:
+            problems.append(f"{key}: {error}")
+            continue
         if local and not Path(source.path).exists():
             problems.append(
-                f"sources.{index}.path: {source.path} is not there (source {source.name!r}; "
+                f"{key}.path: {source.path} is not there ({source.name!r}; "
                 f"relative paths start from {Path.cwd()})"
             )
     for key, settings in models_in_process(config).items():
@@ -95,11 +106,6 @@ def reachability_problems(config: BuildConfig, *, kafka: bool) -> list[str]:
         except SetupError as error:
             problems.append(str(error))
     return problems
-
-
-def _looks_like_hub_name(path: str) -> bool:
-    """``namespace/name`` with no such local path: a hub dataset the loaders know."""
-    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).exists()
 
 
 def _remote_stages(config: BuildConfig) -> list[tuple[str, ClientSettings]]:
