@@ -14,7 +14,11 @@ from unsafechain.cli import main
 from unsafechain.evaluation.benchmarks import BENCHMARKS
 from unsafechain.evaluation.config import load_eval_config
 from unsafechain.evaluation.pipeline import plan_evaluation
-from unsafechain.training.settings import TrainingSettings, load_training_settings
+from unsafechain.training.settings import (
+    TrainingSettings,
+    load_training_settings,
+    training_settings_from_text,
+)
 
 ROOT = Path(__file__).parents[2]
 PAPER = ROOT / "configs" / "paper"
@@ -45,6 +49,12 @@ def offline(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
+def as_submitted(path: Path) -> TrainingSettings:
+    """A paper training config as the training service reads it (README step 3): text,
+    whose relative paths start from the service's working directory."""
+    return training_settings_from_text(path.read_text(encoding="utf-8"), where=str(path))
+
+
 def recipe_part(settings: TrainingSettings) -> dict:
     """Everything of a run but its data and its folder: the recipe."""
     return settings.model_dump(mode="json", exclude={"dataset": True, "output": {"dir"}})
@@ -56,7 +66,7 @@ def test_there_is_one_training_config_per_model_and_dataset():
 
 @pytest.mark.parametrize(("model", "dataset"), RUNS, ids=lambda value: value)
 def test_a_training_config_is_its_models_lora_recipe_on_its_dataset(model, dataset):
-    settings = load_training_settings(PAPER / "train" / f"{model}-{dataset}.yaml")
+    settings = as_submitted(PAPER / "train" / f"{model}-{dataset}.yaml")
     recipe = load_training_settings(ROOT / "configs" / "training" / f"{model}-lora.yaml")
     assert recipe_part(settings) == recipe_part(recipe)
     assert settings.model.quantization == "8bit"
@@ -112,7 +122,9 @@ def test_an_evaluation_plans_six_models_on_twelve_benchmarks_offline(path, offli
 
 
 def test_the_evaluated_runs_are_exactly_the_training_runs():
-    trained = {load_training_settings(path).output.dir for path in TRAINING}
+    # The service's working directory is where the evaluation runs: the repository's
+    # root, where the evaluations' paths (from configs/paper/) lead too.
+    trained = {ROOT / as_submitted(path).output.dir for path in TRAINING}
     evaluated = [
         candidate.training_run
         for path in EVALS
@@ -125,7 +137,7 @@ def test_the_evaluated_runs_are_exactly_the_training_runs():
     for path in EVALS:
         model = path.stem.removeprefix("eval-")
         runs = [c.training_run for c in load_eval_config(path).candidates if c.training_run]
-        assert all(str(run).startswith(f"runs/paper/{model}-") for run in runs)
+        assert all(str(run).startswith(f"{ROOT}/runs/paper/{model}-") for run in runs)
 
 
 def test_the_dry_run_command_succeeds(offline, capsys):

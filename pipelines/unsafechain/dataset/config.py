@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from unsafechain.backends.settings import BackendSettings, content_fingerprint, top_k_problem
 from unsafechain.correction.settings import CorrectionSettings, refusal_check_problem
-from unsafechain.domain.settings import ConfigError, StrictModel, load_config_file
+from unsafechain.domain.settings import ConfigError, ConfigPathText, StrictModel, load_config_file
 from unsafechain.generation.settings import GenerationSettings
 from unsafechain.intake.settings import (
     DecontaminationSettings,
@@ -75,7 +75,7 @@ class RunSettings(StrictModel):
         queue_size: Capacity of each queue between stages (backpressure).
     """
 
-    output: Annotated[str, Field(min_length=1)]
+    output: Annotated[ConfigPathText, Field(min_length=1)]
     seed: int = 0
     concurrency: Annotated[int, Field(ge=1)] = 4
     queue_size: Annotated[int, Field(ge=1)] = 16

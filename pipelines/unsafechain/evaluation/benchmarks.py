@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import model_validator
 
-from unsafechain.domain.settings import StrictModel
+from unsafechain.domain.settings import ConfigPath, StrictModel
 from unsafechain.intake.answers import final_number
 from unsafechain.intake.loaders import LOADERS, RecordError, text_field
 from unsafechain.intake.settings import SourceSettings
@@ -572,7 +572,7 @@ class BenchmarkSettings(StrictModel):
     """
 
     name: BenchmarkName
-    path: Path | None = None
+    path: ConfigPath | None = None
     hub: str | None = None
     hub_config: str | None = None
     split: str | None = None

@@ -12,6 +12,8 @@ from pydantic import Field, model_validator
 from unsafechain.backends.settings import BackendSettings, content_fingerprint, top_k_problem
 from unsafechain.domain.settings import (
     ConfigError,
+    ConfigPath,
+    ConfigPathText,
     SamplingSettings,
     StrictModel,
     load_config_file,
@@ -39,7 +41,7 @@ class EvalRunSettings(StrictModel):
         resamples: Bootstrap resamples per interval and paired test.
     """
 
-    output: Annotated[str, Field(min_length=1)]
+    output: Annotated[ConfigPathText, Field(min_length=1)]
     seed: int = 0
     concurrency: Annotated[int, Field(ge=1)] = 4
     queue_size: Annotated[int, Field(ge=1)] = 16
@@ -71,8 +73,8 @@ class CandidateSettings(StrictModel):
 
     name: Annotated[str, Field(pattern=NAME, max_length=80)]
     model: str | None = None
-    adapter: str | None = None
-    training_run: Path | None = None
+    adapter: ConfigPathText | None = None
+    training_run: ConfigPath | None = None
     base: str | None = None
     remote: ClientSettings | None = None
     system_prompt: str = ""

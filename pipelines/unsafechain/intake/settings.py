@@ -10,8 +10,19 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from unsafechain.domain.settings import StrictModel
+from unsafechain.domain.settings import StrictModel, path_or_hub_name
 from unsafechain.intake.loaders import LOADERS
+
+FILE_FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+}
+"""The format a local file's suffix says."""
 
 
 class SourceSettings(StrictModel):
@@ -46,6 +57,14 @@ class SourceSettings(StrictModel):
     subsets: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
     hub_config: str | None = None
     max_prompt_chars: Annotated[int, Field(ge=1)] = 50_000
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_path_from_config_folder(cls, values: object) -> object:
+        # A hub dataset's name is no path; a file or folder starts from the config's folder.
+        if isinstance(values, dict) and values.get("format") != "hub":
+            values = {**values, "path": path_or_hub_name(values.get("path"), FILE_FORMATS)}
+        return values
 
     @model_validator(mode="after")
     def _fits_loader(self) -> SourceSettings:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unsafechain.intake.loaders import LOADERS, RecordError
-from unsafechain.intake.settings import SourceSettings
+from unsafechain.intake.settings import FILE_FORMATS, SourceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +98,7 @@ def format_of(path: str) -> str | None:
     local = Path(path)
     if local.is_dir():
         return "datasets"
-    suffix = local.suffix.lower()
-    if suffix in {".jsonl", ".json", ".ndjson"}:
-        return "jsonl"
-    if suffix in {".parquet", ".pq"}:
-        return "parquet"
-    if suffix in {".csv", ".tsv"}:
-        return suffix[1:]
-    return None
+    return FILE_FORMATS.get(local.suffix.lower())
 
 
 def detect_format(settings: SourceSettings) -> str:

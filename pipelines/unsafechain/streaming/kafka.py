@@ -23,7 +23,6 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -39,7 +38,7 @@ from kafka.errors import (
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from pydantic import Field, model_validator
 
-from unsafechain.domain.settings import SetupError, StrictModel
+from unsafechain.domain.settings import ConfigPath, SetupError, StrictModel
 from unsafechain.runtime.metrics import MetricsEndpoint
 from unsafechain.streaming.stages import Emitted
 from unsafechain.v1 import case_pb2
@@ -75,9 +74,9 @@ class KafkaSecuritySettings(StrictModel):
     """
 
     protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password_env: str | None = None

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from unsafechain.backends.base import BackendError, BackendRejected
 from unsafechain.dataset.config import DATASETS
 from unsafechain.dataset.events import decode_dataset_event
-from unsafechain.domain.settings import ConfigError, StrictModel, load_config_file
+from unsafechain.domain.settings import ConfigError, ConfigPath, StrictModel, load_config_file
 from unsafechain.runtime.settings import ClientSettings
 from unsafechain.streaming.kafka import (
     ConsumerLag,
@@ -48,7 +48,11 @@ from unsafechain.streaming.kafka import (
 )
 from unsafechain.streaming.stages import Emitted
 from unsafechain.training.client import RemoteTrainingClient
-from unsafechain.training.settings import TrainingSettings, load_training_settings
+from unsafechain.training.settings import (
+    TrainingSettings,
+    load_training_settings,
+    training_settings_from_text,
+)
 from unsafechain.v1 import events_pb2, training_pb2
 
 logger = logging.getLogger(__name__)
@@ -107,7 +111,7 @@ class FollowSettings(StrictModel):
     kafka: KafkaSettings = KafkaSettings()
     topic: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = DATASETS
     server: ClientSettings
-    run: Path
+    run: ConfigPath
     subset: Literal["full", "random", "selected"] | None = None
     executor: Literal["local", "kubernetes"] | None = None
     output_root: Annotated[str, Field(min_length=1)] | None = None
@@ -188,7 +192,11 @@ def load_run_template(path: Path, subset: str | None, output_root: str | None) -
             f"{path}: output.dir: every build's run would write to {output['dir']}; "
             "leave it out of the template or set output_root in the follow configuration"
         )
-    settings = load_training_settings(path, placeholders)
+    if raw is None:
+        load_training_settings(path)  # raises the ConfigError that names the problem
+    # The template goes to the training service as text: its relative paths are the
+    # service's (from its working directory), not this file's folder.
+    settings = training_settings_from_text(text, placeholders, where=str(path))
     return RunTemplate(path, text, settings, subset or settings.dataset.subset or "full")
 
 

@@ -12,7 +12,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from unsafechain.backends.base import ModelBackend
 from unsafechain.backends.retry import RetryPolicy
-from unsafechain.domain.settings import StrictModel
+from unsafechain.domain.settings import ConfigPathText, StrictModel, path_or_hub_name
 from unsafechain.domain.types import ModelRef, SamplingParams
 
 
@@ -72,7 +72,15 @@ class BackendSettings(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: Annotated[int, Field(ge=1)] = 16
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
-    adapter: str | None = None
+    adapter: ConfigPathText | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_model_from_config_folder(cls, values: object) -> object:
+        # Only a transformers model is a path (or a hub name); a server's is its name.
+        if isinstance(values, dict) and values.get("backend") == "transformers":
+            values = {**values, "model": path_or_hub_name(values.get("model"))}
+        return values
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> BackendSettings:
@@ -151,7 +159,10 @@ def missing_local_model(settings: BackendSettings) -> str | None:
     if "standins" in name:
         folder = Path(name).parent
         hint = f"; make the demo's stand-in models with `unsafechain standins --out {folder}`"
-    return f"{name} is no folder here (relative paths start from {Path.cwd()}){hint}"
+    return (
+        f"{name} is no folder here (a relative path in a config file starts from the "
+        f"file's folder, one given by a flag or --set from {Path.cwd()}){hint}"
+    )
 
 
 def content_fingerprint(content: dict) -> str:

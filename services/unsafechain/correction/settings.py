@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from unsafechain.backends.settings import BackendSettings, top_k_problem
-from unsafechain.domain.settings import StrictModel
+from unsafechain.domain.settings import ConfigPathText, StrictModel
 from unsafechain.domain.types import RefusalCheckMode, SamplingParams
 from unsafechain.judge.settings import (
     GUARD,
@@ -98,7 +98,7 @@ class CorrectionSettings(StrictModel):
     top_k: Annotated[int, Field(ge=0)] = 0
     max_new_tokens: Annotated[int, Field(ge=1)] = 2048
     completions: Literal["all", "until_passed"] = "all"
-    templates: str | None = None
+    templates: ConfigPathText | None = None
     refusal_check: RefusalCheckSettings = RefusalCheckSettings()
 
     def params(self) -> SamplingParams:

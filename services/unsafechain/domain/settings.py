@@ -4,13 +4,14 @@ configuration file."""
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from unsafechain.domain.types import SamplingParams
 
@@ -65,6 +66,78 @@ class SamplingSettings(StrictModel):
         )
 
 
+class FileText(str):
+    """A string read from a configuration file, which remembers the file's folder.
+
+    Relative paths in a configuration file start from the file's folder, as in a
+    Compose file or a kustomization; values given on the command line (``--set``,
+    flags), by the environment or in a configuration sent to a service as text start
+    from the working directory. :func:`from_file` marks every string of a file so; a
+    path field (:data:`ConfigPath`, :data:`ConfigPathText`, :func:`path_or_hub_name`)
+    resolves a marked string from its folder, and pydantic turns any other marked
+    string into a plain ``str``, so nothing past validation sees the mark.
+    """
+
+    folder: Path
+
+    def __new__(cls, value: str, folder: Path) -> FileText:
+        text = super().__new__(cls, value)
+        text.folder = folder
+        return text
+
+
+def from_file(value: object, folder: Path) -> object:
+    """``value`` (a parsed YAML document) with every string in it, at any depth, marked as
+    read from a file in ``folder``; mapping keys stay plain."""
+    if isinstance(value, str):
+        return FileText(value, folder)
+    if isinstance(value, dict):
+        return {key: from_file(item, folder) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_file(item, folder) for item in value]
+    return value
+
+
+def resolve_from_file(value: object) -> object:
+    """A relative path read from a configuration file, joined to the file's folder (and
+    normalised: ``configs/../data/x`` is ``data/x``); ``~`` is expanded; anything else
+    is returned as it is."""
+    if not isinstance(value, FileText) or not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    return os.path.normpath(value.folder / path)
+
+
+def path_or_hub_name(value: object, local_suffixes: Collection[str] = ()) -> object:
+    """A value that is a local path or a hub name (``namespace/name``), resolved from its
+    configuration file's folder when it is a path.
+
+    It is a path when it starts with ``.``, ``/`` or ``~``, has more than one ``/``,
+    ends in one of ``local_suffixes`` (``.jsonl`` …), or names something that exists
+    in the file's folder; otherwise it is a hub name and kept as written.
+    """
+    if not isinstance(value, FileText):
+        return value
+    text = str(value)
+    local = (
+        text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or Path(text).suffix.lower() in local_suffixes
+        or (value.folder / text).exists()
+    )
+    return resolve_from_file(value) if local else text
+
+
+ConfigPath = Annotated[Path, BeforeValidator(resolve_from_file)]
+"""A file or folder; relative in a configuration file, it starts from the file's folder."""
+
+ConfigPathText = Annotated[str, BeforeValidator(resolve_from_file)]
+"""A file or folder kept as text; relative in a configuration file, it starts from the
+file's folder."""
+
+
 # A validator's message that names a key below the model it checks: "judges.3.members.1: …".
 _NESTED_KEY = re.compile(r"^([A-Za-z_]\w*(?:\.\w+)*): (.+)$", re.DOTALL)
 
@@ -113,7 +186,7 @@ def load_config_file(
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
-    return load_config_text(text, model, overrides, where=str(path))
+    return load_config_text(text, model, overrides, where=str(path), folder=path.parent)
 
 
 def load_config_text(
@@ -122,14 +195,19 @@ def load_config_text(
     overrides: dict[str, object] | None = None,
     *,
     where: str,
+    folder: Path | None = None,
 ) -> _Config:
     """Validate a YAML (or JSON) configuration into ``model``.
 
     Args:
         text: The configuration; its top level is a mapping of sections.
         model: The settings model it holds.
-        overrides: Dotted keys to set after reading, e.g. ``{"build.output": "x"}``.
+        overrides: Dotted keys to set after reading, e.g. ``{"build.output": "x"}``;
+            their relative paths start from the working directory.
         where: Names the configuration in messages: its file, a request field.
+        folder: The folder of the file ``text`` was read from: its relative paths
+            start there. None (text sent to a service, ``--config-json``): from the
+            working directory.
 
     Raises:
         ConfigError: The text is not YAML or invalid; the message names the key.
@@ -142,6 +220,9 @@ def load_config_text(
         raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    if folder is not None:
+        raw = from_file(raw, folder)
+        assert isinstance(raw, dict)
     set_dotted(raw, overrides or {}, where=where)
     try:
         return model.model_validate(raw)

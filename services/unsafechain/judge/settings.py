@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from unsafechain.backends.settings import BackendSettings
-from unsafechain.domain.settings import StrictModel
+from unsafechain.domain.settings import ConfigPathText, StrictModel
 from unsafechain.domain.types import JudgeTarget
 from unsafechain.judge.engine import PromptFormat
 from unsafechain.judge.ensemble import EnsembleRule
@@ -90,7 +90,7 @@ class RubricSettings(_JudgeBase):
     kind: Literal["rubric"]
     model: str
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
-    template: str | None = None
+    template: ConfigPathText | None = None
 
 
 class RefusalSettings(_JudgeBase):
@@ -111,8 +111,8 @@ class RefusalSettings(_JudgeBase):
     kind: Literal["refusal"]
     model: str
     compliance_is_unsafe: bool = True
-    template: str | None = None
-    request_template: str | None = None
+    template: ConfigPathText | None = None
+    request_template: ConfigPathText | None = None
 
 
 class EnsembleSettings(_JudgeBase):

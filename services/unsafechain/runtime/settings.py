@@ -36,7 +36,7 @@ from pydantic_settings import (
 )
 
 from unsafechain.backends.settings import BackendSettings
-from unsafechain.domain.settings import StrictModel, describe_error
+from unsafechain.domain.settings import ConfigPath, StrictModel, describe_error, from_file
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -138,11 +138,11 @@ class ServerSettings(_EnvSettings):
     grace_period: Annotated[float, Field(ge=0)] = 30.0
     health_interval: Annotated[float, Field(gt=0)] = 5.0
     health_timeout: Annotated[float, Field(gt=0)] = 5.0
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_client_ca_file: Path | None = None
+    tls_cert_file: ConfigPath | None = None
+    tls_key_file: ConfigPath | None = None
+    tls_client_ca_file: ConfigPath | None = None
     auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
-    auth_tokens_file: Path | None = None
+    auth_tokens_file: ConfigPath | None = None
     limits: RequestLimits = RequestLimits()
 
     @field_validator("auth_tokens", mode="before")
@@ -222,12 +222,12 @@ class ClientSettings(_EnvSettings):
 
     address: Annotated[str, Field(min_length=1)]
     tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
     server_name: str | None = None
     token: SecretStr | None = None
-    token_file: Path | None = None
+    token_file: ConfigPath | None = None
     timeout: Annotated[float, Field(gt=0)] = 60.0
     max_message_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_MESSAGE_BYTES
 
@@ -446,7 +446,8 @@ def read_config_sections(path: Path, sections: Iterable[str]) -> dict[str, Any]:
         raise SettingsError(f"config: {path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise SettingsError(f"config: {path} must be a mapping of sections")
-    return {key: raw[key] for key in sections if key in raw}
+    # Its relative paths start from its folder (unsafechain.domain.settings.FileText).
+    return {key: from_file(raw[key], path.parent) for key in sections if key in raw}
 
 
 SettingsT = TypeVar("SettingsT", bound=ServerSettings)

@@ -17,9 +17,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from unsafechain.domain.settings import StrictModel, load_config_file, load_config_text
+from unsafechain.domain.settings import (
+    ConfigPath,
+    StrictModel,
+    load_config_file,
+    load_config_text,
+    path_or_hub_name,
+)
 from unsafechain.runtime.settings import ServerSettings, add_server_arguments, flag
 
 TEST_SPLIT = "test"
@@ -49,11 +55,11 @@ class ModelSettings(StrictModel):
             the one derived from the model's own (see ``unsafechain.training.templates``).
     """
 
-    base: Annotated[str, Field(min_length=1)]
+    base: Annotated[str, BeforeValidator(path_or_hub_name), Field(min_length=1)]
     revision: str | None = None
     quantization: Literal["none", "8bit", "4bit"] = "none"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    chat_template: Path | None = None
+    chat_template: ConfigPath | None = None
 
 
 DatasetLayout = Literal["unsafechain", "safechain", "star1"]
@@ -84,7 +90,7 @@ class DatasetSettings(StrictModel):
             ``safechain`` or ``star1``.
     """
 
-    path: Path
+    path: ConfigPath
     subset: str | None = None
     layout: DatasetLayout = "unsafechain"
 
@@ -221,7 +227,7 @@ class OutputSettings(StrictModel):
             (``merged/``).
     """
 
-    dir: Path
+    dir: ConfigPath
     merge: bool = False
 
 
@@ -420,7 +426,7 @@ class KubernetesExecutorSettings(StrictModel):
         watch_seconds: Length of one watch request; the watch is then renewed.
     """
 
-    kubeconfig: Path | None = None
+    kubeconfig: ConfigPath | None = None
     context: str | None = None
     namespace: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] = "default"
     instance: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)] = (
@@ -476,9 +482,9 @@ class TrainingServiceSettings(ServerSettings):
         "kubernetes",
     )
 
-    state_dir: Path = Path("training-service")
-    output_root: Path = Path("training-runs")
-    defaults: Path | None = None
+    state_dir: ConfigPath = Path("training-service")
+    output_root: ConfigPath = Path("training-runs")
+    defaults: ConfigPath | None = None
     default_executor: ExecutorName = "local"
     local: LocalExecutorSettings = LocalExecutorSettings()
     kubernetes: KubernetesExecutorSettings | None = None
