@@ -243,8 +243,10 @@ def _train_remotely(args: argparse.Namespace) -> int:
     """``train --server``: submit the run configuration to the training service and
     follow the run until it ends (``--detach``: print its id and return)."""
     from unsafechain.backends.base import BackendError
+    from unsafechain.domain.settings import ConfigError, text_for_service
     from unsafechain.runtime.settings import SettingsError, client_settings
     from unsafechain.training.client import RemoteTrainingClient, state_name
+    from unsafechain.training.settings import TrainingSettings
     from unsafechain.v1 import training_pb2
 
     if args.dry_run:
@@ -252,12 +254,14 @@ def _train_remotely(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = client_settings(args)
-        text = (
-            args.config_json
-            if args.config_json is not None
-            else _read_text(None, str(args.config), "run configuration")
-        )
-    except (SettingsError, ValueError) as error:
+        if args.config_json is not None:
+            text = args.config_json
+        elif str(args.config) == "-":
+            text = _read_text(None, "-", "run configuration")
+        else:
+            # The service has no folder for the file: its paths go from the working directory.
+            text = text_for_service(Path(args.config), TrainingSettings)
+    except (SettingsError, ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     executors = {

@@ -11,6 +11,7 @@ import huggingface_hub
 import pytest
 
 from unsafechain.cli import main
+from unsafechain.domain.settings import text_for_service
 from unsafechain.evaluation.benchmarks import BENCHMARKS
 from unsafechain.evaluation.config import load_eval_config
 from unsafechain.evaluation.pipeline import plan_evaluation
@@ -50,9 +51,10 @@ def offline(monkeypatch):
 
 
 def as_submitted(path: Path) -> TrainingSettings:
-    """A paper training config as the training service reads it (README step 3): text,
-    whose relative paths start from the service's working directory."""
-    return training_settings_from_text(path.read_text(encoding="utf-8"), where=str(path))
+    """A paper training config as `train --server` sends it from the repository's root
+    and the training service reads it (README step 3): text whose relative paths start
+    from the working directory."""
+    return training_settings_from_text(text_for_service(path, TrainingSettings), where=str(path))
 
 
 def recipe_part(settings: TrainingSettings) -> dict:
@@ -66,17 +68,28 @@ def test_there_is_one_training_config_per_model_and_dataset():
 
 @pytest.mark.parametrize(("model", "dataset"), RUNS, ids=lambda value: value)
 def test_a_training_config_is_its_models_lora_recipe_on_its_dataset(model, dataset):
-    settings = as_submitted(PAPER / "train" / f"{model}-{dataset}.yaml")
+    settings = load_training_settings(PAPER / "train" / f"{model}-{dataset}.yaml")
     recipe = load_training_settings(ROOT / "configs" / "training" / f"{model}-lora.yaml")
     assert recipe_part(settings) == recipe_part(recipe)
     assert settings.model.quantization == "8bit"
     path, subset, layout = DATASETS[dataset]
+    # Relative paths start from the file's folder: the repository's data/, out/, runs/.
     assert (settings.dataset.path, settings.dataset.subset, settings.dataset.layout) == (
-        Path(path),
+        ROOT / path,
         subset,
         layout,
     )
-    assert settings.output.dir == Path(f"runs/paper/{model}-{dataset}")
+    assert settings.output.dir == ROOT / f"runs/paper/{model}-{dataset}"
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=lambda path: path.stem)
+def test_a_training_config_sent_to_the_service_means_what_the_file_means(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    relative = path.relative_to(ROOT)  # as the README runs it, from the root
+    local, sent = load_training_settings(relative), as_submitted(relative)
+    assert sent == local
+    assert not sent.dataset.path.is_absolute()
+    assert sent.output.dir.as_posix().startswith("runs/paper/")
 
 
 def test_there_is_one_evaluation_per_model():
@@ -122,9 +135,7 @@ def test_an_evaluation_plans_six_models_on_twelve_benchmarks_offline(path, offli
 
 
 def test_the_evaluated_runs_are_exactly_the_training_runs():
-    # The service's working directory is where the evaluation runs: the repository's
-    # root, where the evaluations' paths (from configs/paper/) lead too.
-    trained = {ROOT / as_submitted(path).output.dir for path in TRAINING}
+    trained = {load_training_settings(path).output.dir for path in TRAINING}
     evaluated = [
         candidate.training_run
         for path in EVALS

@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings
 
 from unsafechain.correction.settings import CorrectionServiceSettings
 from unsafechain.dataset.config import BuildConfig
+from unsafechain.domain.settings import path_or_hub_name, resolve_from_file
 from unsafechain.evaluation.config import EvalConfig
 from unsafechain.generation.settings import GenerationServiceSettings
 from unsafechain.judge.settings import JudgeServiceSettings
@@ -153,6 +154,11 @@ def type_name(annotation: Any) -> str:
     if origin is Annotated:
         inner, *metadata = get_args(annotation)
         name = type_name(inner)
+        resolvers = {getattr(item, "func", None) for item in metadata}
+        if resolve_from_file in resolvers:
+            name = "path"
+        elif path_or_hub_name in resolvers:
+            name = "path or hub name"
         constraints = _constraints(metadata)
         return f"{name} ({', '.join(constraints)})" if constraints else name
     if origin is Literal:
@@ -323,7 +329,12 @@ def render() -> str:
         "(`required` when it has none) and what it means. A nested model links to its "
         "section; `key[]` is an entry of a list, `key.<name>` one of a mapping. A "
         "section used in several places is listed once, where it first appears. A "
-        "wrong key or value is reported with its dotted path.",
+        "wrong key or value is reported with its dotted path. A relative path in a "
+        "configuration file (a file, a folder, a local model or dataset that is not a "
+        "hub name) starts from the file's folder; given with `--set`, a flag or an "
+        "environment variable, from the working directory; in a configuration sent to "
+        "a service as text (a training spec, a follower's run template), from the "
+        "service's working directory.",
         "",
         "| schema | read by |",
         "| --- | --- |",

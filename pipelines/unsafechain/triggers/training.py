@@ -35,7 +35,13 @@ from pydantic import Field, model_validator
 from unsafechain.backends.base import BackendError, BackendRejected
 from unsafechain.dataset.config import DATASETS
 from unsafechain.dataset.events import decode_dataset_event
-from unsafechain.domain.settings import ConfigError, ConfigPath, StrictModel, load_config_file
+from unsafechain.domain.settings import (
+    ConfigError,
+    ConfigPath,
+    StrictModel,
+    load_config_file,
+    text_for_service,
+)
 from unsafechain.runtime.settings import ClientSettings
 from unsafechain.streaming.kafka import (
     ConsumerLag,
@@ -136,7 +142,8 @@ class RunTemplate:
 
     Attributes:
         path: The run configuration file.
-        text: Its text, sent as the spec's ``config``.
+        text: Its text, sent as the spec's ``config``: its relative paths start from the
+            working directory (:func:`unsafechain.domain.settings.text_for_service`).
         settings: It validated, with stand-ins for the dataset and output locations.
         subset: The subset trained on.
     """
@@ -194,8 +201,9 @@ def load_run_template(path: Path, subset: str | None, output_root: str | None) -
         )
     if raw is None:
         load_training_settings(path)  # raises the ConfigError that names the problem
-    # The template goes to the training service as text: its relative paths are the
-    # service's (from its working directory), not this file's folder.
+    # The template goes to the training service as text, read from the service's working
+    # directory: its relative paths are rewritten to start from this one.
+    text = text_for_service(path, TrainingSettings)
     settings = training_settings_from_text(text, placeholders, where=str(path))
     return RunTemplate(path, text, settings, subset or settings.dataset.subset or "full")
 

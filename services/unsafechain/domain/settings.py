@@ -8,7 +8,8 @@ import os
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Annotated, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -136,6 +137,82 @@ ConfigPath = Annotated[Path, BeforeValidator(resolve_from_file)]
 ConfigPathText = Annotated[str, BeforeValidator(resolve_from_file)]
 """A file or folder kept as text; relative in a configuration file, it starts from the
 file's folder."""
+
+
+_RESOLVERS = (resolve_from_file, path_or_hub_name)
+
+
+def _unwrap(annotation: Any) -> tuple[Any, set]:
+    """``annotation`` without ``Annotated`` and ``None`` in a union, and the path
+    resolvers its metadata names."""
+    resolvers: set = set()
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation, *metadata = get_args(annotation)
+            resolvers |= {getattr(item, "func", None) for item in metadata} & set(_RESOLVERS)
+            continue
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+            annotation = args[0]
+            continue
+        return annotation, resolvers
+
+
+def _resolve_paths(value: object, annotation: Any) -> object:
+    """``value`` (marked by :func:`from_file`), read as ``annotation``, with its path
+    fields resolved and every other mark dropped (plain ``str``)."""
+    annotation, resolvers = _unwrap(annotation)
+    if isinstance(value, FileText):
+        if resolve_from_file in resolvers:
+            return resolve_from_file(value)
+        return path_or_hub_name(value) if resolvers else str(value)
+    origin, args = get_origin(annotation), get_args(annotation)
+    if isinstance(value, list):
+        item = args[0] if origin in (list, tuple) and args else None
+        return [_resolve_paths(entry, item) for entry in value]
+    if not isinstance(value, dict):
+        return value
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        fields = annotation.model_fields
+        return {
+            key: _resolve_paths(
+                entry,
+                Annotated[(fields[key].annotation, *fields[key].metadata)]
+                if key in fields and fields[key].metadata
+                else fields[key].annotation
+                if key in fields
+                else None,
+            )
+            for key, entry in value.items()
+        }
+    entry_type = args[1] if origin is dict and len(args) == 2 else None
+    return {key: _resolve_paths(entry, entry_type) for key, entry in value.items()}
+
+
+def text_for_service(path: Path, model: type[BaseModel]) -> str:
+    """The configuration file ``path`` as YAML text for a service to read, its relative
+    paths (the path fields of ``model``) rewritten to start from the working directory.
+
+    A service reads a configuration sent as text from its own working directory, and
+    has no file's folder: rewritten so, the text means there what the file means here
+    when the service's working directory is this one (the same machine, or a pod with
+    the same layout mounted). Comments are not kept; keys and values are.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, or not a YAML mapping.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {path}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    resolved = _resolve_paths(from_file(raw, path.parent), model)
+    return yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
 
 
 # A validator's message that names a key below the model it checks: "judges.3.members.1: …".
