@@ -56,7 +56,7 @@ def demo_config(tmp_path: Path, standins: StandinModels, **models: str) -> Path:
     for key, folder in folders.items():
         config["models"][key]["model"] = models.get(key, str(folder))
     for source in config["sources"]:
-        source["path"] = str(ROOT / source["path"])
+        source["path"] = str(DEMO.parent / source["path"])  # the demo's, from its folder
     config["build"]["output"] = str(tmp_path / "build")
     path = tmp_path / "build.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -79,8 +79,9 @@ def test_a_local_model_folder_that_is_not_there_names_the_key_and_the_standins_c
     done = run("build", "--config", str(demo_config(tmp_path, standin_models, guard=missing)))
     assert done.returncode == 2
     line = one_error_line(done)
-    assert line.startswith(f"error: models.guard.model: {missing} is no folder here")
-    assert "unsafechain standins --out .cache/standins-not-made" in line
+    # The config is in tmp_path: its relative paths start there.
+    assert line.startswith(f"error: models.guard.model: {tmp_path / missing} is no folder here")
+    assert f"unsafechain standins --out {tmp_path / '.cache/standins-not-made'}" in line
 
 
 @pytest.mark.parametrize(
