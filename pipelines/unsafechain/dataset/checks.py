@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from unsafechain.backends.base import BackendError
 from unsafechain.backends.settings import BackendSettings, missing_local_model
 from unsafechain.dataset.config import BuildConfig
-from unsafechain.domain.settings import SetupError
+from unsafechain.domain.settings import SetupError, where_paths_start
 from unsafechain.intake.sources import SourceError, detect_format
 from unsafechain.runtime.client import ServiceConnection
 from unsafechain.runtime.settings import ClientSettings, SettingsError
@@ -60,8 +60,7 @@ def local_problems(config: BuildConfig) -> list[str]:
             continue
         if local and not Path(source.path).exists():
             problems.append(
-                f"{key}.path: {source.path} is not there ({source.name!r}; "
-                f"relative paths start from {Path.cwd()})"
+                f"{key}.path: {source.path} is not there ({source.name!r}; {where_paths_start()})"
             )
     for key, settings in models_in_process(config).items():
         missing = missing_local_model(settings)

@@ -12,7 +12,12 @@ from pydantic import Field, SecretStr, model_validator
 
 from unsafechain.backends.base import ModelBackend
 from unsafechain.backends.retry import RetryPolicy
-from unsafechain.domain.settings import ConfigPathText, StrictModel, path_or_hub_name
+from unsafechain.domain.settings import (
+    ConfigPathText,
+    StrictModel,
+    path_or_hub_name,
+    where_paths_start,
+)
 from unsafechain.domain.types import ModelRef, SamplingParams
 
 
@@ -159,10 +164,7 @@ def missing_local_model(settings: BackendSettings) -> str | None:
     if "standins" in name:
         folder = Path(name).parent
         hint = f"; make the demo's stand-in models with `unsafechain standins --out {folder}`"
-    return (
-        f"{name} is no folder here (a relative path in a config file starts from the "
-        f"file's folder, one given by a flag or --set from {Path.cwd()}){hint}"
-    )
+    return f"{name} is no folder here ({where_paths_start()}){hint}"
 
 
 def content_fingerprint(content: dict) -> str:

@@ -131,6 +131,14 @@ def path_or_hub_name(value: object, local_suffixes: Collection[str] = ()) -> obj
     return resolve_from_file(value) if local else text
 
 
+def where_paths_start() -> str:
+    """Where a relative path starts, for a message about a path that is not there."""
+    return (
+        "a relative path in a config file starts from the file's folder, one given by a "
+        f"flag or --set from {Path.cwd()}"
+    )
+
+
 ConfigPath = Annotated[Path, BeforeValidator(resolve_from_file)]
 """A file or folder; relative in a configuration file, it starts from the file's folder."""
 
