@@ -270,6 +270,33 @@ def _start_settings(
 
 
 @pytest.mark.parametrize("values", VALUE_SETS, ids=IDS)
+def test_no_path_in_a_rendered_config_is_relative_to_its_read_only_folder(
+    values: Path | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod reads its config from the ConfigMap's folder (/etc/unsafechain, read-only);
+    a relative path in it would start there. Each config is loaded from a folder of its
+    own, as the pod loads it, and no setting may lead into that folder."""
+    docs = render(*values_args(values))
+    maps = {doc["metadata"]["name"]: doc["data"] for doc in docs if doc["kind"] == "ConfigMap"}
+    folder = tmp_path / "etc-unsafechain"
+    folder.mkdir()
+    build = folder / "config.yaml"
+    build.write_text(maps["rel-unsafechain-config"]["config.yaml"])
+    loaded: list[str] = [load_config(build).model_dump_json()]
+    for doc, spec in pod_specs(docs):
+        name = component(doc)
+        if name not in GRPC_SERVICES:
+            continue
+        config_map = next(v["configMap"]["name"] for v in spec["volumes"] if v["name"] == "config")
+        path = folder / f"{config_map}.yaml"
+        path.write_text(maps[config_map]["config.yaml"])
+        container = spec["containers"][0]
+        loaded.append(_start_settings(name, container, path, monkeypatch).model_dump_json())
+    assert len(loaded) > 1
+    assert not [dump for dump in loaded if str(folder) in dump]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=IDS)
 def test_services_expose_the_ports_the_pods_start_with(
     values: Path | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
