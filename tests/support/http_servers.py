@@ -290,6 +290,12 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     def __init__(self, app: LoopbackServer, handler: type[BaseHTTPRequestHandler]):
         super().__init__(("127.0.0.1", 0), handler)
         self.app = app
+        self.connections = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One call per accepted connection, in the serving thread: no lock needed.
+        self.connections += 1
+        super().process_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that time out hang up before the answer is written; that is expected.
@@ -345,6 +351,11 @@ class LoopbackServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    @property
+    def connections(self) -> int:
+        """The TCP connections accepted so far; keep-alive clients reuse theirs."""
+        return self._httpd.connections if self._httpd is not None else 0
 
     @property
     def port(self) -> int:
