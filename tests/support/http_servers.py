@@ -286,6 +286,10 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     # A client may hold a keep-alive connection open; stopping must not wait for it.
     block_on_close = False
+    # The listen backlog of uvicorn (so vLLM): socketserver's 5 drops the connections a
+    # client opens at once beyond it, which then wait a second or more for their SYN to
+    # be sent again.
+    request_queue_size = 2048
 
     def __init__(self, app: LoopbackServer, handler: type[BaseHTTPRequestHandler]):
         super().__init__(("127.0.0.1", 0), handler)
