@@ -244,6 +244,8 @@ class OpenAIBackend(ModelBackend):
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
                 # No cap per host: the one host is bounded by max_concurrency.
                 connector=aiohttp.TCPConnector(limit=self._max_concurrency, limit_per_host=0),
+                # HTTP(S)_PROXY and NO_PROXY apply, as they did through the SDK (httpx).
+                trust_env=True,
             )
         return self._session
 
