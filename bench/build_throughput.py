@@ -17,14 +17,15 @@ The script reports the build process's wall time, CPU time and peak RSS (from
 - every stage runs ``build.concurrency`` C cases at once; a case spends one latency L
   in the generate stage (one request, ``n`` = K) and one in the judge stage (K
   requests at once), so either stage passes at most C / L cases per second;
-- the correct stage gets only the hard cases (a share h); as the code stands each
-  corrects its K unsafe completions one after another, a correction and its
-  re-judgment each, 2K·L per hard case: at most C / (2K·h·L) cases per second; with
-  the corrections of a case run concurrently, 2·L: C / (2·h·L).
+- the correct stage gets only the hard cases (a share h); it corrects a case's K
+  unsafe completions concurrently (``CorrectStage``, since issue 15), a correction
+  and its re-judgment each, 2·L per hard case: at most C / (2·h·L) cases per second;
+  one after another, as the code did before, 2K·L: C / (2K·h·L).
 
-The limit is the smallest stage's: min(C / L, C / (2K·h·L)) as the code stands, and
-min(C / L, C / (2·h·L)) with concurrent corrections (the issue's 160 cases/s at C = 8,
-L = 50 ms, K = 4, h = 0.32; 63 as it stands).
+The limit is the smallest stage's: min(C / L, C / (2·h·L)) as the code stands, with
+concurrent corrections (the issue's 160 cases/s at C = 8, L = 50 ms, K = 4, h = 0.32),
+and min(C / L, C / (2K·h·L)) with sequential ones (63), reported beside it to compare
+with the figures measured before.
 
 Usage::
 
@@ -134,9 +135,9 @@ class Result:
     cpu_seconds: float
     server_cpu_ms_per_case: float
     peak_rss_mb: float
-    limit_as_it_stands: float
+    limit_sequential_corrections: float
     limit_concurrent_corrections: float
-    fraction_of_limit_as_it_stands: float
+    fraction_of_limit_sequential: float
     fraction_of_limit_concurrent: float
     load_before: float
     load_after: float
@@ -205,7 +206,7 @@ def measure(args: argparse.Namespace) -> Result:
     first, last = min(arrivals), max(arrivals) + args.latency
     cases_seconds = last - first
     rate = cases / cases_seconds
-    as_it_stands, concurrent = latency_limits(
+    sequential, concurrent = latency_limits(
         args.concurrency, args.latency, args.samples, hard / cases if cases else 0.0
     )
     return Result(
@@ -232,9 +233,9 @@ def measure(args: argparse.Namespace) -> Result:
         cpu_seconds=round(cpu, 2),
         server_cpu_ms_per_case=round(_cpu(own_after, own_before) * 1000 / cases, 1),
         peak_rss_mb=round(rss, 1),
-        limit_as_it_stands=round(as_it_stands, 1),
+        limit_sequential_corrections=round(sequential, 1),
         limit_concurrent_corrections=round(concurrent, 1),
-        fraction_of_limit_as_it_stands=round(rate / as_it_stands, 3),
+        fraction_of_limit_sequential=round(rate / sequential, 3),
         fraction_of_limit_concurrent=round(rate / concurrent, 3),
         load_before=load_before,
         load_after=load_after,
@@ -274,8 +275,9 @@ def main() -> None:
         f"hard share {args.hard_share:g}, fault rate {args.fault_rate:g}"
     )
     print(
-        "| C | cases | hard | s (wall) | s (cases) | cases/s | limit as it stands | of it "
-        "| limit, concurrent corrections | of it | calls/case gen / judge / correct (total) "
+        "| C | cases | hard | s (wall) | s (cases) | cases/s | limit, sequential corrections "
+        "| of it | limit, concurrent corrections (as it stands) | of it "
+        "| calls/case gen / judge / correct (total) "
         "| CPU ms/case | peak RSS MiB | load (1 min) before / after |"
     )
     print("| --- " * 14 + "|")
@@ -287,8 +289,8 @@ def main() -> None:
         total = sum(r.calls.values()) / r.cases
         print(
             f"| {r.concurrency} | {r.cases} | {r.hard} | {r.wall_seconds} | {r.cases_seconds} "
-            f"| {r.cases_per_second} | {r.limit_as_it_stands} "
-            f"| {r.fraction_of_limit_as_it_stands:.2f} | {r.limit_concurrent_corrections} "
+            f"| {r.cases_per_second} | {r.limit_sequential_corrections} "
+            f"| {r.fraction_of_limit_sequential:.2f} | {r.limit_concurrent_corrections} "
             f"| {r.fraction_of_limit_concurrent:.2f} "
             f"| {per_case['generate']} / {per_case['judge']} / {per_case['correct']} "
             f"({total:.2f}) | {r.cpu_ms_per_case} | {r.peak_rss_mb:.0f} "

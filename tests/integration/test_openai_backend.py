@@ -388,6 +388,94 @@ def test_a_failed_request_among_concurrent_ones_fails_alone():
     assert [r[0].text for r in results[1:]] == [f"sample 0 seed {s}" for s in (1, 2, 3)]
 
 
+def test_calls_beyond_the_sdks_keep_alive_pool_reuse_one_connection_each():
+    # The openai SDK's pool keeps 100 connections alive: 128 calls at once closed and
+    # reopened some of them for every round. The backend keeps one per call in flight.
+    with OpenAIServer(api_key=API_KEY, latency=0.05) as server:
+        backend = make_backend(server, max_concurrency=128)
+
+        async def run() -> None:
+            try:
+                for round_ in range(3):
+                    await backend.generate_many(
+                        [chat(seed=round_ * 128 + seed) for seed in range(128)]
+                    )
+            finally:
+                await backend.aclose()
+
+        asyncio.run(run())
+
+        assert len(server.requests) == 3 * 128
+        assert server.max_in_flight > 100
+        assert server.connections <= 128
+
+
+# Wire format and errors -------------------------------------------------------------
+
+
+def test_chat_body_is_what_the_sdk_sends_and_nothing_more():
+    with OpenAIServer(api_key=API_KEY, accepts_top_k=True) as server:
+        params = {"n": 2, "temperature": 0.6, "top_p": 0.9, "seed": 11, "top_logprobs": 5}
+        generate(
+            make_backend(server, max_tokens_param="max_completion_tokens"),
+            chat(**params, top_k=20, max_new_tokens=64, stop=("END",)),
+        )
+
+    (sent,) = server.requests
+    assert sent.body == {
+        "model": server.model,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hello."},
+        ],
+        "n": 2,
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "seed": 11,
+        "stop": ["END"],
+        "logprobs": True,
+        "top_logprobs": 5,
+        "top_k": 20,
+        "max_completion_tokens": 64,
+    }
+    assert sent.headers["content-type"] == "application/json"
+    assert sent.headers["authorization"] == f"Bearer {API_KEY}"
+
+
+def test_a_server_without_authentication_gets_the_placeholder_bearer_token():
+    with OpenAIServer() as server:
+        generate(make_backend(server, api_key=None), chat())
+
+    assert server.requests[0].headers["authorization"] == "Bearer EMPTY"
+
+
+def test_an_error_body_that_holds_no_error_object_is_named_in_the_retryable_error(server):
+    server.add_faults(Fault.raw(502, "upstream connect error"))
+    backend = make_backend(server, retry=RetryPolicy(max_attempts=1))
+
+    error = generate_error(backend, chat())
+
+    assert isinstance(error, BackendUnavailable) and error.retryable
+    assert "HTTP 502" in str(error) and "upstream connect error" in str(error)
+
+
+def test_a_spent_quota_is_not_retried_although_it_is_a_429(server):
+    quota = {
+        "error": {
+            "message": "You exceeded your current quota.",
+            "type": "insufficient_quota",
+            "code": "insufficient_quota",
+        }
+    }
+    server.add_faults(Fault.raw(429, quota))
+
+    error = generate_error(make_backend(server), chat())
+
+    assert not error.retryable
+    assert "HTTP 429" in str(error) and "You exceeded your current quota." in str(error)
+    assert len(server.requests) == 1
+
+
 # Health and identity --------------------------------------------------------------
 
 

@@ -87,13 +87,15 @@ def latency_limits(
     concurrency: int, latency: float, samples: int, hard_share: float
 ) -> tuple[float, float]:
     """The cases per second a build's stages allow at ``concurrency`` cases per stage
-    and ``latency`` seconds a call: as the code stands, and with concurrent corrections.
+    and ``latency`` seconds a call: with sequential corrections (the code before issue
+    15), and with concurrent ones (``CorrectStage`` as it stands).
 
     The generate stage (one call per case, ``n`` = K) and the judge stage (K calls at
     once) each pass at most C / L cases per second. The correct stage gets the hard
     cases only (``hard_share`` h); correcting a hard case's K unsafe completions one
     after another, a correction and its re-judgment each, takes 2K·L: C / (2K·h·L);
-    with a case's corrections concurrent, 2·L: C / (2·h·L). The limit is the smallest.
+    with a case's corrections concurrent, 2·L: C / (2·h·L). The limit is the smallest
+    stage's.
     """
     one_call = concurrency / latency
     if hard_share == 0:

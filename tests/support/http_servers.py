@@ -286,10 +286,20 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     # A client may hold a keep-alive connection open; stopping must not wait for it.
     block_on_close = False
+    # The listen backlog of uvicorn (so vLLM): socketserver's 5 drops the connections a
+    # client opens at once beyond it, which then wait a second or more for their SYN to
+    # be sent again.
+    request_queue_size = 2048
 
     def __init__(self, app: LoopbackServer, handler: type[BaseHTTPRequestHandler]):
         super().__init__(("127.0.0.1", 0), handler)
         self.app = app
+        self.connections = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One call per accepted connection, in the serving thread: no lock needed.
+        self.connections += 1
+        super().process_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that time out hang up before the answer is written; that is expected.
@@ -345,6 +355,11 @@ class LoopbackServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    @property
+    def connections(self) -> int:
+        """The TCP connections accepted so far; keep-alive clients reuse theirs."""
+        return self._httpd.connections if self._httpd is not None else 0
 
     @property
     def port(self) -> int:

@@ -38,8 +38,8 @@ def test_guard_judges_original_completions_of_hard_prompts_unsafe_and_correction
 
 
 def test_latency_limits_match_the_issue_at_concurrency_8_and_50_ms():
-    as_it_stands, concurrent = latency_limits(8, 0.05, 4, 0.32)
-    assert as_it_stands == pytest.approx(62.5)
+    sequential, concurrent = latency_limits(8, 0.05, 4, 0.32)
+    assert sequential == pytest.approx(62.5)
     assert concurrent == pytest.approx(160.0)
     assert latency_limits(8, 0.05, 4, 0.0) == (160.0, 160.0)
 

@@ -20,6 +20,7 @@ from unsafechain.streaming.stages import (
     GenerateStage,
     JudgeStage,
     Stage,
+    case_seed,
     run_stage,
     stage_failed,
 )
@@ -117,11 +118,24 @@ def _corrector(answers: list[str]) -> CorrectionEngine:
     return CorrectionEngine(backend, _guard(), params=_params(1), max_attempts=2)
 
 
+def _harmful(number: int) -> str:
+    """An unsafe completion told apart from the others by its number."""
+    return f"<think>\nmix the blast powder, batch {number}\n</think>\n\nThen light it."
+
+
+def _correcting(request: GenerationRequest) -> str:
+    """Which of the :func:`_harmful` completions a correction request rewrites."""
+    [number] = {n for n in range(10) for m in request.messages or () if f"batch {n}\n" in m.content}
+    return str(number)
+
+
 def test_correct_stage_corrects_every_unsafe_completion_and_picks_the_first_that_passed():
-    case = _generated(HARMFUL, HARMFUL)
+    case = _generated(_harmful(0), _harmful(1))
     asyncio.run(JudgeStage(_guard()).process(case))
     # The first completion's two attempts fail re-judging; the second's first passes.
-    engine = _corrector([HARMFUL, HARMFUL, CORRECTED])
+    answers = {"0": [HARMFUL, HARMFUL], "1": [CORRECTED]}
+    backend = ScriptedBackend(lambda r: [Generation(answers[_correcting(r)].pop(0), "stop")])
+    engine = CorrectionEngine(backend, _guard(), params=_params(1), max_attempts=2)
     [(topic, _)] = asyncio.run(CorrectStage(engine, build_seed=1).process(case))
     assert topic == RECORDS
     assert case.status == case_pb2.CASE_STATUS_CORRECTED
@@ -129,6 +143,55 @@ def test_correct_stage_corrects_every_unsafe_completion_and_picks_the_first_that
     assert [c.passed for c in case.corrections] == [False, True]
     assert case.response.completion_index == 1 and case.response.correction_attempt == 1
     assert case.corrections[1].corrector.backend == "scripted"
+
+
+class _Meeting(ScriptedBackend):
+    """A corrector whose calls wait until ``parties`` of them are in flight at once
+    (within a timeout), then answer ``CORRECTED`` in the reverse order of their
+    completions' numbers; it counts the calls in flight."""
+
+    def __init__(self, parties: int):
+        super().__init__(lambda request: [Generation(CORRECTED, "stop")])
+        self._barrier = asyncio.Barrier(parties)
+        self.in_flight = self.most_in_flight = 0
+
+    async def generate(self, request: GenerationRequest) -> list[Generation]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            async with asyncio.timeout(2):
+                await self._barrier.wait()
+            await asyncio.sleep(0.01 * (10 - int(_correcting(request))))
+            return await super().generate(request)
+        finally:
+            self.in_flight -= 1
+
+
+def test_correct_stage_corrects_a_cases_unsafe_completions_at_once_kept_by_index_and_seed():
+    case = _generated(_harmful(0), SAFE, _harmful(2), _harmful(3))
+    asyncio.run(JudgeStage(_guard()).process(case))
+    # The three calls wait on one another: one after another, the first times out.
+    backend = _Meeting(parties=3)
+    engine = CorrectionEngine(backend, _guard(), params=_params(1), max_attempts=2)
+    asyncio.run(CorrectStage(engine, build_seed=1).process(case))
+    assert backend.most_in_flight == 3
+    assert [c.completion_index for c in case.corrections] == [0, 2, 3]
+    assert all(c.passed for c in case.corrections)
+    assert case.response.completion_index == 0
+    seeds = {_correcting(r): r.params.seed for r in backend.requests}
+    assert seeds == {str(index): case_seed(1, case.id, f"correct-{index}") for index in (0, 2, 3)}
+
+
+def test_correct_stage_until_passed_corrects_one_completion_at_a_time_and_stops_at_a_pass():
+    case = _generated(_harmful(0), _harmful(1), _harmful(2))
+    asyncio.run(JudgeStage(_guard()).process(case))
+    answers = {"0": [HARMFUL, HARMFUL], "1": [CORRECTED], "2": [CORRECTED]}
+    backend = ScriptedBackend(lambda r: [Generation(answers[_correcting(r)].pop(0), "stop")])
+    engine = CorrectionEngine(backend, _guard(), params=_params(1), max_attempts=2)
+    asyncio.run(CorrectStage(engine, build_seed=1, until_passed=True).process(case))
+    assert [c.completion_index for c in case.corrections] == [0, 1]
+    assert [_correcting(r) for r in backend.requests] == ["0", "0", "1"]
+    assert case.response.completion_index == 1
 
 
 def test_correct_stage_keeps_a_case_none_of_whose_corrections_passed_with_the_reason():

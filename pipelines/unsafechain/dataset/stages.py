@@ -7,10 +7,12 @@ import asyncio
 import math
 from collections.abc import Mapping
 
+from unsafechain.backends.http_common import gather_all
 from unsafechain.correction.engine import Corrector
 from unsafechain.dataset.rows import correction_response, original_response
 from unsafechain.domain.convert import correction_to_pb, unsafe_categories
 from unsafechain.domain.reasoning import format_reasoning
+from unsafechain.domain.types import CorrectionOutcome
 from unsafechain.intake.answers import AnswerCheck, Checker
 from unsafechain.streaming.stages import (
     JUDGED,
@@ -139,6 +141,19 @@ class CorrectStage(Stage):
     hard case none of whose corrections passed is kept with the reason. A case that is
     not hard (corrected with ``routing.correct: unsafe``) keeps the response the route
     stage chose. The engine corrects in process or through a correction service.
+
+    A case's unsafe completions are corrected concurrently (``correction.completions:
+    all``): a hard case then holds the stage for one correction and its re-judgment,
+    not K of them. Their calls are bounded by the corrector's and the judges' own
+    ``max_concurrency``; a case adds at most its K completions. ``until_passed``
+    corrects them one after another, by completion index, since it stops at the first
+    that passes and so cannot know beforehand which it will need.
+
+    Args:
+        engine: The corrector.
+        build_seed: The build's seed; each completion's correction is seeded from it,
+            the case and the completion's index.
+        until_passed: Stop at the first completion whose correction passed.
     """
 
     name, consumes, produces = "correct", TO_CORRECT, (RECORDS,)
@@ -152,16 +167,17 @@ class CorrectStage(Stage):
         del case.corrections[:]
         corrector = (await self._engine.describe()).model
         unsafe = [c for c in case.completions if c.label == case_pb2.VERDICT_LABEL_UNSAFE]
-        for completion in unsafe:
-            outcome = await self._engine.correct(
-                case.prompt.text,
-                format_reasoning(completion.reasoning, completion.answer),
-                unsafe_categories(completion),
-                seed=case_seed(self._seed, case.id, f"correct-{completion.index}"),
-            )
-            case.corrections.append(correction_to_pb(outcome, completion.index, corrector))
-            if outcome.passed and self._until_passed:
-                break
+        if self._until_passed:
+            for completion in unsafe:
+                outcome = await self._correct(case, completion)
+                case.corrections.append(correction_to_pb(outcome, completion.index, corrector))
+                if outcome.passed:
+                    break
+        else:
+            # gather keeps the order of its calls: corrections stay by completion index.
+            outcomes = await gather_all(self._correct(case, c) for c in unsafe)
+            for completion, outcome in zip(unsafe, outcomes, strict=True):
+                case.corrections.append(correction_to_pb(outcome, completion.index, corrector))
         passed = [c for c in case.corrections if c.passed]
         if case.status != case_pb2.CASE_STATUS_UNSPECIFIED:
             # Not hard, corrected beside its own response (routing.correct: unsafe):
@@ -177,3 +193,14 @@ class CorrectStage(Stage):
             )
             case.status_reason = f"no correction passed re-judging ({reasons})"
         return [(RECORDS, case)]
+
+    async def _correct(
+        self, case: case_pb2.Case, completion: case_pb2.Completion
+    ) -> CorrectionOutcome:
+        """Correct one unsafe completion, seeded by the case and its index."""
+        return await self._engine.correct(
+            case.prompt.text,
+            format_reasoning(completion.reasoning, completion.answer),
+            unsafe_categories(completion),
+            seed=case_seed(self._seed, case.id, f"correct-{completion.index}"),
+        )
