@@ -316,8 +316,8 @@ def start_build(config: BuildConfig, resume: ResumeOptions | None = None) -> Bui
         raise BuildError(str(error)) from None
     retried = 0
     if resume.retry_failed:
-        wanted = {record.id for record in intake.records}
-        again = [c.id for c in store.cases() if c.id in wanted and failed_transiently(c)]
+        wanted = [record.id for record in intake.records if record.id in store.ids]
+        again = [c.id for c in store.cases(wanted) if failed_transiently(c)]
         store.forget(again)
         retried = len(again)
         if retried:
@@ -547,14 +547,14 @@ def _tally(config: BuildConfig, start: BuildStart) -> CaseTally:
     """The stored cases of this build's prompts, in the prompts' order (the sources in
     the configuration's order, each in its file's), whatever order they finished in: two
     runs of a build write the same files, line for line."""
-    position = {record.id: index for index, record in enumerate(start.intake.records)}
-    cases = sorted(
-        (case for case in start.store.cases() if case.id in position),
-        key=lambda case: position[case.id],
-    )
+    # The store reads its cases in the order asked, one at a time: no case list to sort.
+    order = dict.fromkeys(record.id for record in start.intake.records)
     tally = CaseTally(policy=config.rows.policy)
-    for case in cases:
-        tally.add(case)
+    try:
+        for case in start.store.cases(order):
+            tally.add(case)
+    except StoreError as error:
+        raise BuildError(str(error)) from None
     return tally
 
 

@@ -2,6 +2,12 @@
 
 It is what makes a build resumable: a case is durable once its line is flushed and
 synced, and a resumed build skips every id already stored.
+
+Opening a store reads each line's id from the line's start (every line is written with
+the case's ``id`` as its first key) and remembers where the line starts; a case is
+parsed only when it is read back, once, by :meth:`CaseStore.cases`. A line whose start
+is not an id, or that does not end as a JSON object does, is parsed whole, and is
+damaged when that fails.
 """
 
 from __future__ import annotations
@@ -9,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator, Set
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -29,8 +36,14 @@ class CaseStore:
 
     A line cut short by a crash (the last one) is dropped on open and its case
     recomputed. A damaged line anywhere else stops the build with its line number,
-    unless ``repair`` drops it (its case is then recomputed too). A case id written
+    unless ``repair`` drops it (its case is then recomputed too): on open when its start
+    or its end is damaged, when it is read back (by its byte offset) when only its
+    inside is; ``repair`` parses every line on open, so it finds both. A case id written
     twice is kept once, except after :meth:`forget`, when its newer line wins.
+
+    Opening reads ids without parsing cases, and :attr:`ids` is the store's own set
+    behind a read-only view, so that resuming is one pass over the file and one set
+    lookup per prompt.
 
     Args:
         path: The JSONL file.
@@ -43,8 +56,12 @@ class CaseStore:
     def __init__(self, path: Path, *, repair: bool = False):
         self._path = path
         self._ids: set[str] = set()
+        # Where the newest line of each stored id starts, in bytes.
+        self._offsets: dict[str, int] = {}
+        self._view = StoredIds(self._ids)
         self._recover(repair)
-        self._handle = self._path.open("a", encoding="utf-8")
+        self._handle = self._path.open("ab")
+        self._end = self._handle.tell()
 
     def _recover(self, repair: bool) -> None:
         if not self._path.exists():
@@ -56,15 +73,9 @@ class CaseStore:
             with self._path.open("r+b") as handle:
                 handle.truncate(keep)
             data = data[:keep]
-        lines = data.split(b"\n")[:-1] if data else []
-        damaged = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                self._ids.add(_parse(line).id)
-            except (ValueError, json_format.ParseError) as error:
-                damaged.append((number, str(error).splitlines()[0][:120]))
+        # Repairing parses every line whole, so that it finds what a look at a line's
+        # ends cannot (damage inside a line), and the repaired store reads back whole.
+        damaged = self._index(data, whole=repair)
         if not damaged:
             return
         where = ", ".join(f"line {number} ({reason})" for number, reason in damaged[:5])
@@ -74,16 +85,38 @@ class CaseStore:
                 "--repair to drop them and recompute their cases"
             )
         dropped = {number for number, _ in damaged}
+        lines = data.split(b"\n")[:-1]
         kept = [line for number, line in enumerate(lines, start=1) if number not in dropped]
         write_atomically(
             self._path, "".join(line.decode("utf-8", "replace") + "\n" for line in kept)
         )
         logger.warning("%s: dropped %d damaged line(s): %s", self._path, len(damaged), where)
+        self._ids.clear()
+        self._offsets.clear()
+        self._index(self._path.read_bytes())
+
+    def _index(self, data: bytes, *, whole: bool = False) -> list[tuple[int, str]]:
+        """Record the id and the start of every line of ``data`` (whole lines), each
+        parsed whole when ``whole`` is set; the damaged lines, by number and reason."""
+        damaged = []
+        offset = 0
+        for number, line in enumerate(data.split(b"\n")[:-1] if data else [], start=1):
+            start, offset = offset, offset + len(line) + 1
+            if not line.strip():
+                continue
+            try:
+                case_id = _parse(line).id if whole else line_id(line)
+            except (ValueError, json_format.ParseError) as error:
+                damaged.append((number, str(error).splitlines()[0][:120]))
+                continue
+            self._ids.add(case_id)
+            self._offsets[case_id] = start
+        return damaged
 
     @property
-    def ids(self) -> frozenset[str]:
-        """Ids of the stored cases."""
-        return frozenset(self._ids)
+    def ids(self) -> StoredIds:
+        """Ids of the stored cases: a read-only view that follows the store (no copy)."""
+        return self._view
 
     def forget(self, ids: Iterable[str]) -> None:
         """Let the cases ``ids`` be stored again (recomputed); their new lines win."""
@@ -94,30 +127,92 @@ class CaseStore:
         if case.id in self._ids:
             return False
         record = json_format.MessageToDict(case, preserving_proto_field_name=True)
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        self._handle.write(line)
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._ids.add(case.id)
+        self._offsets[case.id] = self._end
+        self._end += len(line)
         return True
 
-    def cases(self) -> Iterator[case_pb2.Case]:
-        """Every stored case, each id once: its last line (a recomputed case's newest)."""
-        if not self._path.exists():
+    def cases(self, order: Iterable[str] | None = None) -> Iterator[case_pb2.Case]:
+        """Stored cases, each id once: its last line (a recomputed case's newest), each
+        parsed once as it is yielded (one case in memory at a time).
+
+        Args:
+            order: The ids wanted, in the order to yield them (ids not stored are
+                skipped); default: every stored case, in the file's order.
+
+        Raises:
+            StoreError: A stored line cannot be parsed (damaged after the store was
+                opened, or inside, where opening does not look).
+        """
+        if order is None:
+            starts = sorted(self._offsets.values())
+        else:
+            starts = [self._offsets[i] for i in order if i in self._offsets]
+        if not starts:
             return
-        last: dict[str, int] = {}
+        self._handle.flush()
         with self._path.open("rb") as handle:
-            for number, line in enumerate(handle):
-                if line.strip():
-                    last[_parse(line).id] = number
-        wanted = set(last.values())
-        with self._path.open("rb") as handle:
-            for number, line in enumerate(handle):
-                if number in wanted:
+            for start in starts:
+                handle.seek(start)
+                line = handle.readline()
+                try:
                     yield _parse(line)
+                except (ValueError, json_format.ParseError) as error:
+                    reason = str(error).splitlines()[0][:120]
+                    raise StoreError(
+                        f"{self._path}: damaged line at byte {start} ({reason}); run again "
+                        "with --repair to drop it and recompute its case"
+                    ) from None
 
     def close(self) -> None:
         """Close the file."""
         self._handle.close()
+
+
+class StoredIds(Set[str]):
+    """A read-only view of a store's ids: membership is one set lookup, and the view
+    follows the store as it writes and forgets (set operators give frozensets)."""
+
+    def __init__(self, ids: set[str]):
+        self._ids = ids
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[str]) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(it)
+
+
+# A line as ``write`` makes it starts with the case's id: ``{"id": "<JSON string>"``.
+_LINE_ID = re.compile(rb'\{"id": ?("(?:[^"\\]|\\.)*")\s*[,}]')
+
+
+def line_id(line: bytes) -> str:
+    """The case id a stored line holds, read from its start without parsing the case; a
+    line that does not start with its id, or does not end as an object does, is parsed
+    whole.
+
+    Raises:
+        ValueError: The line is not JSON, or not a case with an id.
+        json_format.ParseError: The line is JSON but not a case.
+    """
+    match = _LINE_ID.match(line)
+    if match and line.rstrip().endswith(b"}"):
+        case_id = json.loads(match.group(1))
+        if isinstance(case_id, str) and case_id:
+            return case_id
+    return _parse(line).id
 
 
 def _parse(line: bytes) -> case_pb2.Case:
