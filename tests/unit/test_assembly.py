@@ -1,7 +1,14 @@
+import json
 from collections import Counter
 
+import datasets
+import pyarrow.parquet as pq
+import pytest
+
+from unsafechain.dataset import assembly
 from unsafechain.dataset.assembly import (
-    make_subsets,
+    DatasetFiles,
+    SelectedPicks,
     preference_pairs,
     primary_category,
     random_subset,
@@ -82,14 +89,136 @@ def test_selected_subset_with_a_small_size_balances_sources_and_categories():
     assert selected_subset(rows[::-1], 6) == selected
 
 
-def test_make_subsets_defaults_to_the_build_seed():
+def _assemble(folder, training, *, test=(), failed=(), settings=None, seed=9):
+    """Feed ``DatasetFiles`` one case at a time, as the build does; what it wrote."""
+    settings = settings or AssemblySettings(random_size=4, selected_size=7)
+    with DatasetFiles(folder, settings, seed) as files:
+        for row in training:
+            files.add([row])
+        for row in test:
+            files.add([row], test=True)
+        for row in failed:
+            files.add_failed(row)
+        return files.finish()
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_streamed_subsets_are_the_subsets_of_the_whole_list(tmp_path, monkeypatch):
+    # Chunks of 8 rows: the 30 rows cross several chunks, row groups and batches.
+    monkeypatch.setattr(assembly, "CHUNK_ROWS", 8)
+    rows = [_row(f"r{i:02}", "ab"[i % 2], ["S1"] if i % 3 else []) for i in range(30)]
+    rows += [_row(f"c{i}", "b", ["S2"], corrected=True) for i in range(3)]
+    done = _assemble(tmp_path, rows)
+    expected = {
+        "full": rows,
+        "random": random_subset(rows, 4, seed=9),
+        "selected": selected_subset(rows, 7),
+    }
+    assert done.subsets == {name: len(subset) for name, subset in expected.items()}
+    splits = datasets.load_from_disk(str(tmp_path / "datasets"))
+    for name, subset in expected.items():
+        assert _lines(tmp_path / f"subsets/{name}.jsonl") == subset
+        assert pq.read_table(tmp_path / f"subsets/{name}.parquet").to_pylist() == subset
+        assert splits[name].to_list() == subset
+        assert _lines(tmp_path / f"release/{name}.jsonl") == [release_row(r) for r in subset]
+    assert pq.ParquetFile(tmp_path / "subsets/full.parquet").num_row_groups == 5
+    assert _lines(tmp_path / "dataset.jsonl") == rows
+    assert pq.read_table(tmp_path / "dataset.parquet").to_pylist() == rows
+    # Nothing is left under a temporary name.
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_subsets_default_to_the_build_seed(tmp_path):
     rows = [_row(f"r{i}", "a") for i in range(30)]
-    subsets = make_subsets(rows, AssemblySettings(random_size=4, selected_size=7), seed=9)
-    assert subsets["full"] == rows
-    assert subsets["random"] == random_subset(rows, 4, seed=9)
-    assert len(subsets["selected"]) == 7
-    seeded = make_subsets(rows, AssemblySettings(random_size=4, seed=2), seed=9)
-    assert seeded["random"] == random_subset(rows, 4, seed=2)
+    _assemble(tmp_path / "default", rows)
+    assert _lines(tmp_path / "default/subsets/random.jsonl") == random_subset(rows, 4, seed=9)
+    _assemble(tmp_path / "seeded", rows, settings=AssemblySettings(random_size=4, seed=2))
+    assert _lines(tmp_path / "seeded/subsets/random.jsonl") == random_subset(rows, 4, seed=2)
+
+
+def test_every_split_has_one_schema_and_the_test_split_its_own_files(tmp_path, monkeypatch):
+    # Only a test row, in a chunk of its own, has a value in `extra`: every split still
+    # has the column as a string, not as the null type the training rows alone give.
+    monkeypatch.setattr(assembly, "CHUNK_ROWS", 2)
+    training = [{**_row(f"r{i}", "a"), "split": "train", "extra": None} for i in range(3)]
+    test = [{**_row("t", "a"), "split": "test", "extra": "only here"}]
+    done = _assemble(tmp_path, training, test=test)
+    assert done.test_rows == 1 and done.subsets["full"] == 3
+    schemas = {pq.read_schema(path) for path in (tmp_path / "subsets").glob("*.parquet")}
+    assert len(schemas) == 1 and str(schemas.pop().field("extra").type) == "string"
+    assert datasets.load_from_disk(str(tmp_path / "datasets"))["test"].to_list() == test
+    assert _lines(tmp_path / "subsets/test.jsonl") == test
+
+
+def test_without_a_test_split_no_test_files(tmp_path):
+    done = _assemble(tmp_path, [_row("r", "a")])
+    assert done.test_rows == 0
+    assert not (tmp_path / "subsets/test.jsonl").exists()
+    assert list(datasets.load_from_disk(str(tmp_path / "datasets"))) == list(assembly.SUBSETS)
+
+
+def test_pairs_of_failed_cases_come_after_every_training_row(tmp_path):
+    corrections = [_correction(0, True, [("<think>careful</think>No.", "")])]
+    training = [_row(f"c{i}", "a", corrected=True, corrections=corrections) for i in range(2)]
+    failed = [{**_row("f", "a", corrected=True, corrections=corrections), "response": None}]
+    test = [{**_row("t", "a", corrected=True, corrections=corrections), "split": "test"}]
+    # Cases arrive interleaved; the pairs keep the order the list-based pairs have.
+    with DatasetFiles(tmp_path, AssemblySettings(), 0) as files:
+        files.add([training[0]])
+        files.add_failed(failed[0])
+        files.add([test[0]], test=True)
+        files.add([training[1]])
+        done = files.finish()
+    pairs = _lines(tmp_path / "pairs.jsonl")
+    assert [pair["id"] for pair in pairs] == ["c0", "c1", "f"]
+    assert pairs == preference_pairs([*training, *failed]) and done.pairs == 3
+    assert _lines(tmp_path / "failed.jsonl") == failed
+
+
+def test_an_error_leaves_no_half_written_file(tmp_path):
+    rows = [_row(f"r{i}", "a") for i in range(3)]
+    with pytest.raises(RuntimeError), DatasetFiles(tmp_path, AssemblySettings(), 0) as files:
+        files.add(rows)
+        raise RuntimeError("the store broke")
+    assert not (tmp_path / "dataset.jsonl").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _greedy_reference(rows, size):
+    """STAR-1's greedy balancing over every row, as the list-based code did it."""
+    picked, per_source, per_category = [], Counter(), Counter()
+    corrected = [r for r in rows if r["hard"] and r["status"] == "corrected"]
+    others = [r for r in rows if not (r["hard"] and r["status"] == "corrected")]
+    for tier in (corrected, others):
+        groups = {}
+        for row in tier:
+            groups.setdefault((row["source"], primary_category(row)), []).append(row)
+        groups = {key: iter(sorted(m, key=lambda r: r["id"])) for key, m in groups.items()}
+        while groups and len(picked) < size:
+            key = min(groups, key=lambda g: (per_source[g[0]], per_category[g[1]], g))
+            row = next(groups[key], None)
+            if row is None:
+                del groups[key]
+                continue
+            picked.append(row)
+            per_source[key[0]] += 1
+            per_category[key[1]] += 1
+    return picked
+
+
+def test_selected_picks_keep_few_rows_per_group_and_pick_as_from_every_row():
+    rows = [_row(f"a{(i * 7919) % 500:03}", "big", ["S1"]) for i in range(500)]
+    rows += [_row(f"b{i:03}", "small", ["S2"], corrected=i % 4 == 0) for i in range(40)]
+    picks = SelectedPicks(5)
+    for position, row in enumerate(rows):
+        picks.add(position, row)
+    # At most twice the size per group is ever held, whatever the group's rows.
+    assert max(len(members) for members in picks._groups.values()) <= 10
+    assert [rows[i] for i in picks.picks()] == _greedy_reference(rows, 5)
+    assert selected_subset(rows, 60) == _greedy_reference(rows, 60)
 
 
 def test_release_row_has_exactly_the_public_columns():

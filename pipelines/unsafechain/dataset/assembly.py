@@ -1,6 +1,9 @@
-"""Assembly: the dataset's subsets and its exports, made from the training rows.
+"""Assembly: the dataset's files, its subsets and its exports, written as the rows stream
+past, so that memory does not grow with the dataset.
 
 Output folder, beside the build's own files:
+    dataset.jsonl, dataset.parquet                 every training row
+    failed.jsonl                                   a row for every case without one
     subsets/<name>.jsonl, subsets/<name>.parquet   the rows of each subset, and of the
                                                    held-out ``test`` split
     datasets/                                      a ``datasets.DatasetDict``, one split per
@@ -8,20 +11,33 @@ Output folder, beside the build's own files:
     release/<name>.jsonl                           the public release's columns
     pairs.jsonl                                    preference pairs for DPO (training
                                                    prompts only)
+
+:class:`DatasetFiles` takes the rows one case at a time, in the build's order, and holds
+only what a subset needs of them (an offset, and for ``selected`` the id, source and
+category of at most ``selected_size`` rows per group). Its first pass writes the JSON
+lines and learns the rows' Arrow schema; its second reads the lines back in chunks to
+write Parquet and Arrow with that one schema, and the subsets that need every row's
+count or id first.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import random
+import shutil
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any, Self
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datasets.arrow_writer import ArrowWriter
 
 from unsafechain.dataset.config import AssemblySettings
 from unsafechain.dataset.rows import NO_CATEGORY
@@ -29,80 +45,98 @@ from unsafechain.domain.reasoning import format_reasoning, split_reasoning
 
 logger = logging.getLogger(__name__)
 
+TEST_SPLIT = "test"
+"""The name of the held-out split in every export."""
+
+SUBSETS = ("full", "random", "selected")
+"""The training subsets, in the order every export lists them."""
+
+CHUNK_ROWS = 512
+"""Rows per Parquet row group and per Arrow batch: a chunk's rows are the only ones held
+as Python objects at once (a row with its provenance is tens of kilobytes)."""
+
 
 def primary_category(row: dict) -> str:
     """The harm category a row is balanced under: its first, or :data:`NO_CATEGORY`."""
     return row["harm_categories"][0] if row["harm_categories"] else NO_CATEGORY
 
 
+def random_picks(count: int, size: int, seed: int) -> list[int]:
+    """The positions, in row order, of a seeded sample of ``size`` of ``count`` rows
+    (all of them when there are fewer): the ``random`` subset."""
+    return sorted(random.Random(seed).sample(range(count), min(size, count)))
+
+
 def random_subset(rows: list[dict], size: int, seed: int) -> list[dict]:
     """A seeded sample of ``size`` rows (all of them when there are fewer), in row order."""
-    picked = sorted(random.Random(seed).sample(range(len(rows)), min(size, len(rows))))
-    return [rows[i] for i in picked]
+    return [rows[i] for i in random_picks(len(rows), size, seed)]
 
 
-def selected_subset(rows: list[dict], size: int) -> list[dict]:
-    """Up to ``size`` rows: corrected hard cases first, balanced over sources and categories.
+def _is_corrected(row: dict) -> bool:
+    return bool(row["hard"]) and row["status"] == "corrected"
+
+
+class SelectedPicks:
+    """The ``selected`` subset's picks, fed one row at a time.
 
     STAR-1's greedy balancing: rows are grouped by (source, harm category) and each pick
     comes from the group whose source has the fewest picks so far, then whose category
     has, ties going to the group that sorts first; within a group rows go by id. The
     corrected hard cases are used up before any other row, and the pick counts carry
     over, so the others fill the sources and categories the corrections left thin.
-    """
-    corrected = [row for row in rows if row["hard"] and row["status"] == "corrected"]
-    others = [row for row in rows if not (row["hard"] and row["status"] == "corrected")]
-    picked: list[dict] = []
-    per_source: Counter = Counter()
-    per_category: Counter = Counter()
-    for tier in (corrected, others):
-        picked += _balanced_picks(tier, size - len(picked), per_source, per_category)
-    return picked
 
-
-def _balanced_picks(
-    rows: list[dict], size: int, per_source: Counter, per_category: Counter
-) -> list[dict]:
-    """Greedy balanced picks from ``rows``; the counters hold and receive the picks."""
-    groups: dict[tuple[str, str], Iterator[dict]] = {
-        key: iter(sorted(members, key=lambda row: row["id"]))
-        for key, members in _by_group(rows).items()
-    }
-    picked: list[dict] = []
-    while groups and len(picked) < size:
-        source, category = min(
-            groups, key=lambda group: (per_source[group[0]], per_category[group[1]], group)
-        )
-        row = next(groups[(source, category)], None)
-        if row is None:
-            del groups[(source, category)]
-            continue
-        picked.append(row)
-        per_source[source] += 1
-        per_category[category] += 1
-    return picked
-
-
-def _by_group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row["source"], primary_category(row))].append(row)
-    return groups
-
-
-def make_subsets(rows: list[dict], settings: AssemblySettings, seed: int) -> dict[str, list[dict]]:
-    """The ``full``, ``random`` and ``selected`` subsets of the training rows.
+    No group gives more than ``size`` picks, so only each group's ``size`` smallest ids
+    are kept: memory is bounded by the number of groups, not of rows.
 
     Args:
-        rows: Every training row.
-        settings: Subset sizes and the sampling seed.
-        seed: The build's seed, used when ``settings.seed`` is unset.
+        size: Picks wanted.
     """
-    return {
-        "full": rows,
-        "random": random_subset(rows, settings.random_size, settings.random_seed(seed)),
-        "selected": selected_subset(rows, settings.selected_size),
-    }
+
+    def __init__(self, size: int):
+        self.size = size
+        # (tier, source, category) -> [(id, position)], trimmed to the `size` smallest.
+        self._groups: dict[tuple[int, str, str], list[tuple[str, int]]] = defaultdict(list)
+
+    def add(self, position: int, row: dict) -> None:
+        """Count the row at ``position`` of the training rows."""
+        tier = 0 if _is_corrected(row) else 1
+        members = self._groups[(tier, row["source"], primary_category(row))]
+        members.append((row["id"], position))
+        if len(members) > 2 * self.size:
+            members[:] = heapq.nsmallest(self.size, members)
+
+    def picks(self) -> list[int]:
+        """The picked rows' positions, in pick order."""
+        picked: list[int] = []
+        per_source: Counter = Counter()
+        per_category: Counter = Counter()
+        for tier in (0, 1):
+            groups = {
+                (source, category): iter(sorted(members)[: self.size])
+                for (t, source, category), members in self._groups.items()
+                if t == tier
+            }
+            while groups and len(picked) < self.size:
+                source, category = min(
+                    groups, key=lambda group: (per_source[group[0]], per_category[group[1]], group)
+                )
+                member = next(groups[(source, category)], None)
+                if member is None:
+                    del groups[(source, category)]
+                    continue
+                picked.append(member[1])
+                per_source[source] += 1
+                per_category[category] += 1
+        return picked
+
+
+def selected_subset(rows: list[dict], size: int) -> list[dict]:
+    """Up to ``size`` rows: corrected hard cases first, balanced over sources and
+    categories (:class:`SelectedPicks`)."""
+    picks = SelectedPicks(size)
+    for position, row in enumerate(rows):
+        picks.add(position, row)
+    return [rows[i] for i in picks.picks()]
 
 
 def release_row(row: dict) -> dict:
@@ -110,114 +144,434 @@ def release_row(row: dict) -> dict:
     return {"prompt": row["prompt"], "response": row["response"], "split_name": row["source"]}
 
 
-TEST_SPLIT = "test"
-"""The name of the held-out split in every export."""
-
-
-def preference_pairs(rows: list[dict]) -> list[dict]:
-    """One DPO pair per correction that passed re-judging, once per case, training
-    prompts only.
+def row_pairs(row: dict) -> list[dict]:
+    """The DPO pairs of the case ``row`` describes: one per correction that passed
+    re-judging; none for a row of the test split.
 
     ``chosen`` is the passing attempt and ``rejected`` the unsafe completion it
     corrects, both in the ``<think>`` format the training rows use. A completion cut
     off by the token limit is never a side.
-
-    Args:
-        rows: Rows of the build's cases (several rows of one case give its pairs once).
     """
+    if row.get("split", "train") == TEST_SPLIT:
+        return []
+    case_id = row.get("case_id", row["id"])
+    provenance = row["provenance"]
+    completions = {c["index"]: c for c in provenance["completions"]}
     pairs = []
-    seen: set[str] = set()
-    for row in rows:
-        case_id = row.get("case_id", row["id"])
-        if case_id in seen or row.get("split", "train") == TEST_SPLIT:
+    for correction in provenance["corrections"]:
+        if not correction["passed"]:
             continue
-        seen.add(case_id)
-        provenance = row["provenance"]
-        completions = {c["index"]: c for c in provenance["completions"]}
-        for correction in provenance["corrections"]:
-            if not correction["passed"]:
-                continue
-            original = completions[correction["completion_index"]]
-            if original.get("truncated"):
-                continue
-            # A passed correction's earlier attempts failed; the passing one has no reason.
-            attempt = next(a for a in correction["attempts"] if not a["failure_reason"])
-            pairs.append(
-                {
-                    "id": case_id,
-                    "prompt": row["prompt"],
-                    "chosen": split_reasoning(attempt["text"]).render(),
-                    "rejected": format_reasoning(original["reasoning"], original["answer"]),
-                    "source": row["source"],
-                    "harm_categories": row["harm_categories"],
-                    "completion_index": correction["completion_index"],
-                    "correction_attempt": attempt["attempt"],
-                }
-            )
+        original = completions[correction["completion_index"]]
+        if original.get("truncated"):
+            continue
+        # A passed correction's earlier attempts failed; the passing one has no reason.
+        attempt = next(a for a in correction["attempts"] if not a["failure_reason"])
+        pairs.append(
+            {
+                "id": case_id,
+                "prompt": row["prompt"],
+                "chosen": split_reasoning(attempt["text"]).render(),
+                "rejected": format_reasoning(original["reasoning"], original["answer"]),
+                "source": row["source"],
+                "harm_categories": row["harm_categories"],
+                "completion_index": correction["completion_index"],
+                "correction_attempt": attempt["attempt"],
+            }
+        )
     return pairs
 
 
-def write_exports(
-    output: Path,
-    subsets: dict[str, list[dict]],
-    *,
-    test: list[dict] | None = None,
-    cases: list[dict] | None = None,
-) -> dict:
-    """Write every export of ``subsets`` and of the ``test`` split under ``output``.
+def preference_pairs(rows: Iterable[dict]) -> list[dict]:
+    """The DPO pairs of ``rows`` (:func:`row_pairs`), once per case: several rows of one
+    case give its pairs once."""
+    seen: set[str] = set()
+    pairs = []
+    for row in rows:
+        case_id = row.get("case_id", row["id"])
+        if case_id not in seen:
+            seen.add(case_id)
+            pairs += row_pairs(row)
+    return pairs
+
+
+class _Lines:
+    """A JSON-lines file written under a temporary name and put in place by ``commit``:
+    a reader never sees half of one."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.tmp = path.with_suffix(path.suffix + ".tmp")
+        self.handle: IO[bytes] = self.tmp.open("wb")
+        self.count = 0
+
+    def write(self, row: dict) -> int:
+        """Write ``row``; its line's offset in the file."""
+        offset = self.handle.tell()
+        self.handle.write(json.dumps(row, ensure_ascii=False).encode() + b"\n")
+        self.count += 1
+        return offset
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+    def commit(self) -> None:
+        self.close()
+        self.tmp.replace(self.path)
+
+    def discard(self) -> None:
+        self.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Write ``rows`` as JSON lines, replacing ``path`` only once all are written."""
+    lines = _Lines(path)
+    try:
+        for row in rows:
+            lines.write(row)
+    except BaseException:
+        lines.discard()
+        raise
+    lines.commit()
+
+
+def _lines_at(path: Path, offsets: Iterable[int]) -> Iterator[bytes]:
+    """The lines of a file that start at ``offsets``, in that order, as they are."""
+    with path.open("rb") as handle:
+        for offset in offsets:
+            handle.seek(offset)
+            yield handle.readline()
+
+
+class _ArrowChunks:
+    """Rows kept for the second pass as Arrow tables, one temporary IPC stream per
+    chunk of :data:`CHUNK_ROWS` rows, each with the schema its own rows give.
+
+    The second pass reads a chunk at a time, cast to the schema every chunk's schema
+    unifies into: Arrow casts a struct to one with more fields (the missing filled with
+    nulls) and a null column to any type, so no row is parsed twice.
+    """
+
+    def __init__(self, folder: Path, name: str):
+        self.folder, self.name = folder, name
+        self.pending: list[dict] = []
+        self.sizes: list[int] = []
+
+    def add(self, row: dict) -> pa.Schema | None:
+        """Keep ``row``; the schema of the chunk it completes, if it does."""
+        self.pending.append(row)
+        return self.flush() if len(self.pending) >= CHUNK_ROWS else None
+
+    def flush(self) -> pa.Schema | None:
+        """Write the pending rows as a chunk; its schema (None without rows)."""
+        if not self.pending:
+            return None
+        table = pa.Table.from_pylist(self.pending)
+        self.pending = []
+        path = self._path(len(self.sizes))
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        self.sizes.append(table.num_rows)
+        return table.schema
+
+    def tables(self, schema: pa.Schema) -> Iterator[pa.Table]:
+        """Every chunk, in order, cast to ``schema``; read into memory, not mapped."""
+        for index in range(len(self.sizes)):
+            with pa.OSFile(str(self._path(index)), "rb") as source:
+                table = pa.ipc.open_stream(source).read_all()
+            yield _cast(table, schema)
+
+    def rows_at(self, schema: pa.Schema, positions: list[int]) -> Iterator[pa.Table]:
+        """The rows at ``positions`` (ascending), chunk by chunk, cast to ``schema``."""
+        wanted = iter(positions)
+        position = next(wanted, None)
+        start = 0
+        for size, table in zip(self.sizes, self.tables(schema), strict=True):
+            taken = []
+            while position is not None and position < start + size:
+                taken.append(position - start)
+                position = next(wanted, None)
+            if taken:
+                yield table.take(pa.array(taken, type=pa.int64()))
+            start += size
+            if position is None:
+                return
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"{self.name}-{index:06d}.arrow"
+
+
+def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``: its columns cast as one struct, so that columns are
+    matched by name and a column it lacks is added, all nulls."""
+    if table.schema == schema:
+        return table
+    rows = table.to_struct_array().cast(pa.struct(list(schema)))
+    return pa.Table.from_struct_array(rows).replace_schema_metadata(schema.metadata)
+
+
+@dataclass
+class Assembled:
+    """What :meth:`DatasetFiles.finish` wrote.
+
+    Attributes:
+        files: The files written, relative to the output folder, for the manifest.
+        subsets: Rows per training subset.
+        test_rows: Rows of the held-out test split.
+        pairs: Preference pairs written.
+    """
+
+    files: dict[str, Any]
+    subsets: dict[str, int]
+    test_rows: int
+    pairs: int
+
+
+_SHARD = "data-00000-of-00001.arrow"
+"""The one shard of each ``datasets`` split."""
+
+_RELEASE_COLUMNS = ("prompt", "response", "source")
+
+
+class _Split:
+    """One split's files, written table by table: its Parquet file, its ``datasets``
+    shard, its release rows and, where asked, its JSON lines (copied from the lines
+    already written, not encoded again)."""
+
+    def __init__(self, output: Path, name: str, schema: pa.Schema, *, lines: bool):
+        self.parquet = output / f"subsets/{name}.parquet"
+        self.parquet_tmp = self.parquet.with_suffix(".parquet.tmp")
+        self.parquet_writer = pq.ParquetWriter(self.parquet_tmp, schema)
+        # The features have no media to embed; save_to_disk's writer, as it writes.
+        self.arrow = ArrowWriter(
+            features=datasets.Features.from_arrow_schema(schema),
+            path=str(output / "datasets" / name / _SHARD),
+        )
+        self.release = _Lines(output / f"release/{name}.jsonl")
+        self.lines = _Lines(output / f"subsets/{name}.jsonl") if lines else None
+        self.rows = 0
+
+    def write(self, table: pa.Table, lines: Iterable[bytes] = ()) -> None:
+        self.parquet_writer.write_table(table)
+        self.arrow.write_table(table)
+        if table.num_columns:
+            for row in table.select(list(_RELEASE_COLUMNS)).to_pylist():
+                self.release.write(release_row(row))
+        if self.lines is not None:
+            for line in lines:
+                self.lines.handle.write(line)
+                self.lines.count += 1
+        self.rows += table.num_rows
+
+    def commit(self) -> None:
+        self.parquet_writer.close()
+        self.arrow.finalize()
+        self.arrow.close()
+        self.parquet_tmp.replace(self.parquet)
+        self.release.commit()
+        if self.lines is not None:
+            self.lines.commit()
+
+    def discard(self) -> None:
+        self.parquet_writer.close()
+        self.arrow.close()
+        self.parquet_tmp.unlink(missing_ok=True)
+        self.release.discard()
+        if self.lines is not None:
+            self.lines.discard()
+
+
+class DatasetFiles:
+    """The dataset's files, written from rows fed one case at a time.
+
+    The first pass (:meth:`add`, :meth:`add_failed`) writes the JSON lines and the
+    pairs, keeps each chunk of rows as Arrow in a temporary folder and learns the
+    rows' schema; :meth:`finish` writes every split's Parquet file, ``datasets`` shard
+    and release rows from those chunks, one chunk at a time, with one schema. Use as a
+    context manager: on an error, nothing half-written is left in place of a file (each
+    is written under a temporary name and moved in place when finished).
 
     Args:
         output: The build's folder.
-        subsets: The training subsets (``full`` has every training row).
-        test: The rows of the held-out test split; written only when there are any.
-        cases: Rows of every case, with or without a response, for the preference
-            pairs; default: the ``full`` subset.
-
-    Returns:
-        The files written, relative to ``output``, for the manifest.
+        settings: Subset sizes and the sampling seed.
+        seed: The build's seed, used when ``settings.seed`` is unset.
     """
-    files: dict = {"subsets": {}, "release": {}}
-    test = test or []
-    # Splits are taken from one table so that every split has the same schema, even
-    # one whose rows all lack a value another split has.
-    every = [*subsets["full"], *test]
-    full = pa.Table.from_pylist(every)
-    position = {row["id"]: i for i, row in enumerate(every)}
-    split_tables = {}
-    # The test split is written when the build holds one out (an empty split is not a
-    # loadable ``datasets`` split).
-    splits_written = {**subsets, TEST_SPLIT: test} if test else dict(subsets)
-    for name, rows in splits_written.items():
-        table = full.take(pa.array([position[row["id"]] for row in rows], type=pa.int64()))
-        split_tables[name] = table
-        jsonl, parquet = f"subsets/{name}.jsonl", f"subsets/{name}.parquet"
-        write_jsonl(output / jsonl, rows)
-        pq.write_table(table, output / parquet)
-        files["subsets"][name] = [jsonl, parquet]
-        release = f"release/{name}.jsonl"
-        write_jsonl(output / release, [release_row(row) for row in rows])
-        files["release"][name] = release
-    splits = datasets.DatasetDict(
-        {name: datasets.Dataset(table) for name, table in split_tables.items()}
-    )
-    splits.save_to_disk(str(output / "datasets"))
-    files["datasets"] = "datasets"
-    pairs = preference_pairs(subsets["full"] if cases is None else cases)
-    write_jsonl(output / "pairs.jsonl", pairs)
-    files["pairs"] = "pairs.jsonl"
-    logger.info(
-        "exports: %s; %d preference pairs",
-        ", ".join(f"{name} {len(rows)} rows" for name, rows in splits_written.items()),
-        len(pairs),
-    )
-    return files
 
+    def __init__(self, output: Path, settings: AssemblySettings, seed: int):
+        self.output, self.settings, self.seed = output, settings, seed
+        self._scratch = output / ".assembly.tmp"
+        self._lines: dict[str, _Lines] = {}
+        self._offsets = array("q")
+        self._selected = SelectedPicks(settings.selected_size)
+        self._schema: pa.Schema | None = None
+        self._training = _ArrowChunks(self._scratch, "training")
+        self._test = _ArrowChunks(self._scratch, "test")
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write ``rows`` as JSON lines, replacing ``path`` only once all are written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    def __enter__(self) -> Self:
+        if self._scratch.exists():
+            shutil.rmtree(self._scratch)
+        self._scratch.mkdir(parents=True)
+        names = {
+            "dataset": "dataset.jsonl",
+            "failed": "failed.jsonl",
+            "test": f"subsets/{TEST_SPLIT}.jsonl",
+            "pairs": "pairs.jsonl",
+            # Pairs of cases without a row go after every training row's.
+            "pairs of failed": "pairs-of-failed.jsonl",
+        }
+        self._lines = {key: _Lines(self.output / name) for key, name in names.items()}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for lines in self._lines.values():
+            lines.discard()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def add(self, rows: list[dict], *, test: bool = False) -> None:
+        """Take one case's rows: training rows, or rows of the held-out test split.
+
+        Every row of a case holds the case's provenance, so the first gives its pairs.
+        """
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+            if test:
+                self._lines["test"].write(row)
+                self._learn(self._test.add(row))
+            else:
+                self._selected.add(len(self._offsets), row)
+                self._offsets.append(self._lines["dataset"].write(row))
+                self._learn(self._training.add(row))
+        if rows:
+            self._pair(rows[0], "pairs")
+
+    def add_failed(self, row: dict) -> None:
+        """Take the row of one case without a training row."""
+        self._lines["failed"].write(row)
+        self._pair(row, "pairs of failed")
+
+    def _pair(self, row: dict, into: str) -> None:
+        for pair in row_pairs(row):
+            self._lines[into].write(pair)
+
+    def _learn(self, schema: pa.Schema | None) -> None:
+        # Every split is written with one schema, the union of every chunk's, so that a
+        # split whose rows all lack a value another split has still has its column.
+        if schema is None:
+            return
+        if self._schema is not None:
+            schema = pa.unify_schemas([self._schema, schema], promote_options="permissive")
+        self._schema = schema
+
+    def finish(self) -> Assembled:
+        """Write the subsets and exports from the rows taken; what was written."""
+        self._learn(self._training.flush())
+        self._learn(self._test.flush())
+        schema = self._schema if self._schema is not None else pa.schema([])
+        lines = self._lines
+        for lines_file in lines.values():
+            lines_file.close()
+        count, test_rows = lines["dataset"].count, lines["test"].count
+        seed = self.settings.random_seed(self.seed)
+        names = [*SUBSETS, TEST_SPLIT] if test_rows else list(SUBSETS)
+        # The test split is written when the build holds one out (an empty split is not
+        # a loadable ``datasets`` split).
+        _datasets_layout(self.output / "datasets", names, schema)
+        sizes = {
+            "full": self._write(
+                "full", schema, ((t, ()) for t in self._training.tables(schema)), lines=False
+            ),
+            "random": self._write(
+                "random",
+                schema,
+                self._sampled(schema, random_picks(count, self.settings.random_size, seed)),
+            ),
+            "selected": self._write(
+                "selected", schema, self._sampled(schema, self._selected.picks())
+            ),
+        }
+        if test_rows:
+            tables = ((t, ()) for t in self._test.tables(schema))
+            sizes[TEST_SPLIT] = self._write(TEST_SPLIT, schema, tables, lines=False)
+        # Full's lines are the dataset's: copied, not written twice.
+        shutil.copyfile(lines["dataset"].tmp, self.output / "subsets/full.jsonl")
+        shutil.copyfile(self.output / "subsets/full.parquet", self.output / "dataset.parquet")
+        with (
+            lines["pairs"].tmp.open("ab") as pairs,
+            lines["pairs of failed"].tmp.open("rb") as tail,
+        ):
+            shutil.copyfileobj(tail, pairs)
+        pair_count = lines["pairs"].count + lines["pairs of failed"].count
+        for key in ("dataset", "failed", "pairs", *(("test",) if test_rows else ())):
+            lines[key].commit()
+        logger.info(
+            "exports: %s; %d preference pairs",
+            ", ".join(f"{name} {rows} rows" for name, rows in sizes.items()),
+            pair_count,
+        )
+        return Assembled(
+            files={
+                "subsets": {
+                    name: [f"subsets/{name}.jsonl", f"subsets/{name}.parquet"] for name in names
+                },
+                "release": {name: f"release/{name}.jsonl" for name in names},
+                "datasets": "datasets",
+                "pairs": "pairs.jsonl",
+            },
+            subsets={name: sizes[name] for name in SUBSETS},
+            test_rows=test_rows,
+            pairs=pair_count,
+        )
+
+    def _sampled(
+        self, schema: pa.Schema, picks: list[int]
+    ) -> Iterator[tuple[pa.Table, Iterable[bytes]]]:
+        """A subset's rows, in pick order, in tables of at most :data:`CHUNK_ROWS` rows,
+        each with the rows' lines in ``dataset.jsonl``."""
+        dataset = self._lines["dataset"].tmp
+        for start in range(0, len(picks), CHUNK_ROWS):
+            block = picks[start : start + CHUNK_ROWS]
+            ascending = sorted(block)
+            taken = list(self._training.rows_at(schema, ascending))
+            table = pa.concat_tables(taken) if taken else schema.empty_table()
+            # The chunks give the rows in ascending order; put them in pick order.
+            rank = {position: i for i, position in enumerate(ascending)}
+            table = table.take(pa.array([rank[p] for p in block], type=pa.int64()))
+            yield table, _lines_at(dataset, (self._offsets[p] for p in block))
+
+    def _write(
+        self,
+        name: str,
+        schema: pa.Schema,
+        tables: Iterable[tuple[pa.Table, Iterable[bytes]]],
+        *,
+        lines: bool = True,
+    ) -> int:
+        """Write one split from its tables (and their lines); its row count."""
+        split = _Split(self.output, name, schema, lines=lines)
+        try:
+            for table, table_lines in tables:
+                split.write(table, table_lines)
+        except BaseException:
+            split.discard()
+            raise
+        split.commit()
+        return split.rows
+
+
+def _datasets_layout(folder: Path, splits: list[str], schema: pa.Schema) -> None:
+    """A ``datasets.DatasetDict`` folder (``load_from_disk``) with ``splits`` of
+    ``schema``, each with its one shard still to be written.
+
+    ``DatasetDict.save_to_disk`` writes the metadata (``dataset_dict.json``, each
+    split's ``state.json`` and ``dataset_info.json``) of empty splits of the same
+    features; each split's shard is then written batch by batch with the writer
+    ``save_to_disk`` itself uses, which would otherwise read the whole split from
+    memory.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    empty = datasets.Dataset(schema.empty_table())
+    datasets.DatasetDict({name: empty for name in splits}).save_to_disk(
+        str(folder), num_shards=dict.fromkeys(splits, 1)
+    )

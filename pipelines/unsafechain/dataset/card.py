@@ -11,12 +11,13 @@ denominator: the harm categories are the share of unsafe verdicts naming each.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import datasets
 import pyarrow.parquet as pq
@@ -25,7 +26,7 @@ from matplotlib.ticker import PercentFormatter
 
 from unsafechain.dataset.assembly import TEST_SPLIT
 from unsafechain.dataset.config import BuildConfig
-from unsafechain.dataset.rows import NO_CATEGORY
+from unsafechain.dataset.rows import NO_CATEGORY, RowKind
 from unsafechain.demo.marker import STANDS_IN_FOR
 from unsafechain.domain.plots import new_figure, save_png
 from unsafechain.judge.llama_guard import CATEGORY_BY_CODE
@@ -96,26 +97,6 @@ class Rates:
         self.corrected += row["status"] == "corrected"
 
 
-def rates_by(cases: list[dict], key: Literal["source", "category"]) -> dict[str, Rates]:
-    """Rates per ``source`` or per ``category``, sorted by name, numbers by value.
-
-    A case counts under every harm category its unsafe verdicts name, so category rows
-    overlap; a case with unsafe completions whose verdicts name none counts under
-    ``none``, last, and a case without unsafe completions under no category.
-    """
-    rates: dict[str, Rates] = defaultdict(Rates)
-    for row in cases:
-        if key == "source":
-            names = [row["source"]]
-        elif any(c["label"] == "unsafe" for c in row["provenance"]["completions"]):
-            names = row["harm_categories"] or [NO_CATEGORY]
-        else:
-            names = []
-        for name in names:
-            rates[name].add(row)
-    return dict(sorted(rates.items(), key=lambda item: _natural_order(item[0])))
-
-
 @dataclass
 class CategoryShares:
     """How often the unsafe verdicts on the generated completions name each harm
@@ -135,22 +116,98 @@ class CategoryShares:
         """Unsafe verdicts naming ``code`` per unsafe verdict; ``None`` without any."""
         return self.naming.get(code, 0) / self.unsafe_verdicts if self.unsafe_verdicts else None
 
-
-def category_shares(cases: list[dict]) -> CategoryShares:
-    """The unsafe verdicts of ``cases``' generated completions, by the categories they
-    name, in code order (S2 before S10, ``none`` last)."""
-    counts: dict[str, int] = defaultdict(int)
-    total = 0
-    for row in cases:
+    def add(self, row: dict) -> None:
+        """Count the unsafe verdicts on the generated completions of ``row``'s case."""
         for completion in row["provenance"]["completions"]:
             for verdict in completion.get("verdicts", []):
                 if verdict["label"] != "unsafe":
                     continue
-                total += 1
+                self.unsafe_verdicts += 1
                 for code in dict.fromkeys(verdict["categories"] or [NO_CATEGORY]):
-                    counts[code] += 1
-    ordered = dict(sorted(counts.items(), key=lambda item: _natural_order(item[0])))
-    return CategoryShares(unsafe_verdicts=total, naming=ordered)
+                    self.naming[code] = self.naming.get(code, 0) + 1
+
+    def sorted(self) -> CategoryShares:
+        """These shares with the categories in code order."""
+        return CategoryShares(self.unsafe_verdicts, _sorted(self.naming))
+
+
+def _rate_names(row: dict, key: Literal["source", "category"]) -> list[str]:
+    """The names ``row``'s case counts under: its source, or every harm category its
+    unsafe verdicts name (``none`` when they name none; no category when no completion
+    is unsafe)."""
+    if key == "source":
+        return [row["source"]]
+    if any(c["label"] == "unsafe" for c in row["provenance"]["completions"]):
+        return row["harm_categories"] or [NO_CATEGORY]
+    return []
+
+
+@dataclass
+class CardCounts:
+    """What the card counts of the build's rows, fed one row at a time.
+
+    Attributes:
+        by_source: Rates per source.
+        by_category: Rates per harm category (:func:`rates_by`).
+        shares: The unsafe verdicts by the categories they name.
+        training_rows: Training rows per source.
+        test_rows: Rows of the held-out test split per source.
+    """
+
+    by_source: dict[str, Rates] = field(default_factory=lambda: defaultdict(Rates))
+    by_category: dict[str, Rates] = field(default_factory=lambda: defaultdict(Rates))
+    shares: CategoryShares = field(default_factory=lambda: CategoryShares())
+    training_rows: Counter[str] = field(default_factory=Counter)
+    test_rows: Counter[str] = field(default_factory=Counter)
+
+    def add(self, row: dict, kind: RowKind) -> None:
+        """Count ``row``: a training row, a test row, or the row of a failed case."""
+        for name in _rate_names(row, "source"):
+            self.by_source[name].add(row)
+        for name in _rate_names(row, "category"):
+            self.by_category[name].add(row)
+        self.shares.add(row)
+        if kind == "training":
+            self.training_rows[row["source"]] += 1
+        elif kind == "test":
+            self.test_rows[row["source"]] += 1
+
+    def sorted(self) -> Self:
+        """These counts with sources and categories in report order."""
+        return dataclasses.replace(
+            self,
+            by_source=_sorted(self.by_source),
+            by_category=_sorted(self.by_category),
+            shares=self.shares.sorted(),
+        )
+
+
+def _sorted(values: dict) -> dict:
+    """``values`` by name, numbers by value: S2 before S10, ``none`` last."""
+    return dict(sorted(values.items(), key=lambda item: _natural_order(item[0])))
+
+
+def rates_by(cases: list[dict], key: Literal["source", "category"]) -> dict[str, Rates]:
+    """Rates per ``source`` or per ``category``, sorted by name, numbers by value.
+
+    A case counts under every harm category its unsafe verdicts name, so category rows
+    overlap; a case with unsafe completions whose verdicts name none counts under
+    ``none``, last, and a case without unsafe completions under no category.
+    """
+    rates: dict[str, Rates] = defaultdict(Rates)
+    for row in cases:
+        for name in _rate_names(row, key):
+            rates[name].add(row)
+    return _sorted(rates)
+
+
+def category_shares(cases: list[dict]) -> CategoryShares:
+    """The unsafe verdicts of ``cases``' generated completions, by the categories they
+    name, in code order (S2 before S10, ``none`` last)."""
+    shares = CategoryShares()
+    for row in cases:
+        shares.add(row)
+    return shares.sorted()
 
 
 def _natural_order(name: str) -> tuple:
@@ -169,31 +226,26 @@ def write_card(
     output: Path,
     config: BuildConfig,
     manifest: dict,
-    cases: list[dict],
-    subsets: dict[str, list[dict]],
+    counts: CardCounts,
 ) -> None:
     """Write the dataset card and its plot into ``output``.
 
     Args:
-        output: The build's output folder.
+        output: The build's output folder, its Parquet files written.
         config: The build's configuration (sources, models, settings).
-        manifest: The manifest, for counts and rules.
-        cases: A row for every case, with a response or not.
-        subsets: The assembled subsets.
+        manifest: The manifest, for counts, subsets and rules.
+        counts: The card's counts of every case's rows, with a response or not.
     """
-    by_source = rates_by(cases, "source")
-    by_category = rates_by(cases, "category")
-    shares = category_shares(cases)
-    _plot(output / PLOT, by_source, shares)
-    test = [row for row in cases if row.get("split") == TEST_SPLIT and row["response"]]
-    front = front_matter(output, config, subsets, len(test))
-    body = _card_text(config, manifest, by_source, (by_category, shares), subsets, test)
+    counts = counts.sorted()
+    _plot(output / PLOT, counts.by_source, counts.shares)
+    front = front_matter(output, config, manifest["subsets"], manifest["counts"]["test_rows"])
+    body = _card_text(config, manifest, counts)
     (output / "README.md").write_text(f"---\n{front.to_yaml()}\n---\n\n{body}", encoding="utf-8")
     logger.info("dataset card written to %s", output / "README.md")
 
 
 def front_matter(
-    output: Path, config: BuildConfig, subsets: dict[str, list[dict]], test_rows: int
+    output: Path, config: BuildConfig, subsets: dict[str, int], test_rows: int
 ) -> DatasetCardData:
     """The card's YAML metadata: one configuration per subset, each with the test split
     when there is one, and the features of the Parquet files they point to."""
@@ -206,7 +258,7 @@ def front_matter(
     configs, infos = [], []
     for name, rows in subsets.items():
         files = [{"split": "train", "path": f"subsets/{name}.parquet"}]
-        splits = [{"name": "train", "num_examples": len(rows)}]
+        splits = [{"name": "train", "num_examples": rows}]
         if test_rows:
             files.append({"split": TEST_SPLIT, "path": f"subsets/{TEST_SPLIT}.parquet"})
             splits.append({"name": TEST_SPLIT, "num_examples": test_rows})
@@ -222,7 +274,7 @@ def front_matter(
         language=list(card.language),
         task_categories=["text-generation"],
         tags=["safety", "alignment", "reasoning", "chain-of-thought", "red-teaming"],
-        size_categories=[size_category(len(subsets["full"]))],
+        size_categories=[size_category(subsets["full"])],
         configs=configs,
         dataset_info=infos,
     )
@@ -284,18 +336,12 @@ def standin_lines(manifest: dict) -> list[str]:
     ]
 
 
-def _card_text(
-    config: BuildConfig,
-    manifest: dict,
-    by_source: dict[str, Rates],
-    categories: tuple[dict[str, Rates], CategoryShares],
-    subsets: dict[str, list[dict]],
-    test: list[dict],
-) -> str:
+def _card_text(config: BuildConfig, manifest: dict, counts: CardCounts) -> str:
     generation, correction, assembly = config.generation, config.correction, config.assembly
     read = manifest["read_by_source"]
     targets = [target.value for target in config.judging.targets]
-    by_category, shares = categories
+    by_source, by_category, shares = counts.by_source, counts.by_category, counts.shares
+    subsets, test_rows = manifest["subsets"], manifest["counts"]["test_rows"]
     lines = [
         f"# {config.card.pretty_name}",
         "",
@@ -318,8 +364,7 @@ def _card_text(
         "|---|---|---:|---:|---:|",
         *(
             f"| {s.name} | `{s.path}` | {read.get(s.name, 0)} "
-            f"| {sum(row['source'] == s.name for row in subsets['full'])} "
-            f"| {sum(row['source'] == s.name for row in test)} |"
+            f"| {counts.training_rows[s.name]} | {counts.test_rows[s.name]} |"
             for s in config.sources
         ),
         "",
@@ -405,12 +450,12 @@ def _card_text(
         "",
         "| subset | rows | how |",
         "|---|---:|---|",
-        f"| full | {len(subsets['full'])} | every training row |",
-        f"| random | {len(subsets['random'])} | seeded sample of "
+        f"| full | {subsets['full']} | every training row |",
+        f"| random | {subsets['random']} | seeded sample of "
         f"{assembly.random_size} at most (seed {assembly.random_seed(config.build.seed)}) |",
-        f"| selected | {len(subsets['selected'])} | {assembly.selected_size} at most: "
+        f"| selected | {subsets['selected']} | {assembly.selected_size} at most: "
         "corrected hard cases first, balanced over sources, then harm categories |",
-        f"| test | {len(test)} | held out: {_held_out_text(config)}; never in a training subset |",
+        f"| test | {test_rows} | held out: {_held_out_text(config)}; never in a training subset |",
         "",
         "Files: `subsets/<subset>.jsonl|.parquet` and `subsets/test.*`, `datasets/` "
         "(`datasets.load_from_disk`, one split per subset and `test`), "

@@ -31,8 +31,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from unsafechain.backends.base import BackendError
@@ -40,12 +38,12 @@ from unsafechain.backends.pool import BackendPool
 from unsafechain.correction.engine import CORRECTOR_CALL_FAILED, Corrector
 from unsafechain.correction.factory import correction_engine, describe_corrector
 from unsafechain.correction.refusal_check import REFUSAL_CHECK_COUNTS, refusal_check_counts
-from unsafechain.dataset.assembly import make_subsets, write_exports, write_jsonl
-from unsafechain.dataset.card import PLOT, write_card
+from unsafechain.dataset.assembly import Assembled, DatasetFiles, write_jsonl
+from unsafechain.dataset.card import PLOT, CardCounts, write_card
 from unsafechain.dataset.config import BuildConfig
 from unsafechain.dataset.events import Announcement, EventNotPublished, announce
 from unsafechain.dataset.plan import read_build_prompts
-from unsafechain.dataset.rows import ONE_PER_PROMPT, case_rows, case_to_row, status_name
+from unsafechain.dataset.rows import ONE_PER_PROMPT, RowKind, case_rows, case_to_row, status_name
 from unsafechain.dataset.stages import CorrectStage, RouteStage, hard_case_rule
 from unsafechain.demo.marker import standin_role
 from unsafechain.domain.convert import (
@@ -497,19 +495,19 @@ class DeadLetters:
 
 @dataclass
 class CaseTally:
-    """The stored cases of a build, as rows and counts.
+    """The counts of a build's stored cases, taken one case at a time.
 
     Attributes:
         policy: The row policy (``rows.policy``).
-        rows: Training rows of the training split.
-        test: Rows of the held-out test split (the same policy).
-        failed: One row per case without any row, with its reason.
+        written: Training rows of the training split.
+        test_rows: Rows of the held-out test split (the same policy).
+        failed: Cases without any row.
     """
 
     policy: str = ONE_PER_PROMPT
-    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    test: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    written: int = 0
+    test_rows: int = 0
+    failed: int = 0
     judged: Counter[str] = dataclasses.field(default_factory=Counter)
     statuses: Counter[str] = dataclasses.field(default_factory=Counter)
     answer_checks: Counter[str] = dataclasses.field(default_factory=Counter)
@@ -521,8 +519,9 @@ class CaseTally:
     test_cases: int = 0
     refusal_checks: Counter[str] = dataclasses.field(default_factory=Counter)
 
-    def add(self, case: case_pb2.Case) -> None:
-        """Count ``case`` and keep its rows."""
+    def add(self, case: case_pb2.Case) -> tuple[list[dict[str, Any]], RowKind]:
+        """Count ``case``; its rows and what they are: ``training`` or ``test`` rows,
+        or the one row of a ``failed`` case (a case without any row, with its reason)."""
         self.generated += len(case.completions)
         self.truncated += sum(c.truncated for c in case.completions)
         self.judged.update(label_name(c.label) for c in case.completions)
@@ -536,39 +535,43 @@ class CaseTally:
         self.test_cases += test
         rows = case_rows(case, self.policy)
         if not rows:
-            self.failed.append(case_to_row(case))
-            return
+            self.failed += 1
+            return [case_to_row(case)], "failed"
         if case.status == case_pb2.CASE_STATUS_SAFE_ORIGINAL and not test:
             self.answer_checks[case.response.answer_check or "unchecked"] += 1
-        (self.test if test else self.rows).extend(rows)
-
-
-def _tally(config: BuildConfig, start: BuildStart) -> CaseTally:
-    """The stored cases of this build's prompts, in the prompts' order (the sources in
-    the configuration's order, each in its file's), whatever order they finished in: two
-    runs of a build write the same files, line for line."""
-    # The store reads its cases in the order asked, one at a time: no case list to sort.
-    order = dict.fromkeys(record.id for record in start.intake.records)
-    tally = CaseTally(policy=config.rows.policy)
-    try:
-        for case in start.store.cases(order):
-            tally.add(case)
-    except StoreError as error:
-        raise BuildError(str(error)) from None
-    return tally
+        if test:
+            self.test_rows += len(rows)
+            return rows, "test"
+        self.written += len(rows)
+        return rows, "training"
 
 
 def _finalize(config: BuildConfig, start: BuildStart, dead_letters: DeadLetters) -> dict:
+    """Write the dataset's files from the stored cases of this build's prompts, in the
+    prompts' order (the sources in the configuration's order, each in its file's),
+    whatever order they finished in: two runs of a build write the same files, line for
+    line. The cases stream from the store, one at a time: memory does not grow with
+    the dataset."""
     output = start.output
-    tally = _tally(config, start)
-    write_jsonl(output / "dataset.jsonl", tally.rows)
-    write_jsonl(output / "failed.jsonl", tally.failed)
-    pq.write_table(pa.Table.from_pylist(tally.rows), output / "dataset.parquet")
-    subsets = make_subsets(tally.rows, config.assembly, config.build.seed)
-    exports = write_exports(output, subsets, test=tally.test, cases=[*tally.rows, *tally.failed])
-    manifest = _manifest(config, start, tally, dead_letters, subsets, exports)
+    order = dict.fromkeys(record.id for record in start.intake.records)
+    tally = CaseTally(policy=config.rows.policy)
+    counts = CardCounts()
+    with DatasetFiles(output, config.assembly, config.build.seed) as files:
+        try:
+            for case in start.store.cases(order):
+                rows, kind = tally.add(case)
+                if kind == "failed":
+                    files.add_failed(rows[0])
+                else:
+                    files.add(rows, test=kind == "test")
+                for row in rows:
+                    counts.add(row, kind)
+        except StoreError as error:
+            raise BuildError(str(error)) from None
+        assembled = files.finish()
+    manifest = _manifest(config, start, tally, dead_letters, assembled)
     # The card reads the finished manifest: every count, subset and file is in it.
-    write_card(output, config, manifest, [*tally.rows, *tally.test, *tally.failed], subsets)
+    write_card(output, config, manifest, counts)
     write_atomically(output / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -595,8 +598,7 @@ def _manifest(
     start: BuildStart,
     tally: CaseTally,
     dead_letters: DeadLetters,
-    subsets: dict[str, list[dict[str, Any]]],
-    exports: dict[str, Any],
+    assembled: Assembled,
 ) -> dict[str, Any]:
     intake = start.intake
     removed = intake.removed_summary()
@@ -628,9 +630,9 @@ def _manifest(
             "correction_attempts": tally.correction_attempts,
             "corrected": tally.statuses["corrected"],
             "wrong_answer": tally.statuses["wrong_answer"],
-            "failed": len(tally.failed),
-            "written": len(tally.rows),
-            "test_rows": len(tally.test),
+            "failed": tally.failed,
+            "written": tally.written,
+            "test_rows": tally.test_rows,
             "dead_lettered": dead_letters.total,
         },
         "by_status": dict(sorted(tally.statuses.items())),
@@ -675,13 +677,13 @@ def _manifest(
             for key, m in config.models.items()
         },
         "settings": config.model_dump(mode="json", exclude={"models"}),
-        "subsets": {name: len(subset) for name, subset in subsets.items()},
+        "subsets": assembled.subsets,
         "files": {
             "dataset": ["dataset.jsonl", "dataset.parquet"],
             "failed": "failed.jsonl",
             "rejected": "rejected.jsonl",
             "removed": "removed.jsonl",
-            **exports,
+            **assembled.files,
             "card": ["README.md", PLOT],
         },
         "rejections": [str(r) for r in intake.rejections[:50]],

@@ -3,7 +3,7 @@ provenance."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -29,6 +29,10 @@ def has_response(case: case_pb2.Case) -> bool:
 
 ONE_PER_PROMPT, EVERY_CORRECTION = "one_per_prompt", "every_correction"
 """The row policies (``rows.policy``)."""
+
+RowKind = Literal["training", "test", "failed"]
+"""What a case's rows are: training rows, rows of the held-out test split, or the one
+row of a case without any (``failed.jsonl``)."""
 
 
 def case_rows(case: case_pb2.Case, policy: str = ONE_PER_PROMPT) -> list[dict]:
