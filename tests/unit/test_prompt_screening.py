@@ -1,10 +1,11 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unsafechain.dataset.config import BuildConfig
-from unsafechain.intake.dedup import Deduplicator, lsh_bands
+from unsafechain.intake.dedup import BandIndex, Deduplicator, lsh_bands
 from unsafechain.intake.prompts import read_prompts
 from unsafechain.intake.settings import DeduplicationSettings, SourceSettings
 from unsafechain.intake.sources import PromptRecord, prompt_id
@@ -213,3 +214,26 @@ def test_the_tfidf_pass_can_be_turned_off_or_made_stricter(tmp_path):
     assert len(_short(tmp_path, reworded, tfidf_threshold=0.8).records) == 1
     exact = _short(tmp_path, ["what is the capital of france"])
     assert [r.method for r in exact.removals] == ["exact"]
+
+
+def test_band_index_finds_exactly_the_prompts_sharing_a_bucket():
+    """The flat index against a dictionary of lists, through probing and growth: keys
+    that share their low bits collide in the table; some buckets hold many prompts."""
+    bands = 5
+    index = BandIndex(bands)
+    buckets: dict[int, list[int]] = {}
+    rng = np.random.default_rng(3)
+    shared = rng.integers(0, 2**63, 40, dtype=np.uint64)  # buckets many prompts hit
+    for position in range(1500):
+        keys = rng.integers(0, 2**63, bands, dtype=np.uint64)
+        keys[0] = (keys[0] >> np.uint64(8)) << np.uint64(8)  # low 8 bits zero
+        if position % 3 == 0:
+            keys[1] = shared[position % len(shared)]
+        if position % 7 == 0:
+            keys[2] = keys[3]  # two bands of one prompt with the same key
+        expected = {p for key in keys.tolist() for p in buckets.get(key, [])}
+        slots, found = index.lookup(keys)
+        assert found == expected
+        index.add(keys, slots)
+        for key in keys.tolist():
+            buckets.setdefault(key, []).append(position)

@@ -2,13 +2,15 @@
 by MinHash LSH over word shingles, verified by their exact Jaccard similarity.
 
 The first prompt seen is kept; later ones that duplicate it are removed. Memory and
-time grow linearly with the number of prompts (one signature's band keys and shingle
-hashes per kept prompt; candidate pairs come only from shared LSH buckets).
+time grow linearly with the number of prompts (per kept prompt: its shingle hashes and
+one 64-bit key per LSH band, in flat NumPy arrays, a few hundred bytes; candidate pairs
+come only from shared LSH buckets).
 """
 
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +82,113 @@ def lsh_bands(permutations: int, threshold: float) -> tuple[int, int]:
     return best
 
 
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mixed(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every bit of each uint64 spread over the whole word."""
+    values = values.copy()
+    values ^= values >> np.uint64(30)
+    values *= np.uint64(0xBF58476D1CE4E5B9)
+    values ^= values >> np.uint64(27)
+    values *= np.uint64(0x94D049BB133111EB)
+    values ^= values >> np.uint64(31)
+    return values
+
+
+class BandIndex:
+    """LSH buckets in flat arrays: which kept prompts share a band key.
+
+    A bucket is a band's key (its rows of the MinHash signature, hashed to 64 bits with
+    the band's number); each distinct key has one slot of an open-addressing table
+    (linear probing, at most half full), which holds the key and the bucket's newest
+    entry; each entry (a kept prompt's band) links to the previous entry of its bucket.
+    That is 8 + 4 bytes per slot and 4 per entry, where a dictionary of lists of
+    Python objects took about 270 bytes per band of a prompt. Two different band keys
+    that hash alike only add a candidate, which the exact similarity check then
+    rejects.
+
+    Args:
+        bands: Bands per signature.
+    """
+
+    _EMPTY = -1
+
+    def __init__(self, bands: int):
+        self.bands = bands
+        self._capacity = 1 << 12
+        self._keys = np.zeros(self._capacity, dtype=np.uint64)
+        self._heads = np.full(self._capacity, self._EMPTY, dtype=np.int32)
+        self._used = 0
+        self._links = np.empty(1 << 12, dtype=np.int32)
+        self._entries = 0
+
+    def keys(self, signature: np.ndarray, rows: int) -> np.ndarray:
+        """The band keys of a MinHash ``signature``, ``rows`` values a band: each band's
+        values as a polynomial in a fixed odd multiplier (mod 2**64), with the band's
+        number, mixed."""
+        bands = signature[: self.bands * rows].reshape(self.bands, rows)
+        powers = _MIX ** np.arange(1, rows + 1, dtype=np.uint64)
+        keys = (bands * powers).sum(axis=1, dtype=np.uint64)
+        return _mixed(keys ^ np.arange(self.bands, dtype=np.uint64))
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, set[int]]:
+        """The slots of ``keys`` (where each is, or would go), and the kept prompts
+        (their positions) that share a bucket with them."""
+        if 2 * (self._used + len(keys)) > self._capacity:
+            self._grow()
+        mask = np.uint64(self._capacity - 1)
+        slots = (keys & mask).astype(np.int64)
+        while True:  # linear probing, every key at once
+            heads = self._heads[slots]
+            done = (heads == self._EMPTY) | (self._keys[slots] == keys)
+            if done.all():
+                break
+            slots = np.where(done, slots, (slots + 1) & (self._capacity - 1))
+        found: set[int] = set()
+        for entry in heads[heads != self._EMPTY].tolist():
+            while entry != self._EMPTY:
+                found.add(entry // self.bands)
+                entry = int(self._links[entry])
+        return slots, found
+
+    def add(self, keys: np.ndarray, slots: np.ndarray) -> None:
+        """Index the next kept prompt's band ``keys``, at the ``slots`` that
+        :meth:`lookup` gave (no other prompt added since)."""
+        first = self._entries
+        if first + self.bands > len(self._links):
+            self._links = np.concatenate([self._links, np.empty_like(self._links)])
+        for band, (key, slot) in enumerate(zip(keys.tolist(), slots.tolist(), strict=True)):
+            if self._heads[slot] != self._EMPTY and int(self._keys[slot]) != key:
+                # An earlier band of this prompt took the empty slot this key was to have.
+                slot = self._find(key)
+            entry = first + band
+            if self._heads[slot] == self._EMPTY:
+                self._keys[slot] = key
+                self._used += 1
+            self._links[entry] = self._heads[slot]
+            self._heads[slot] = entry
+        self._entries = first + self.bands
+
+    def _find(self, key: int) -> int:
+        """The slot holding ``key``, or the empty slot where it goes."""
+        mask = self._capacity - 1
+        slot = key & mask
+        while self._heads[slot] != self._EMPTY and int(self._keys[slot]) != key:
+            slot = (slot + 1) & mask
+        return slot
+
+    def _grow(self) -> None:
+        keys, heads = self._keys, self._heads
+        used = heads != self._EMPTY
+        self._capacity *= 2
+        self._keys = np.zeros(self._capacity, dtype=np.uint64)
+        self._heads = np.full(self._capacity, self._EMPTY, dtype=np.int32)
+        for key, head in zip(keys[used].tolist(), heads[used].tolist(), strict=True):
+            slot = self._find(key)
+            self._keys[slot], self._heads[slot] = key, head
+
+
 class Deduplicator:
     """Decides, prompt by prompt in reading order, whether it duplicates one kept."""
 
@@ -90,10 +199,13 @@ class Deduplicator:
         rng = np.random.default_rng(_SEED)
         self._a = rng.integers(1, int(_PRIME), settings.permutations, dtype=np.uint64)
         self._b = rng.integers(0, int(_PRIME), settings.permutations, dtype=np.uint64)
-        self._bands, self._rows = lsh_bands(settings.permutations, settings.threshold)
-        self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self._bands)]
+        bands, self._rows = lsh_bands(settings.permutations, settings.threshold)
+        self._index = BandIndex(bands)
         self._kept_ids: list[str] = []
-        self._kept_shingles: list[np.ndarray] = []
+        # Every kept prompt's sorted shingle hashes, end to end; prompt i's are
+        # _shingles[_starts[i]:_starts[i + 1]].
+        self._shingles = np.empty(1 << 12, dtype=np.uint64)
+        self._starts = array("q", [0])
 
     def check(self, record: PromptRecord) -> Removal | None:
         """The removal of ``record`` if it duplicates a kept prompt; otherwise it is
@@ -110,35 +222,35 @@ class Deduplicator:
         shingles = self._hasher.hashes(self._hasher.words(normalized), whole_if_short=True)
         if not len(shingles):
             return None
-        band_keys = self._band_keys(shingles)
-        near = self._nearest(shingles, band_keys)
+        band_keys = self._index.keys(self._signature(shingles), self._rows)
+        slots, candidates = self._index.lookup(band_keys)
+        near = self._nearest(shingles, candidates)
         if near is not None:
             index, similarity = near
             return Removal(record, DUPLICATE_NEAR, self._kept_ids[index], similarity)
-        index = len(self._kept_ids)
         self._kept_ids.append(record.id)
-        self._kept_shingles.append(shingles)
-        for buckets, band_key in zip(self._buckets, band_keys, strict=True):
-            buckets.setdefault(band_key, []).append(index)
+        self._keep_shingles(shingles)
+        self._index.add(band_keys, slots)
         return None
 
-    def _band_keys(self, shingles: np.ndarray) -> list[bytes]:
+    def _signature(self, shingles: np.ndarray) -> np.ndarray:
         values = (shingles >> np.uint64(33)) % _PRIME
-        signature = ((self._a[:, None] * values[None, :] + self._b[:, None]) % _PRIME).min(axis=1)
-        rows = self._rows
-        return [signature[i * rows : (i + 1) * rows].tobytes() for i in range(self._bands)]
+        return ((self._a[:, None] * values[None, :] + self._b[:, None]) % _PRIME).min(axis=1)
 
-    def _nearest(self, shingles: np.ndarray, band_keys: list[bytes]) -> tuple[int, float] | None:
-        """The earliest kept prompt at or above the threshold, with its similarity."""
-        candidates = sorted(
-            {
-                i
-                for buckets, key in zip(self._buckets, band_keys, strict=True)
-                for i in buckets.get(key, ())
-            }
-        )
-        for index in candidates:
-            other = self._kept_shingles[index]
+    def _keep_shingles(self, shingles: np.ndarray) -> None:
+        start = self._starts[-1]
+        end = start + len(shingles)
+        if end > len(self._shingles):
+            grown = np.empty(max(2 * len(self._shingles), end), dtype=np.uint64)
+            grown[:start] = self._shingles[:start]
+            self._shingles = grown
+        self._shingles[start:end] = shingles
+        self._starts.append(end)
+
+    def _nearest(self, shingles: np.ndarray, candidates: set[int]) -> tuple[int, float] | None:
+        """The earliest candidate at or above the threshold, with its similarity."""
+        for index in sorted(candidates):
+            other = self._shingles[self._starts[index] : self._starts[index + 1]]
             shared = len(np.intersect1d(shingles, other, assume_unique=True))
             similarity = shared / (len(shingles) + len(other) - shared)
             if similarity >= self._settings.threshold:

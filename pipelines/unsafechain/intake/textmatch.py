@@ -37,11 +37,18 @@ def text_key(normalized: str) -> bytes:
     return hashlib.blake2b(normalized.encode(), digest_size=16).digest()
 
 
+WORD_CACHE = 1 << 17
+"""The most word hashes an :class:`NgramHasher` keeps."""
+
+
 class NgramHasher:
     """Hashes of a text's word n-grams, deterministic across processes.
 
     Each distinct word is hashed once with ``hashlib`` and cached; an n-gram's hash
-    combines its words' hashes, so hashing stays linear in the number of words.
+    combines its words' hashes, so hashing stays linear in the number of words. The
+    cache is emptied when it holds :data:`WORD_CACHE` words, so that a corpus with an
+    ever-growing vocabulary (names, numbers, made-up words) does not grow it without
+    bound: about 16 MB at most.
     """
 
     def __init__(self, n: int):
@@ -76,6 +83,8 @@ class NgramHasher:
     def _word(self, word: str) -> int:
         value = self._words.get(word)
         if value is None:
+            if len(self._words) >= WORD_CACHE:
+                self._words.clear()
             digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
             value = self._words[word] = int.from_bytes(digest, "little")
         return value
