@@ -265,3 +265,15 @@ def test_rates_count_unsafe_completions_and_corrected_hard_cases():
     ]
     unnamed = _row("u", "redteam", corrected=True)
     assert [(name, r.cases) for name, r in rates_by([unnamed], "category").items()] == [("none", 1)]
+
+
+def test_a_build_without_any_row_still_writes_every_file(tmp_path):
+    failed = [{**_row("f", "a", corrected=True), "response": None}]
+    done = _assemble(tmp_path, [], failed=failed)
+    assert done.subsets == {"full": 0, "random": 0, "selected": 0}
+    # Without rows there are no columns: the splits are listed, with no shard to load.
+    assert json.loads((tmp_path / "datasets/dataset_dict.json").read_text())["splits"] == [
+        *assembly.SUBSETS
+    ]
+    assert pq.read_table(tmp_path / "dataset.parquet").num_rows == 0
+    assert _lines(tmp_path / "failed.jsonl") == failed

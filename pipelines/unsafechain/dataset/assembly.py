@@ -345,9 +345,15 @@ class _Split:
         self.parquet_tmp = self.parquet.with_suffix(".parquet.tmp")
         self.parquet_writer = pq.ParquetWriter(self.parquet_tmp, schema)
         # The features have no media to embed; save_to_disk's writer, as it writes.
-        self.arrow = ArrowWriter(
-            features=datasets.Features.from_arrow_schema(schema),
-            path=str(output / "datasets" / name / _SHARD),
+        # A build without any row has no columns: ``datasets`` writes its splits no
+        # shard (``_datasets_layout``).
+        self.arrow = (
+            ArrowWriter(
+                features=datasets.Features.from_arrow_schema(schema),
+                path=str(output / "datasets" / name / _SHARD),
+            )
+            if len(schema)
+            else None
         )
         self.release = _Lines(output / f"release/{name}.jsonl")
         self.lines = _Lines(output / f"subsets/{name}.jsonl") if lines else None
@@ -355,7 +361,8 @@ class _Split:
 
     def write(self, table: pa.Table, lines: Iterable[bytes] = ()) -> None:
         self.parquet_writer.write_table(table)
-        self.arrow.write_table(table)
+        if self.arrow is not None:
+            self.arrow.write_table(table)
         if table.num_columns:
             for row in table.select(list(_RELEASE_COLUMNS)).to_pylist():
                 self.release.write(release_row(row))
@@ -367,8 +374,9 @@ class _Split:
 
     def commit(self) -> None:
         self.parquet_writer.close()
-        self.arrow.finalize()
-        self.arrow.close()
+        if self.arrow is not None:
+            self.arrow.finalize()
+            self.arrow.close()
         self.parquet_tmp.replace(self.parquet)
         self.release.commit()
         if self.lines is not None:
@@ -376,7 +384,8 @@ class _Split:
 
     def discard(self) -> None:
         self.parquet_writer.close()
-        self.arrow.close()
+        if self.arrow is not None:
+            self.arrow.close()
         self.parquet_tmp.unlink(missing_ok=True)
         self.release.discard()
         if self.lines is not None:
@@ -572,6 +581,8 @@ def _datasets_layout(folder: Path, splits: list[str], schema: pa.Schema) -> None
     if folder.exists():
         shutil.rmtree(folder)
     empty = datasets.Dataset(schema.empty_table())
+    # One shard a split; none without columns (no rows at all), as save_to_disk does.
+    shards = dict.fromkeys(splits, 1) if len(schema) else None
     datasets.DatasetDict({name: empty for name in splits}).save_to_disk(
-        str(folder), num_shards=dict.fromkeys(splits, 1)
+        str(folder), num_shards=shards
     )
