@@ -220,7 +220,7 @@ def test_band_index_finds_exactly_the_prompts_sharing_a_bucket():
     """The flat index against a dictionary of lists, through probing and growth: keys
     that share their low bits collide in the table; some buckets hold many prompts."""
     bands = 5
-    index = BandIndex(bands)
+    index = BandIndex(bands, 9)
     buckets: dict[int, list[int]] = {}
     rng = np.random.default_rng(3)
     shared = rng.integers(0, 2**63, 40, dtype=np.uint64)  # buckets many prompts hit
@@ -232,8 +232,8 @@ def test_band_index_finds_exactly_the_prompts_sharing_a_bucket():
         if position % 7 == 0:
             keys[2] = keys[3]  # two bands of one prompt with the same key
         expected = {p for key in keys.tolist() for p in buckets.get(key, [])}
-        slots, found = index.lookup(keys)
+        slots, found = index.lookup(keys.tolist())
         assert found == expected
-        index.add(keys, slots)
+        index.add(keys.tolist(), slots)
         for key in keys.tolist():
             buckets.setdefault(key, []).append(position)

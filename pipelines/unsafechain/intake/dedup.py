@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from array import array
 from dataclasses import dataclass
+from hashlib import blake2b
 
 import numpy as np
 
@@ -82,20 +83,6 @@ def lsh_bands(permutations: int, threshold: float) -> tuple[int, int]:
     return best
 
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mixed(values: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: every bit of each uint64 spread over the whole word."""
-    values = values.copy()
-    values ^= values >> np.uint64(30)
-    values *= np.uint64(0xBF58476D1CE4E5B9)
-    values ^= values >> np.uint64(27)
-    values *= np.uint64(0x94D049BB133111EB)
-    values ^= values >> np.uint64(31)
-    return values
-
-
 class BandIndex:
     """LSH buckets in flat arrays: which kept prompts share a band key.
 
@@ -106,87 +93,90 @@ class BandIndex:
     That is 8 + 4 bytes per slot and 4 per entry, where a dictionary of lists of
     Python objects took about 270 bytes per band of a prompt. Two different band keys
     that hash alike only add a candidate, which the exact similarity check then
-    rejects.
+    rejects. The tables are ``array`` arrays: read one value at a time from Python,
+    they cost a fraction of NumPy's per-element indexing.
 
     Args:
         bands: Bands per signature.
+        rows: Signature values per band.
     """
 
     _EMPTY = -1
 
-    def __init__(self, bands: int):
-        self.bands = bands
+    def __init__(self, bands: int, rows: int):
+        self.bands, self.rows = bands, rows
+        self._persons = [band.to_bytes(4, "little") for band in range(bands)]
         self._capacity = 1 << 12
-        self._keys = np.zeros(self._capacity, dtype=np.uint64)
-        self._heads = np.full(self._capacity, self._EMPTY, dtype=np.int32)
+        self._keys = array("Q", bytes(8 * self._capacity))
+        self._heads = array("i", [self._EMPTY]) * self._capacity
         self._used = 0
-        self._links = np.empty(1 << 12, dtype=np.int32)
-        self._entries = 0
+        self._links = array("i")
 
-    def keys(self, signature: np.ndarray, rows: int) -> np.ndarray:
-        """The band keys of a MinHash ``signature``, ``rows`` values a band: each band's
-        values as a polynomial in a fixed odd multiplier (mod 2**64), with the band's
-        number, mixed."""
-        bands = signature[: self.bands * rows].reshape(self.bands, rows)
-        powers = _MIX ** np.arange(1, rows + 1, dtype=np.uint64)
-        keys = (bands * powers).sum(axis=1, dtype=np.uint64)
-        return _mixed(keys ^ np.arange(self.bands, dtype=np.uint64))
+    def keys(self, signature: np.ndarray) -> list[int]:
+        """The band keys of a MinHash ``signature``: each band's values hashed to 64
+        bits (BLAKE2b, personalised with the band's number)."""
+        raw = signature[: self.bands * self.rows].tobytes()
+        width = len(raw) // self.bands
+        return [
+            int.from_bytes(
+                blake2b(raw[i * width : (i + 1) * width], digest_size=8, person=person).digest(),
+                "little",
+            )
+            for i, person in enumerate(self._persons)
+        ]
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, set[int]]:
+    def lookup(self, keys: list[int]) -> tuple[list[int], set[int]]:
         """The slots of ``keys`` (where each is, or would go), and the kept prompts
         (their positions) that share a bucket with them."""
         if 2 * (self._used + len(keys)) > self._capacity:
             self._grow()
-        mask = np.uint64(self._capacity - 1)
-        slots = (keys & mask).astype(np.int64)
-        while True:  # linear probing, every key at once
-            heads = self._heads[slots]
-            done = (heads == self._EMPTY) | (self._keys[slots] == keys)
-            if done.all():
-                break
-            slots = np.where(done, slots, (slots + 1) & (self._capacity - 1))
+        heads, table, links = self._heads, self._keys, self._links
+        mask, bands, empty = self._capacity - 1, self.bands, self._EMPTY
+        slots = []
         found: set[int] = set()
-        for entry in heads[heads != self._EMPTY].tolist():
-            while entry != self._EMPTY:
-                found.add(entry // self.bands)
-                entry = int(self._links[entry])
+        for key in keys:
+            slot = key & mask
+            # Inlined linear probing: this loop is most of the intake's time.
+            while (entry := heads[slot]) != empty and table[slot] != key:
+                slot = (slot + 1) & mask
+            slots.append(slot)
+            while entry != empty:
+                found.add(entry // bands)
+                entry = links[entry]
         return slots, found
 
-    def add(self, keys: np.ndarray, slots: np.ndarray) -> None:
+    def add(self, keys: list[int], slots: list[int]) -> None:
         """Index the next kept prompt's band ``keys``, at the ``slots`` that
         :meth:`lookup` gave (no other prompt added since)."""
-        first = self._entries
-        if first + self.bands > len(self._links):
-            self._links = np.concatenate([self._links, np.empty_like(self._links)])
-        for band, (key, slot) in enumerate(zip(keys.tolist(), slots.tolist(), strict=True)):
-            if self._heads[slot] != self._EMPTY and int(self._keys[slot]) != key:
+        heads, table = self._heads, self._keys
+        first = len(self._links)
+        for band, (key, slot) in enumerate(zip(keys, slots, strict=True)):
+            if heads[slot] != self._EMPTY and table[slot] != key:
                 # An earlier band of this prompt took the empty slot this key was to have.
                 slot = self._find(key)
-            entry = first + band
-            if self._heads[slot] == self._EMPTY:
-                self._keys[slot] = key
+            if heads[slot] == self._EMPTY:
+                table[slot] = key
                 self._used += 1
-            self._links[entry] = self._heads[slot]
-            self._heads[slot] = entry
-        self._entries = first + self.bands
+            self._links.append(heads[slot])
+            heads[slot] = first + band
 
     def _find(self, key: int) -> int:
         """The slot holding ``key``, or the empty slot where it goes."""
-        mask = self._capacity - 1
+        heads, table, mask = self._heads, self._keys, self._capacity - 1
         slot = key & mask
-        while self._heads[slot] != self._EMPTY and int(self._keys[slot]) != key:
+        while heads[slot] != self._EMPTY and table[slot] != key:
             slot = (slot + 1) & mask
         return slot
 
     def _grow(self) -> None:
         keys, heads = self._keys, self._heads
-        used = heads != self._EMPTY
         self._capacity *= 2
-        self._keys = np.zeros(self._capacity, dtype=np.uint64)
-        self._heads = np.full(self._capacity, self._EMPTY, dtype=np.int32)
-        for key, head in zip(keys[used].tolist(), heads[used].tolist(), strict=True):
-            slot = self._find(key)
-            self._keys[slot], self._heads[slot] = key, head
+        self._keys = array("Q", bytes(8 * self._capacity))
+        self._heads = array("i", [self._EMPTY]) * self._capacity
+        for key, head in zip(keys, heads, strict=True):
+            if head != self._EMPTY:
+                slot = self._find(key)
+                self._keys[slot], self._heads[slot] = key, head
 
 
 class Deduplicator:
@@ -199,8 +189,7 @@ class Deduplicator:
         rng = np.random.default_rng(_SEED)
         self._a = rng.integers(1, int(_PRIME), settings.permutations, dtype=np.uint64)
         self._b = rng.integers(0, int(_PRIME), settings.permutations, dtype=np.uint64)
-        bands, self._rows = lsh_bands(settings.permutations, settings.threshold)
-        self._index = BandIndex(bands)
+        self._index = BandIndex(*lsh_bands(settings.permutations, settings.threshold))
         self._kept_ids: list[str] = []
         # Every kept prompt's sorted shingle hashes, end to end; prompt i's are
         # _shingles[_starts[i]:_starts[i + 1]].
@@ -222,7 +211,7 @@ class Deduplicator:
         shingles = self._hasher.hashes(self._hasher.words(normalized), whole_if_short=True)
         if not len(shingles):
             return None
-        band_keys = self._index.keys(self._signature(shingles), self._rows)
+        band_keys = self._index.keys(self._signature(shingles))
         slots, candidates = self._index.lookup(band_keys)
         near = self._nearest(shingles, candidates)
         if near is not None:
