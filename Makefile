@@ -32,7 +32,7 @@ DEPLOY_WAIT ?= --wait --timeout 15m
 HELM_ARGS = $(foreach file,$(VALUES),-f $(file)) --set-string image.registry=$(IMAGE_REGISTRY) \
 	--set-string image.tag=$(IMAGE_TAG)
 
-.PHONY: setup proto demo test test-unit certs bench bench-build bench-store lint docs format clean kafka-up kafka-down \
+.PHONY: setup proto demo test test-unit certs bench bench-build bench-modes bench-store lint docs format clean kafka-up kafka-down \
 	template deploy undeploy images images-cpu images-cuda base-image
 
 ## setup: create the virtual environment, generate the protobuf code, install the package (idempotent)
@@ -107,6 +107,10 @@ bench: setup
 ## bench-build: the build's throughput, CPU per case and peak memory against fixed-latency OpenAI-compatible servers, at build.concurrency 8 and 32 (not in `make bench`: about 2 minutes here, more under load)
 bench-build: setup
 	$(PY) bench/build_throughput.py --prompts 2000 --samples 4 --latency 0.05 --concurrency 8 32
+
+## bench-modes: the same build workload embedded, over the gRPC services and on Kafka stage workers: cases/s, calls/s per stage, CPU per case over every process of the mode, peak RSS per process, at build.concurrency 8 (not in `make bench`: a few minutes here)
+bench-modes: setup
+	$(PY) bench/build_throughput.py --prompts 1000 --samples 4 --latency 0.05 --concurrency 8 --mode embedded grpc kafka
 
 ## bench-store: the case store's CPU per case written, its open and the resume check at 10,000 stored cases (not in `make bench`)
 bench-store: setup
