@@ -11,8 +11,9 @@ memory of the processes each one starts.
   broker (``tests/support/kafka_broker.py``), topics created with ``unsafechain topics
   create``.
 
-Every process is a child of the benchmark's, so its CPU and peak RSS come from
-``wait4`` when it ends. The CPU a service or a worker used *while the build ran* comes
+Every process is a child of the benchmark's, so its CPU comes from ``wait4`` when it
+ends, and its peak RSS from ``/proc/<pid>/status`` while it runs (polled, see
+:func:`peak_rss_kib_now`). The CPU a service or a worker used *while the build ran* comes
 from ``/proc/<pid>/stat`` read when the build starts and when it ends: their start-up
 (imports, building the engines) and their shutdown are not the build's, as a service
 that stays up serves many builds. The build process's own CPU is its whole life, as in
@@ -70,10 +71,28 @@ def cpu_seconds_now(pid: int) -> float:
     return sum(int(value) for value in fields[11:15]) / TICKS
 
 
+def peak_rss_kib_now(pid: int) -> int | None:
+    """The peak RSS of process ``pid`` so far, in KiB (``VmHWM`` of
+    ``/proc/<pid>/status``); none once it has exited (a zombie has no memory left).
+
+    ``wait4``'s ``ru_maxrss`` is no use for this: a child starts from the RSS of its
+    parent at the fork, kept across the exec, so a small child of a big benchmark
+    reports the benchmark's size (``true`` started by a process of 300 MiB reports
+    300 MiB).
+    """
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found[1]) if found else None
+
+
 @dataclass(frozen=True)
 class Ended:
     """How a child process ended: its exit status (negative: the signal that ended it),
-    and from ``wait4`` its CPU seconds over its whole life and its peak RSS in MiB."""
+    its CPU seconds over its whole life (``wait4``) and its peak RSS in MiB (its last
+    :func:`peak_rss_kib_now` reading, at most one poll before it exited)."""
 
     exit_status: int
     cpu_seconds: float
@@ -116,6 +135,7 @@ class Child:
         self.part_of_build = part_of_build
         self.ended: Ended | None = None
         self._terminated = False
+        self._peak_rss_kib = 0
 
     def cpu_seconds_now(self) -> float:
         """The CPU seconds it has used so far (it must still run)."""
@@ -132,6 +152,8 @@ class Child:
         resource usage with it).
         """
         if self.ended is None:
+            # Read before wait4: once it is reaped its /proc entry is gone.
+            self._peak_rss_kib = max(self._peak_rss_kib, peak_rss_kib_now(self.process.pid) or 0)
             pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
             if pid:
                 self._ended(status, usage)
@@ -143,8 +165,7 @@ class Child:
         self.ended = Ended(
             exit_status=self.process.returncode,
             cpu_seconds=usage.ru_utime + usage.ru_stime,
-            # ru_maxrss is in KiB on Linux.
-            peak_rss_mb=usage.ru_maxrss / 1024,
+            peak_rss_mb=self._peak_rss_kib / 1024,
         )
 
     def wait_for_line(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:

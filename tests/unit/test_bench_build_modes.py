@@ -71,6 +71,17 @@ def test_a_running_child_reports_its_cpu_and_once_stopped_its_peak_memory(tmp_pa
     assert child.process.returncode == -signal.SIGTERM
 
 
+def test_a_small_child_of_a_big_parent_reports_its_own_peak_memory(tmp_path):
+    # wait4 would report at least the parent's RSS at the fork: 256 MiB and more.
+    held = bytearray(b"\x01") * (256 * 1024 * 1024)
+    child = _python(tmp_path, "import time; print('ready', flush=True); time.sleep(0.3)")
+    child.wait_for_line("ready", timeout=20)
+    ended = child.reap(timeout=10)
+    assert ended.exit_status == 0
+    assert 1 < ended.peak_rss_mb < 64
+    assert len(held) == 256 * 1024 * 1024
+
+
 # Like a service: the first SIGTERM drains (here 0.3 s), and Python's default handler
 # is back for a second one, which would end it at once.
 DRAINS = (
