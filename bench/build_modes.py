@@ -53,12 +53,13 @@ STOP_TIMEOUT = 30.0
 
 
 def unsafechain_command(arguments: list[str], profile: Path | None = None) -> list[str]:
-    """The command line of ``unsafechain ARGUMENTS``; under cProfile, its statistics
-    written to ``profile`` when it exits (SIGTERM included: the commands exit cleanly)."""
+    """The command line of ``unsafechain ARGUMENTS``; under a CPU-timed cProfile
+    (``bench/cpu_profile.py``), its statistics written to ``profile`` when it exits
+    (SIGTERM included: the commands exit cleanly)."""
     if profile is None:
         return [str(Path(sys.executable).with_name("unsafechain")), *arguments]
-    return [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "unsafechain.cli",
-            *arguments]  # fmt: skip
+    return [sys.executable, str(Path(__file__).with_name("cpu_profile.py")), str(profile),
+            "unsafechain.cli", *arguments]  # fmt: skip
 
 
 def cpu_seconds_now(pid: int) -> float:

@@ -339,8 +339,9 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         type=Path,
-        help="run every Python process of each build under cProfile, its statistics in "
-        "this folder (c<C>/<mode>-<process>.prof); the profiler slows them down",
+        help="run every Python process of each build under cProfile timed by CPU "
+        "(bench/cpu_profile.py), its statistics in this folder "
+        "(c<C>/<mode>-<process>.prof); the profiler slows them down",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()

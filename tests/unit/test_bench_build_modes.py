@@ -5,8 +5,10 @@ mode adds, valid for the build (no service, worker or broker started)."""
 from __future__ import annotations
 
 import os
+import pstats
 import resource
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,12 +131,12 @@ def test_waiting_for_a_line_gives_up_after_its_timeout(tmp_path):
         child.stop(timeout=10)
 
 
-def test_a_profiled_command_runs_the_cli_under_cprofile(tmp_path):
+def test_a_profiled_command_runs_the_cli_under_a_cpu_timed_cprofile(tmp_path):
     plain = unsafechain_command(["worker", "judge"])
     assert Path(plain[0]).name == "unsafechain" and plain[1:] == ["worker", "judge"]
     profiled = unsafechain_command(["worker", "judge"], tmp_path / "w.prof")
-    assert profiled[1:] == ["-m", "cProfile", "-o", str(tmp_path / "w.prof"),
-                            "-m", "unsafechain.cli", "worker", "judge"]  # fmt: skip
+    assert Path(profiled[1]).name == "cpu_profile.py"
+    assert profiled[2:] == [str(tmp_path / "w.prof"), "unsafechain.cli", "worker", "judge"]
 
 
 def test_the_grpc_mode_sends_every_stage_to_its_service():
@@ -157,3 +159,31 @@ def test_every_mode_has_its_runner(tmp_path):
     assert arguments[arguments.index("--bus") + 1] == "kafka"
     embedded = MODES["embedded"](tmp_path).build_arguments(tmp_path / "b.yaml")
     assert embedded[embedded.index("--bus") + 1] == "embedded"
+
+
+def test_the_cpu_profile_counts_cpu_not_the_time_spent_waiting(tmp_path):
+    (tmp_path / "busy.py").write_text(
+        "import sys, time\n"
+        "def burn():\n"
+        "    end = time.thread_time() + 0.2\n"
+        "    while time.thread_time() < end: pass\n"
+        "def wait():\n"
+        "    time.sleep(0.5)\n"
+        "burn(); wait()\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    out = tmp_path / "busy.prof"
+    script = Path(__file__).resolve().parents[2] / "bench" / "cpu_profile.py"
+    run = subprocess.run(
+        [sys.executable, str(script), str(out), "busy", "3"],
+        env=os.environ | {"PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    # The module's exit status is the command's, and the profile is written anyway.
+    assert run.returncode == 3, run.stderr
+    stats = pstats.Stats(str(out)).stats
+    seconds = {name: cum for (_, _, name), (_, _, _, cum, _) in stats.items()}
+    assert seconds["burn"] >= 0.15
+    assert seconds["wait"] < 0.05
