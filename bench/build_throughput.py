@@ -207,7 +207,12 @@ def measure(args: argparse.Namespace) -> Result:
             own_before = resource.getrusage(resource.RUSAGE_SELF)
             started = time.monotonic()
             build = spawn("build", mode.command("build", mode.build_arguments(config)), None)
-            ended = build.reap(args.timeout)
+            try:
+                ended = build.reap(args.timeout)
+            finally:
+                if build.ended is None:
+                    # Interrupted (Ctrl-C): the build is not left running alone.
+                    build.stop()
             wall = time.monotonic() - started
             own_after = resource.getrusage(resource.RUSAGE_SELF)
             load_after = _load()
