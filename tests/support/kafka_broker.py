@@ -44,9 +44,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@contextmanager
-def tansu_broker(binary: Path, log: Path) -> Iterator[str]:
-    """Run a broker until the block ends; yield its bootstrap address."""
+def start_tansu(binary: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """Start a broker on a free loopback port, its output to ``log``, and wait until it
+    listens; return the process (the caller stops it) and its bootstrap address.
+
+    Raises:
+        RuntimeError: The broker exited, or did not listen within 15 s (it is stopped).
+    """
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     with log.open("wb") as output:
@@ -55,19 +59,27 @@ def tansu_broker(binary: Path, log: Path) -> Iterator[str]:
             stdout=output,
             stderr=subprocess.STDOUT,
         )
+    deadline = time.monotonic() + 15
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"tansu exited with {process.returncode}: {log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process, f"127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise RuntimeError(f"tansu did not listen on {port}") from None
+            time.sleep(0.05)
+
+
+@contextmanager
+def tansu_broker(binary: Path, log: Path) -> Iterator[str]:
+    """Run a broker until the block ends; yield its bootstrap address."""
+    process, bootstrap = start_tansu(binary, log)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"tansu exited with {process.returncode}: {log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"tansu did not listen on {port}") from None
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        yield bootstrap
     finally:
         process.terminate()
         try:
