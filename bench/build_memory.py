@@ -13,8 +13,10 @@ requests' arrival times split the run into three phases:
 - **finalize**: from then to the exit (the dataset's files, subsets, exports and card,
   streamed from the case store).
 
-The report gives the peak RSS of the whole run (``ru_maxrss`` from ``wait4``, which a
-sample may miss) and of each phase, the finalize time per training row, and the ratio
+The report gives the peak RSS of the whole run (the last ``VmHWM`` read, at most one
+sample before the exit: ``wait4``'s ``ru_maxrss`` would start from this benchmark's own
+size at the fork, see ``bench/build_modes.py``) and of each phase (the sampled
+``VmRSS``), the finalize time per training row, and the ratio
 of each run's peak to the first run's: the goal (issue 15) is at most 1.2 from 10,000
 to 100,000 prompts, with the finalize time per row not growing. ``--plot`` draws the
 sampled RSS of every run against the share of its run time, phases marked.
@@ -40,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from build_modes import peak_rss_kib_now
 from build_throughput import ROOT, build_config
 from machine import host_description
 
@@ -80,7 +83,7 @@ class Run:
 
 def run_build(config: Path, every: float) -> tuple[float, float, float, list[tuple[float, float]]]:
     """``unsafechain build`` in a subprocess, its RSS sampled: wall and CPU seconds,
-    peak RSS in MiB (``ru_maxrss``) and the samples (monotonic time, MiB)."""
+    peak RSS in MiB (``VmHWM``) and the samples (monotonic time, MiB)."""
     command = [
         str(Path(sys.executable).with_name("unsafechain")),
         "build",
@@ -93,13 +96,16 @@ def run_build(config: Path, every: float) -> tuple[float, float, float, list[tup
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     samples: list[tuple[float, float]] = []
+    peak_kib = [0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(every):
-            rss = _rss_mib(process.pid)
+            rss, peak = _rss_mib(process.pid), peak_rss_kib_now(process.pid)
             if rss is not None:
                 samples.append((time.monotonic(), rss))
+            if peak is not None:
+                peak_kib[0] = max(peak_kib[0], peak)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -109,7 +115,7 @@ def run_build(config: Path, every: float) -> tuple[float, float, float, list[tup
     wall = time.monotonic() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"unsafechain build exited with {os.waitstatus_to_exitcode(status)}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, samples
+    return wall, usage.ru_utime + usage.ru_stime, peak_kib[0] / 1024, samples
 
 
 def measure(args: argparse.Namespace, prompts: int) -> Run:
@@ -202,7 +208,7 @@ def main() -> None:
         f"RSS sampled every {args.every:g} s"
     )
     print(
-        "| prompts | rows | s (wall) | s intake / cases / finalize | peak RSS MiB (wait4) "
+        "| prompts | rows | s (wall) | s intake / cases / finalize | peak RSS MiB (VmHWM) "
         "| peak MiB intake / cases / finalize | of the first run's peak "
         "| finalize ms per row | CPU ms/case | load before / after |"
     )

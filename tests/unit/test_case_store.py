@@ -126,3 +126,24 @@ def test_damage_inside_a_line_is_found_on_read_back_and_by_repair(tmp_path):
     assert [case.id for case in repaired.cases()] == ["case-0", "case-2"]
     assert "case-1" not in repaired.ids
     repaired.close()
+
+
+def test_opening_reads_the_file_line_by_line_not_whole(tmp_path):
+    """A store of gigabytes opens in memory for its ids, not for its bytes: the open's
+    peak allocation is a small share of the file's size (reading it whole and
+    splitting it took twice the file)."""
+    import tracemalloc
+
+    path = tmp_path / "cases.jsonl"
+    store = CaseStore(path)
+    for i in range(300):
+        store.write(_case(f"case-{i}", "x" * 20_000))
+    store.close()
+    tracemalloc.start()
+    try:
+        CaseStore(path).close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert path.stat().st_size > 6_000_000
+    assert peak < path.stat().st_size / 10

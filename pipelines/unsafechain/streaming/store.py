@@ -66,16 +66,13 @@ class CaseStore:
     def _recover(self, repair: bool) -> None:
         if not self._path.exists():
             return
-        data = self._path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            logger.warning("%s: dropping an incomplete last line (interrupted write)", self._path)
-            with self._path.open("r+b") as handle:
-                handle.truncate(keep)
-            data = data[:keep]
         # Repairing parses every line whole, so that it finds what a look at a line's
         # ends cannot (damage inside a line), and the repaired store reads back whole.
-        damaged = self._index(data, whole=repair)
+        damaged, incomplete = self._index(whole=repair)
+        if incomplete is not None:
+            logger.warning("%s: dropping an incomplete last line (interrupted write)", self._path)
+            with self._path.open("r+b") as handle:
+                handle.truncate(incomplete)
         if not damaged:
             return
         where = ", ".join(f"line {number} ({reason})" for number, reason in damaged[:5])
@@ -85,33 +82,42 @@ class CaseStore:
                 "--repair to drop them and recompute their cases"
             )
         dropped = {number for number, _ in damaged}
-        lines = data.split(b"\n")[:-1]
-        kept = [line for number, line in enumerate(lines, start=1) if number not in dropped]
-        write_atomically(
-            self._path, "".join(line.decode("utf-8", "replace") + "\n" for line in kept)
-        )
+        # Line by line, not the whole file in memory: a store may hold gigabytes.
+        repaired = self._path.with_suffix(self._path.suffix + ".repair")
+        with self._path.open("rb") as source, repaired.open("wb") as target:
+            for number, line in enumerate(source, start=1):
+                if number not in dropped:
+                    target.write(line)
+            target.flush()
+            os.fsync(target.fileno())
+        repaired.replace(self._path)
         logger.warning("%s: dropped %d damaged line(s): %s", self._path, len(damaged), where)
         self._ids.clear()
         self._offsets.clear()
-        self._index(self._path.read_bytes())
+        self._index()
 
-    def _index(self, data: bytes, *, whole: bool = False) -> list[tuple[int, str]]:
-        """Record the id and the start of every line of ``data`` (whole lines), each
-        parsed whole when ``whole`` is set; the damaged lines, by number and reason."""
+    def _index(self, *, whole: bool = False) -> tuple[list[tuple[int, str]], int | None]:
+        """Record the id and the start of every whole line of the file, reading it line
+        by line, each line parsed whole when ``whole`` is set; the damaged lines, by
+        number and reason, and where an incomplete last line starts (None if none)."""
         damaged = []
         offset = 0
-        for number, line in enumerate(data.split(b"\n")[:-1] if data else [], start=1):
-            start, offset = offset, offset + len(line) + 1
-            if not line.strip():
-                continue
-            try:
-                case_id = _parse(line).id if whole else line_id(line)
-            except (ValueError, json_format.ParseError) as error:
-                damaged.append((number, str(error).splitlines()[0][:120]))
-                continue
-            self._ids.add(case_id)
-            self._offsets[case_id] = start
-        return damaged
+        with self._path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                start, offset = offset, offset + len(line)
+                if not line.endswith(b"\n"):
+                    return damaged, start
+                line = line[:-1]
+                if not line.strip():
+                    continue
+                try:
+                    case_id = _parse(line).id if whole else line_id(line)
+                except (ValueError, json_format.ParseError) as error:
+                    damaged.append((number, str(error).splitlines()[0][:120]))
+                    continue
+                self._ids.add(case_id)
+                self._offsets[case_id] = start
+        return damaged, None
 
     @property
     def ids(self) -> StoredIds:
