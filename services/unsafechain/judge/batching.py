@@ -4,9 +4,7 @@ A model judges a padded batch of pairs in about the time it judges one, so the j
 service does not send each request on its own: requests wait in a queue up to
 ``max_wait`` for others, and up to ``max_size`` (prompt, response) pairs go to the
 engine together. One batch runs at a time; while it runs, the next one gathers, so
-under load batches fill up without any waiting at all: ``max_wait`` counts from the
-arrival of a batch's first pair, and pairs that queued behind a running batch have
-waited that long already, so they go to the engine as soon as it is free.
+under load batches fill up without any waiting at all.
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ class _Pending:
     prompt: str
     response: str
     targets: tuple[JudgeTarget, ...] | None
-    # Event-loop time the pair was queued at.
-    queued_at: float
     # Event-loop time after which nobody waits for the answer; None: no deadline.
     deadline: float | None
     answer: asyncio.Future[CompletionJudgment]
@@ -41,8 +37,7 @@ class JudgeBatcher:
     Args:
         engine: Judges each batch.
         max_size: Most pairs in one engine call; 1 judges one by one.
-        max_wait: Seconds the first pair of a batch waits, from its arrival, for more
-            to arrive.
+        max_wait: Seconds the first pair of a batch waits for more to arrive.
         observe_batch: Called with the size of every engine call, for metrics.
     """
 
@@ -83,13 +78,12 @@ class JudgeBatcher:
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="judge-batcher")
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        deadline = None if timeout is None else now + timeout
+        deadline = None if timeout is None else loop.time() + timeout
         key = tuple(dict.fromkeys(targets)) if targets else None
         answers = []
         for prompt, response in pairs:
             answer: asyncio.Future[CompletionJudgment] = loop.create_future()
-            self._queue.put_nowait(_Pending(prompt, response, key, now, deadline, answer))
+            self._queue.put_nowait(_Pending(prompt, response, key, deadline, answer))
             answers.append(answer)
         # Every answer is collected before raising, so no failure goes unretrieved.
         results = await asyncio.gather(*answers, return_exceptions=True)
@@ -110,9 +104,7 @@ class JudgeBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            # Counted from the arrival, not from now: a pair that queued while the
-            # previous batch ran has waited already, and the engine is free.
-            closes_at = batch[0].queued_at + self._max_wait
+            closes_at = loop.time() + self._max_wait
             while len(batch) < self._max_size:
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
