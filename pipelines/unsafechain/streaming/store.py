@@ -100,7 +100,7 @@ class CaseStore:
         """Record the id and the start of every whole line of the file, reading it line
         by line, each line parsed whole when ``whole`` is set; the damaged lines, by
         number and reason, and where an incomplete last line starts (None if none)."""
-        damaged = []
+        damaged: list[tuple[int, str]] = []
         offset = 0
         with self._path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
