@@ -42,25 +42,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from build_modes import peak_rss_kib_now
+from build_modes import peak_rss_kib_now, status_kib, unsafechain_command
 from build_throughput import ROOT, build_config
 from machine import host_description
 
 from tests.support.build_workload import BuildWorkload
 
 PHASES = ("intake", "cases", "finalize")
-
-
-def _rss_mib(pid: int) -> float | None:
-    """The process's resident set in MiB; None once it has gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
 
 
 @dataclass(frozen=True)
@@ -84,15 +72,9 @@ class Run:
 def run_build(config: Path, every: float) -> tuple[float, float, float, list[tuple[float, float]]]:
     """``unsafechain build`` in a subprocess, its RSS sampled: wall and CPU seconds,
     peak RSS in MiB (``VmHWM``) and the samples (monotonic time, MiB)."""
-    command = [
-        str(Path(sys.executable).with_name("unsafechain")),
-        "build",
-        "--config",
-        str(config),
-        "--no-progress",
-        "--log-level",
-        "WARNING",
-    ]
+    command = unsafechain_command(
+        ["build", "--config", str(config), "--no-progress", "--log-level", "WARNING"]
+    )
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     samples: list[tuple[float, float]] = []
@@ -101,9 +83,9 @@ def run_build(config: Path, every: float) -> tuple[float, float, float, list[tup
 
     def sample() -> None:
         while not done.wait(every):
-            rss, peak = _rss_mib(process.pid), peak_rss_kib_now(process.pid)
+            rss, peak = status_kib(process.pid, "VmRSS"), peak_rss_kib_now(process.pid)
             if rss is not None:
-                samples.append((time.monotonic(), rss))
+                samples.append((time.monotonic(), rss / 1024))
             if peak is not None:
                 peak_kib[0] = max(peak_kib[0], peak)
 
@@ -133,13 +115,7 @@ def measure(args: argparse.Namespace, prompts: int) -> Run:
         wall, cpu, peak, samples = run_build(config, args.every)
         load_after = round(os.getloadavg()[0], 2)
         manifest = json.loads((folder / "out" / "manifest.json").read_text())
-        arrivals = [
-            r.received_at
-            for server in workload.servers.values()
-            for r in server.requests
-            if r.method == "POST"
-        ]
-    first, last = min(arrivals), max(arrivals) + args.latency
+        first, last = workload.busy_span()
     ended = started + wall
     bounds = {"intake": (started, first), "cases": (first, last), "finalize": (last, ended)}
     phase_peak = {

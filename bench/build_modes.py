@@ -81,11 +81,17 @@ def peak_rss_kib_now(pid: int) -> int | None:
     reports the benchmark's size (``true`` started by a process of 300 MiB reports
     300 MiB).
     """
+    return status_kib(pid, "VmHWM")
+
+
+def status_kib(pid: int, field: str) -> int | None:
+    """A memory figure of process ``pid`` in KiB (``VmRSS``, ``VmHWM``, … of
+    ``/proc/<pid>/status``); none once it has exited."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
     return int(found[1]) if found else None
 
 

@@ -226,15 +226,9 @@ def measure(args: argparse.Namespace) -> Result:
             raise SystemExit(f"unsafechain build exited with {ended.exit_status}\n{_logs(others)}")
         manifest = json.loads((folder / "out" / "manifest.json").read_text())
         counts = workload.counts()
-        arrivals = [
-            r.received_at
-            for server in workload.servers.values()
-            for r in server.requests
-            if r.method == "POST"
-        ]
+        first, last = workload.busy_span()
     counted = manifest["counts"]
     cases, hard = int(counted["cases"]), int(counted["hard"])
-    first, last = min(arrivals), max(arrivals) + args.latency
     cases_seconds = last - first
     rate = cases / cases_seconds
     sequential, concurrent = latency_limits(

@@ -142,6 +142,7 @@ class BuildWorkload:
             "correct": corrector_responder,
         }
         self.hard_share = hard_share
+        self.latency = latency
         self.servers = {
             kind: OpenAIServer(
                 model=MODELS[kind],
@@ -179,6 +180,17 @@ class BuildWorkload:
             posts = [r for r in server.requests if r.method == "POST"]
             counts[kind] = KindCount(len(posts), sum(r.fault is not None for r in posts))
         return counts
+
+    def busy_span(self) -> tuple[float, float]:
+        """When the first POST request arrived and the last one was answered (monotonic
+        seconds): the build's cases phase, between its intake and its finalize."""
+        arrivals = [
+            r.received_at
+            for server in self.servers.values()
+            for r in server.requests
+            if r.method == "POST"
+        ]
+        return min(arrivals), max(arrivals) + self.latency
 
     def models_config(self, concurrency: int, samples: int) -> dict[str, dict[str, Any]]:
         """The build config's ``models``: the three on ``backend: openai``, each allowed

@@ -207,8 +207,12 @@ class _Lines:
 
     def write(self, row: dict) -> int:
         """Write ``row``; its line's offset in the file."""
+        return self.write_line(json.dumps(row, ensure_ascii=False).encode() + b"\n")
+
+    def write_line(self, line: bytes) -> int:
+        """Write a line already encoded (with its newline); its offset in the file."""
         offset = self.handle.tell()
-        self.handle.write(json.dumps(row, ensure_ascii=False).encode() + b"\n")
+        self.handle.write(line)
         self.count += 1
         return offset
 
@@ -368,8 +372,7 @@ class _Split:
                 self.release.write(release_row(row))
         if self.lines is not None:
             for line in lines:
-                self.lines.handle.write(line)
-                self.lines.count += 1
+                self.lines.write_line(line)
         self.rows += table.num_rows
 
     def commit(self) -> None:

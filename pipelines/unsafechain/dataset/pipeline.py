@@ -550,8 +550,9 @@ def _finalize(config: BuildConfig, start: BuildStart, dead_letters: DeadLetters)
     """Write the dataset's files from the stored cases of this build's prompts, in the
     prompts' order (the sources in the configuration's order, each in its file's),
     whatever order they finished in: two runs of a build write the same files, line for
-    line. The cases stream from the store, one at a time: memory does not grow with
-    the dataset."""
+    line. The cases stream from the store, one at a time, and no list of rows is held
+    (what still grows with the prompts: the intake's records, the store's index and the
+    order dict below)."""
     output = start.output
     order = dict.fromkeys(record.id for record in start.intake.records)
     tally = CaseTally(policy=config.rows.policy)
