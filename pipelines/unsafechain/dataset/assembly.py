@@ -41,6 +41,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from unsafechain.dataset.config import AssemblySettings
 from unsafechain.dataset.rows import NO_CATEGORY
+from unsafechain.domain.memory import release_freed_memory
 from unsafechain.domain.reasoning import format_reasoning, split_reasoning
 
 logger = logging.getLogger(__name__)
@@ -338,6 +339,10 @@ _SHARD = "data-00000-of-00001.arrow"
 
 _RELEASE_COLUMNS = ("prompt", "response", "source")
 
+_RELEASE_EVERY = 32
+"""Tables written between two returns of freed memory (see ``domain.memory``): without
+them, the allocators' kept pages grew the finalize's RSS with the number of rows."""
+
 
 class _Split:
     """One split's files, written table by table: its Parquet file, its ``datasets``
@@ -479,6 +484,7 @@ class DatasetFiles:
         """Write the subsets and exports from the rows taken; what was written."""
         self._learn(self._training.flush())
         self._learn(self._test.flush())
+        release_freed_memory()
         schema = self._schema if self._schema is not None else pa.schema([])
         lines = self._lines
         for lines_file in lines.values():
@@ -562,12 +568,15 @@ class DatasetFiles:
         """Write one split from its tables (and their lines); its row count."""
         split = _Split(self.output, name, schema, lines=lines)
         try:
-            for table, table_lines in tables:
+            for number, (table, table_lines) in enumerate(tables, start=1):
                 split.write(table, table_lines)
+                if number % _RELEASE_EVERY == 0:
+                    release_freed_memory()
         except BaseException:
             split.discard()
             raise
         split.commit()
+        release_freed_memory()
         return split.rows
 
 
