@@ -111,7 +111,7 @@ def test_retry_failed_recomputes_transient_failures_and_keeps_failures_on_merit(
     assert (again.retried, again.resumed) == (3, 2)
     plain = start_build(config)
     plain.store.close()
-    assert plain.todo == []
+    assert list(plain.todo) == []
 
 
 def test_a_damaged_line_in_the_store_stops_the_build_until_repair_recomputes_it(tmp_path):

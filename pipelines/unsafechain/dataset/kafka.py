@@ -228,7 +228,7 @@ def run_kafka_build(
             _sink_until_stored(config, start, dead_letters, progress, stop, republish)
         return finish_build(config, start, dead_letters, on_kafka=True)
     finally:
-        start.store.close()
+        start.close()
 
 
 class _Sink:
@@ -359,7 +359,7 @@ def _sink_until_stored(
             # model is loaded to name it.
             provenance = asyncio.run(build_provenance(config, start.build_id))
             published = _Published(start.output / PUBLISHED, start.build_id)
-            fresh = [r for r in start.todo if republish or r.id not in published.ids]
+            fresh = start.todo.where(lambda r: republish or r.id not in published.ids)
             if len(fresh) < len(start.todo):
                 logger.info(
                     "%d cases were published by an earlier run and are not stored yet: "

@@ -24,6 +24,7 @@ import json
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -53,6 +54,7 @@ from unsafechain.domain.convert import (
     sampling_to_pb,
 )
 from unsafechain.domain.files import write_atomically
+from unsafechain.domain.memory import release_freed_memory
 from unsafechain.domain.settings import Interrupted
 from unsafechain.generation.engine import Generator
 from unsafechain.generation.factory import describe_generator, generation_engine
@@ -60,6 +62,7 @@ from unsafechain.intake.answers import CHECKERS, Checker, code_sandbox
 from unsafechain.intake.dedup import CONTAMINATED, DUPLICATE_EXACT, DUPLICATE_NEAR
 from unsafechain.intake.prompts import PromptIntake
 from unsafechain.intake.sources import TEST, PromptRecord
+from unsafechain.intake.spool import RecordSpool
 from unsafechain.judge.engine import JUDGE_CALL_FAILED, CompletionJudge
 from unsafechain.judge.factory import describe_judge_stage, judge_engine
 from unsafechain.runtime.client import StageMismatch
@@ -254,7 +257,7 @@ def run_build(
                 raise Interrupted(f"{stored} cases stored; run again to resume") from None
         return finish_build(config, start)
     finally:
-        start.store.close()
+        start.close()
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,8 @@ class BuildStart:
         intake: The prompts read.
         store: The finished cases (open; the caller closes it).
         todo: The prompt records whose cases the store does not hold yet, or holds
-            as failed for a transient reason when those are retried.
+            as failed for a transient reason when those are retried (a view of the
+            intake's records).
         resumed: How many cases the store held already and keeps.
         retried: How many stored cases are recomputed because they failed
             transiently.
@@ -278,10 +282,15 @@ class BuildStart:
     build_id: str
     intake: PromptIntake
     store: CaseStore
-    todo: list[PromptRecord]
+    todo: RecordSpool
     resumed: int
     started: datetime
     retried: int = 0
+
+    def close(self) -> None:
+        """Close the case store and remove the spool of the intake's records."""
+        self.store.close()
+        self.intake.records.close()
 
 
 def start_build(config: BuildConfig, resume: ResumeOptions | None = None) -> BuildStart:
@@ -301,6 +310,9 @@ def start_build(config: BuildConfig, resume: ResumeOptions | None = None) -> Bui
     # The sources are read before the folder is claimed, so a start that fails on them
     # (a typo in a path) leaves nothing behind that a corrected config would trip on.
     intake = read_build_prompts(config)
+    # The deduplication index is gone with the intake: its pages go back before the
+    # cases start, not kept as the build's for its whole run.
+    release_freed_memory()
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -314,13 +326,12 @@ def start_build(config: BuildConfig, resume: ResumeOptions | None = None) -> Bui
         raise BuildError(str(error)) from None
     retried = 0
     if resume.retry_failed:
-        wanted = [record.id for record in intake.records if record.id in store.ids]
-        again = [c.id for c in store.cases(wanted) if failed_transiently(c)]
+        again = [c.id for c in store.cases(intake.records.ids()) if failed_transiently(c)]
         store.forget(again)
         retried = len(again)
         if retried:
             logger.info("retrying %d cases that failed for a transient reason", retried)
-    todo = [record for record in intake.records if record.id not in store.ids]
+    todo = intake.records.where(lambda record: record.id not in store.ids)
     resumed = len(intake.records) - len(todo)
     if resumed:
         logger.info("resuming: %d of %d cases already built", resumed, len(intake.records))
@@ -379,7 +390,7 @@ def _build_identity(output: Path, config: BuildConfig) -> str:
 async def _run_cases(
     config: BuildConfig,
     build_id: str,
-    todo: list[PromptRecord],
+    todo: Sequence[PromptRecord],
     store: CaseStore,
     progress: bool,
 ) -> None:
@@ -551,10 +562,10 @@ def _finalize(config: BuildConfig, start: BuildStart, dead_letters: DeadLetters)
     prompts' order (the sources in the configuration's order, each in its file's),
     whatever order they finished in: two runs of a build write the same files, line for
     line. The cases stream from the store, one at a time, and no list of rows is held
-    (what still grows with the prompts: the intake's records, the store's index and the
-    order dict below)."""
+    (what still grows with the prompts: the store's index of ids, and a few bytes a
+    prompt in the intake's spool and the order of the store's lines)."""
     output = start.output
-    order = dict.fromkeys(record.id for record in start.intake.records)
+    order = start.intake.records.ids()
     tally = CaseTally(policy=config.rows.policy)
     counts = CardCounts()
     with DatasetFiles(output, config.assembly, config.build.seed) as files:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from unsafechain.intake.settings import (
     HeldOutSettings,
     SourceSettings,
 )
-from unsafechain.intake.sources import TEST, PromptRecord, Rejection, read_source
+from unsafechain.intake.sources import TEST, Rejection, read_source
+from unsafechain.intake.spool import RecordSpool
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ class PromptIntake:
     """What reading the sources gave.
 
     Attributes:
-        records: The prompts to build cases for.
+        records: The prompts to build cases for, in a temporary file (not held in
+            memory, see ``spool``).
         rejections: Records that could not be used.
         removals: Prompts removed as duplicates or benchmark contamination.
         read_by_source: Valid prompts read, per source.
@@ -49,7 +52,7 @@ class PromptIntake:
         test_by_source: Prompts held out as the test split, per source.
     """
 
-    records: list[PromptRecord] = field(default_factory=list)
+    records: RecordSpool = field(default_factory=RecordSpool)
     rejections: list[Rejection] = field(default_factory=list)
     removals: list[Removal] = field(default_factory=list)
     read_by_source: Counter[str] = field(default_factory=Counter)
@@ -135,9 +138,9 @@ def _hold_out(
     """Mark a seeded sample of each source's prompts as the test split and remove the
     training prompts that overlap one of them, as if it were a benchmark prompt."""
     seed = build_seed if settings.seed is None else settings.seed
-    by_source: dict[str, list[int]] = {}
+    by_source: dict[str, array[int]] = {}
     for position, record in enumerate(intake.records):
-        by_source.setdefault(record.source, []).append(position)
+        by_source.setdefault(record.source, array("q")).append(position)
     held: set[int] = set()
     for source, positions in by_source.items():
         count = settings.count(len(positions))
@@ -149,7 +152,7 @@ def _hold_out(
     test = [dataclasses.replace(intake.records[p], split=TEST) for p in sorted(held)]
     index = Decontaminator(decontamination, [(HELD_OUT, test)])
     intake.benchmarks[HELD_OUT] = len(test)
-    kept: list[PromptRecord] = []
+    kept = RecordSpool()
     for position, record in enumerate(intake.records):
         if position in held:
             kept.append(dataclasses.replace(record, split=TEST))
@@ -159,6 +162,7 @@ def _hold_out(
             kept.append(record)
         else:
             intake.removals.append(removal)
+    intake.records.close()
     intake.records = kept
     logger.info(
         "test split: %d prompts held out (%s)",
