@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Set
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -55,10 +56,12 @@ class CaseStore:
 
     def __init__(self, path: Path, *, repair: bool = False):
         self._path = path
-        self._ids: set[str] = set()
-        # Where the newest line of each stored id starts, in bytes.
+        # Where the newest line of each id written starts, in bytes; the ids forgotten
+        # since (a subset of its keys) are not stored until written again. One dict of
+        # every id, not a set beside it: the store's index is what grows with a build.
         self._offsets: dict[str, int] = {}
-        self._view = StoredIds(self._ids)
+        self._forgotten: set[str] = set()
+        self._view = StoredIds(self._offsets, self._forgotten)
         self._recover(repair)
         self._handle = self._path.open("ab")
         self._end = self._handle.tell()
@@ -92,7 +95,6 @@ class CaseStore:
             os.fsync(target.fileno())
         repaired.replace(self._path)
         logger.warning("%s: dropped %d damaged line(s): %s", self._path, len(damaged), where)
-        self._ids.clear()
         self._offsets.clear()
         self._index()
 
@@ -115,7 +117,6 @@ class CaseStore:
                 except (ValueError, json_format.ParseError) as error:
                     damaged.append((number, str(error).splitlines()[0][:120]))
                     continue
-                self._ids.add(case_id)
                 self._offsets[case_id] = start
         return damaged, None
 
@@ -126,18 +127,18 @@ class CaseStore:
 
     def forget(self, ids: Iterable[str]) -> None:
         """Let the cases ``ids`` be stored again (recomputed); their new lines win."""
-        self._ids.difference_update(ids)
+        self._forgotten.update(i for i in ids if i in self._offsets)
 
     def write(self, case: case_pb2.Case) -> bool:
         """Store ``case`` durably unless its id is already stored; say whether it was."""
-        if case.id in self._ids:
+        if case.id in self._view:
             return False
         record = json_format.MessageToDict(case, preserving_proto_field_name=True)
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         self._handle.write(line)
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        self._ids.add(case.id)
+        self._forgotten.discard(case.id)
         self._offsets[case.id] = self._end
         self._end += len(line)
         return True
@@ -154,10 +155,11 @@ class CaseStore:
             StoreError: A stored line cannot be parsed (damaged after the store was
                 opened, or inside, where opening does not look).
         """
+        offsets = self._offsets
         if order is None:
-            starts = sorted(self._offsets.values())
+            starts = array("q", sorted(offsets.values()))
         else:
-            starts = [self._offsets[i] for i in order if i in self._offsets]
+            starts = array("q", (offsets[i] for i in order if i in offsets))
         if not starts:
             return
         self._handle.flush()
@@ -183,17 +185,18 @@ class StoredIds(Set[str]):
     """A read-only view of a store's ids: membership is one set lookup, and the view
     follows the store as it writes and forgets (set operators give frozensets)."""
 
-    def __init__(self, ids: set[str]):
-        self._ids = ids
+    def __init__(self, written: Mapping[str, int], forgotten: Set[str]):
+        self._written, self._forgotten = written, forgotten
 
     def __contains__(self, item: object) -> bool:
-        return item in self._ids
+        return item in self._written and item not in self._forgotten
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._ids)
+        forgotten = self._forgotten
+        return (i for i in self._written if i not in forgotten)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._written) - len(self._forgotten)
 
     @classmethod
     def _from_iterable(cls, it: Iterable[str]) -> frozenset[str]:  # type: ignore[override]
