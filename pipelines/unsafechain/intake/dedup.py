@@ -88,13 +88,14 @@ class BandIndex:
 
     A bucket is a band's key (its rows of the MinHash signature, hashed to 64 bits with
     the band's number); each distinct key has one slot of an open-addressing table
-    (linear probing, at most half full), which holds the key and the bucket's newest
-    entry; each entry (a kept prompt's band) links to the previous entry of its bucket.
-    That is 8 + 4 bytes per slot and 4 per entry, where a dictionary of lists of
-    Python objects took about 270 bytes per band of a prompt. Two different band keys
-    that hash alike only add a candidate, which the exact similarity check then
-    rejects. The tables are ``array`` arrays: read one value at a time from Python,
-    they cost a fraction of NumPy's per-element indexing.
+    (linear probing, at most half full), which holds the bucket's newest entry; each
+    entry (a kept prompt's band) holds its key and links to the previous entry of its
+    bucket. That is 4 bytes per slot and 8 + 4 per entry (the key kept with the entry,
+    not in the slot, since the table has two to four slots per entry), where a
+    dictionary of lists of Python objects took about 270 bytes per band of a prompt.
+    Two different band keys that hash alike only add a candidate, which the exact
+    similarity check then rejects. The tables are ``array`` arrays: read one value at
+    a time from Python, they cost a fraction of NumPy's per-element indexing.
 
     Args:
         bands: Bands per signature.
@@ -107,10 +108,10 @@ class BandIndex:
         self.bands, self.rows = bands, rows
         self._persons = [band.to_bytes(4, "little") for band in range(bands)]
         self._capacity = 1 << 12
-        self._keys = array("Q", bytes(8 * self._capacity))
         self._heads = array("i", [self._EMPTY]) * self._capacity
         self._used = 0
         self._links = array("i")
+        self._entry_keys = array("Q")
 
     def keys(self, signature: np.ndarray) -> list[int]:
         """The band keys of a MinHash ``signature``: each band's values hashed to 64
@@ -130,14 +131,14 @@ class BandIndex:
         (their positions) that share a bucket with them."""
         if 2 * (self._used + len(keys)) > self._capacity:
             self._grow()
-        heads, table, links = self._heads, self._keys, self._links
+        heads, table, links = self._heads, self._entry_keys, self._links
         mask, bands, empty = self._capacity - 1, self.bands, self._EMPTY
         slots = []
         found: set[int] = set()
         for key in keys:
             slot = key & mask
             # Inlined linear probing: this loop is most of the intake's time.
-            while (entry := heads[slot]) != empty and table[slot] != key:
+            while (entry := heads[slot]) != empty and table[entry] != key:
                 slot = (slot + 1) & mask
             slots.append(slot)
             while entry != empty:
@@ -148,35 +149,33 @@ class BandIndex:
     def add(self, keys: list[int], slots: list[int]) -> None:
         """Index the next kept prompt's band ``keys``, at the ``slots`` that
         :meth:`lookup` gave (no other prompt added since)."""
-        heads, table = self._heads, self._keys
+        heads, table = self._heads, self._entry_keys
         first = len(self._links)
         for band, (key, slot) in enumerate(zip(keys, slots, strict=True)):
-            if heads[slot] != self._EMPTY and table[slot] != key:
+            if heads[slot] != self._EMPTY and table[heads[slot]] != key:
                 # An earlier band of this prompt took the empty slot this key was to have.
                 slot = self._find(key)
             if heads[slot] == self._EMPTY:
-                table[slot] = key
                 self._used += 1
             self._links.append(heads[slot])
+            table.append(key)
             heads[slot] = first + band
 
     def _find(self, key: int) -> int:
         """The slot holding ``key``, or the empty slot where it goes."""
-        heads, table, mask = self._heads, self._keys, self._capacity - 1
+        heads, table, mask = self._heads, self._entry_keys, self._capacity - 1
         slot = key & mask
-        while heads[slot] != self._EMPTY and table[slot] != key:
+        while heads[slot] != self._EMPTY and table[heads[slot]] != key:
             slot = (slot + 1) & mask
         return slot
 
     def _grow(self) -> None:
-        keys, heads = self._keys, self._heads
+        heads, table = self._heads, self._entry_keys
         self._capacity *= 2
-        self._keys = array("Q", bytes(8 * self._capacity))
         self._heads = array("i", [self._EMPTY]) * self._capacity
-        for key, head in zip(keys, heads, strict=True):
+        for head in heads:
             if head != self._EMPTY:
-                slot = self._find(key)
-                self._keys[slot], self._heads[slot] = key, head
+                self._heads[self._find(table[head])] = head
 
 
 class Deduplicator:
