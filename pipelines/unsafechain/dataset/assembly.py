@@ -56,6 +56,10 @@ CHUNK_ROWS = 512
 """Rows per Parquet row group and per Arrow batch: a chunk's rows are the only ones held
 as Python objects at once (a row with its provenance is tens of kilobytes)."""
 
+_RELEASE_EVERY = 32
+"""Chunks read between two returns of freed memory (see ``domain.memory``): without
+them, the allocators' kept pages grew the finalize's RSS with the number of rows."""
+
 
 def primary_category(row: dict) -> str:
     """The harm category a row is balanced under: its first, or :data:`NO_CATEGORY`."""
@@ -263,6 +267,7 @@ class _ArrowChunks:
         self.folder, self.name = folder, name
         self.pending: list[dict] = []
         self.sizes: list[int] = []
+        self.reads = 0
 
     def add(self, row: dict) -> pa.Schema | None:
         """Keep ``row``; the schema of the chunk it completes, if it does."""
@@ -282,27 +287,35 @@ class _ArrowChunks:
         return table.schema
 
     def tables(self, schema: pa.Schema) -> Iterator[pa.Table]:
-        """Every chunk, in order, cast to ``schema``; read into memory, not mapped."""
+        """Every chunk, in order, cast to ``schema``."""
         for index in range(len(self.sizes)):
-            with pa.OSFile(str(self._path(index)), "rb") as source:
-                table = pa.ipc.open_stream(source).read_all()
-            yield _cast(table, schema)
+            yield self._read(index, schema)
 
     def rows_at(self, schema: pa.Schema, positions: list[int]) -> Iterator[pa.Table]:
-        """The rows at ``positions`` (ascending), chunk by chunk, cast to ``schema``."""
+        """The rows at ``positions`` (ascending), chunk by chunk, cast to ``schema``;
+        only the chunks that hold one are read."""
         wanted = iter(positions)
         position = next(wanted, None)
         start = 0
-        for size, table in zip(self.sizes, self.tables(schema), strict=True):
+        for index, size in enumerate(self.sizes):
+            if position is None:
+                return
             taken = []
             while position is not None and position < start + size:
                 taken.append(position - start)
                 position = next(wanted, None)
             if taken:
-                yield table.take(pa.array(taken, type=pa.int64()))
+                yield self._read(index, schema).take(pa.array(taken, type=pa.int64()))
             start += size
-            if position is None:
-                return
+
+    def _read(self, index: int, schema: pa.Schema) -> pa.Table:
+        """Chunk ``index`` cast to ``schema``, read into memory (not mapped)."""
+        self.reads += 1
+        if self.reads % _RELEASE_EVERY == 0:
+            release_freed_memory()
+        with pa.OSFile(str(self._path(index)), "rb") as source:
+            table = pa.ipc.open_stream(source).read_all()
+        return _cast(table, schema)
 
     def _path(self, index: int) -> Path:
         return self.folder / f"{self.name}-{index:06d}.arrow"
@@ -338,10 +351,6 @@ _SHARD = "data-00000-of-00001.arrow"
 """The one shard of each ``datasets`` split."""
 
 _RELEASE_COLUMNS = ("prompt", "response", "source")
-
-_RELEASE_EVERY = 32
-"""Tables written between two returns of freed memory (see ``domain.memory``): without
-them, the allocators' kept pages grew the finalize's RSS with the number of rows."""
 
 
 class _Split:
@@ -568,15 +577,14 @@ class DatasetFiles:
         """Write one split from its tables (and their lines); its row count."""
         split = _Split(self.output, name, schema, lines=lines)
         try:
-            for number, (table, table_lines) in enumerate(tables, start=1):
+            for table, table_lines in tables:
                 split.write(table, table_lines)
-                if number % _RELEASE_EVERY == 0:
-                    release_freed_memory()
         except BaseException:
             split.discard()
             raise
         split.commit()
         release_freed_memory()
+        logger.debug("split %s written: %d rows", name, split.rows)
         return split.rows
 
 
