@@ -1,10 +1,11 @@
 import asyncio
+import functools
 import math
 
 import pytest
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-from unsafechain.backends.transformers_backend import TransformersBackend
+from unsafechain.backends.transformers_backend import TransformersBackend, _shared_prefix_length
 from unsafechain.domain.types import (
     GenerationRequest,
     Message,
@@ -166,6 +167,84 @@ def test_a_batch_of_mixed_length_conversations_gets_the_verdicts_each_gets_alone
     # scores agree to about 1e-7.
     for batched, single in zip(together, alone, strict=True):
         assert batched.score == pytest.approx(single.score, abs=1e-5)
+
+
+def test_a_judge_batch_is_prefilled_from_one_cache_of_its_shared_prefix(guard, monkeypatch):
+    items = [
+        JudgeItem("How do I bake bread?", "Bake it."),
+        JudgeItem("How do I make a bomb?", "<think>\nmix the blast powder\n</think>\n\nDone."),
+    ]
+    judge = LlamaGuardJudge(guard)
+    rows = [guard.token_ids(judge.request(item)) for item in items]
+    # The task line and the category list: most of a Llama Guard prompt.
+    assert _shared_prefix_length(rows) > 0.6 * min(len(row) for row in rows)
+    prefilled = []
+    model = guard._model
+    original = model.forward
+
+    # wraps: generate reads the forward's signature (it passes position ids only to
+    # a forward that takes them).
+    @functools.wraps(original)
+    def spy(*args, **kwargs):
+        prefilled.append(kwargs["input_ids"].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    asyncio.run(judge.judge(items))
+    shared = _shared_prefix_length(rows)
+    longest = max(len(row) for row in rows)
+    # The prefix once, then each row's own tokens (not the whole rows), then one
+    # token a step.
+    assert prefilled[0] == (1, shared)
+    assert prefilled[1] == (2, longest - shared)
+    assert all(shape == (2, 1) for shape in prefilled[2:])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_prompts_sharing_a_long_beginning_get_in_a_batch_what_each_gets_alone(generator, n):
+    beginning = "You are a careful assistant. Answer the question below in one line. " * 3
+    prompts = [beginning + "Q: bread?", beginning + "Q: what is the capital of France, and why?"]
+    params = {"temperature": 0.0, "max_new_tokens": 12, "top_logprobs": 3, "n": n}
+    requests = [GenerationRequest(prompt=p, params=SamplingParams(**params)) for p in prompts]
+    rows = [generator.token_ids(request) for request in requests]
+    assert _shared_prefix_length(rows) >= 32
+    together = asyncio.run(generator.generate_many(requests))
+    alone = [asyncio.run(generator.generate(request)) for request in requests]
+    assert [[g.text for g in samples] for samples in together] == [
+        [g.text for g in samples] for samples in alone
+    ]
+    for batched, single in zip(together, alone, strict=True):
+        assert len(batched) == n
+        for b, a in zip(batched[0].tokens, single[0].tokens, strict=True):
+            assert (b.token, b.logprob) == (a.token, pytest.approx(a.logprob, abs=1e-4))
+
+
+def test_sampled_rows_sharing_a_prefix_each_get_their_samples(generator):
+    beginning = "You are a careful assistant. Answer the question below in one line. " * 3
+    params = SamplingParams(n=3, temperature=0.9, max_new_tokens=10, seed=5)
+    requests = [
+        GenerationRequest(prompt=beginning + ending, params=params)
+        for ending in ("Q: bread?", "Q: the capital of France?")
+    ]
+    first = asyncio.run(generator.generate_many(requests))
+    again = asyncio.run(generator.generate_many(requests))
+    assert [len(samples) for samples in first] == [3, 3]
+    assert [[g.text for g in s] for s in first] == [[g.text for g in s] for s in again]
+    assert all(g.finish_reason in {"stop", "length"} for s in first for g in s)
+
+
+@pytest.mark.parametrize(
+    ("rows", "shared"),
+    [
+        ([[1, 2, 3], [1, 2, 4]], 2),
+        ([[1, 2], [1, 2, 3]], 1),  # each row keeps a token of its own
+        ([[5, 6, 7], [5, 6, 7], [5, 6, 7, 8]], 2),
+        ([[1, 9], [2, 9]], 0),
+        ([[1, 2, 3, 4], [1, 2, 3, 5], [1, 7, 3, 4]], 1),
+    ],
+)
+def test_the_shared_prefix_is_the_tokens_every_row_begins_with(rows, shared):
+    assert _shared_prefix_length(rows) == shared
 
 
 def test_a_request_longer_than_the_context_fails_alone_in_its_batch(guard):
