@@ -277,3 +277,18 @@ def test_a_build_without_any_row_still_writes_every_file(tmp_path):
     ]
     assert pq.read_table(tmp_path / "dataset.parquet").num_rows == 0
     assert _lines(tmp_path / "failed.jsonl") == failed
+
+
+def test_the_datasets_folder_is_laid_out_without_progress_bars(tmp_path, capfd):
+    import pyarrow as pa
+    from datasets.utils import are_progress_bars_disabled
+
+    schema = pa.schema([("id", pa.string())])
+    assembly._datasets_layout(tmp_path / "datasets", ["full", "random"], schema)
+    _, err = capfd.readouterr()
+    assert "Saving the dataset" not in err
+    assert not are_progress_bars_disabled(), "the caller's setting is restored"
+    assert json.loads((tmp_path / "datasets/dataset_dict.json").read_text())["splits"] == [
+        "full",
+        "random",
+    ]

@@ -38,6 +38,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.arrow_writer import ArrowWriter
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from unsafechain.dataset.config import AssemblySettings
 from unsafechain.dataset.rows import NO_CATEGORY
@@ -305,16 +306,20 @@ class _ArrowChunks:
                 taken.append(position - start)
                 position = next(wanted, None)
             if taken:
-                yield self._read(index, schema).take(pa.array(taken, type=pa.int64()))
+                yield self._read(index, schema, taken)
             start += size
 
-    def _read(self, index: int, schema: pa.Schema) -> pa.Table:
-        """Chunk ``index`` cast to ``schema``, read into memory (not mapped)."""
+    def _read(self, index: int, schema: pa.Schema, rows: list[int] | None = None) -> pa.Table:
+        """Chunk ``index`` (only its ``rows`` when given) cast to ``schema``, read into
+        memory (not mapped). The rows are taken before the cast, which copies what it
+        casts (a chunk is megabytes: about 4 kB a row in the benchmark's builds)."""
         self.reads += 1
         if self.reads % _RELEASE_EVERY == 0:
             release_freed_memory()
         with pa.OSFile(str(self._path(index)), "rb") as source:
             table = pa.ipc.open_stream(source).read_all()
+        if rows is not None:
+            table = table.take(pa.array(rows, type=pa.int64()))
         return _cast(table, schema)
 
     def _path(self, index: int) -> Path:
@@ -603,6 +608,14 @@ def _datasets_layout(folder: Path, splits: list[str], schema: pa.Schema) -> None
     empty = datasets.Dataset(schema.empty_table())
     # One shard a split; none without columns (no rows at all), as save_to_disk does.
     shards = dict.fromkeys(splits, 1) if len(schema) else None
-    datasets.DatasetDict({name: empty for name in splits}).save_to_disk(
-        str(folder), num_shards=shards
-    )
+    # Saving empty splits takes no time; its progress bars ("Saving the dataset (0/1
+    # shards)", one a split) would only be noise in the build's output.
+    bars_were_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        datasets.DatasetDict({name: empty for name in splits}).save_to_disk(
+            str(folder), num_shards=shards
+        )
+    finally:
+        if not bars_were_off:
+            enable_progress_bars()
