@@ -243,7 +243,12 @@ def test_concurrent_requests_are_micro_batched_into_shared_model_calls(loop, jud
     calls_before, pairs_before = observed()
     judgments = loop.run(judge_concurrently())
     calls_after, pairs_after = observed()
-    assert len(judgments) == 8 and len({j for j in judgments}) == 1
+    assert len(judgments) == 8
+    # The same verdict each time; a score agrees to float rounding, since a batch
+    # that shares a prefix computes it once (transformers_backend._with_shared_prefix).
+    verdicts = [j.verdicts[0] for j in judgments]
+    assert len({(v.label, v.categories, v.raw_output) for v in verdicts}) == 1
+    assert max(v.score for v in verdicts) - min(v.score for v in verdicts) < 1e-5
     assert pairs_after - pairs_before == 8
     assert calls_after - calls_before < 8, "concurrent requests were judged one by one"
 
