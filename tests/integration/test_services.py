@@ -195,10 +195,18 @@ def test_metrics_endpoint_exports_calls_latency_in_flight_backend_time_and_batch
 
     loop.run(calls())
     url = f"http://127.0.0.1:{judge_server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
     labels = 'grpc_code="{}",grpc_method="Judge",grpc_service="unsafechain.v1.JudgeService"'
+    refused = f"unsafechain_grpc_requests_total{{{labels.format('INVALID_ARGUMENT')}}}"
+    # grpc.aio's abort sends the status before it raises, so the client can see the
+    # error a moment before the interceptor counts the call: scrape until it has.
+    deadline = time.monotonic() + 5
+    while True:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if refused in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert f"unsafechain_grpc_requests_total{{{labels.format('OK')}}}" in text
-    assert f"unsafechain_grpc_requests_total{{{labels.format('INVALID_ARGUMENT')}}}" in text
+    assert refused in text
     assert f"unsafechain_grpc_request_duration_seconds_count{{{labels.format('OK')}}}" in text
     assert "unsafechain_grpc_requests_in_flight{" in text
     assert "unsafechain_judge_batch_size_count" in text

@@ -281,13 +281,23 @@ def test_a_build_without_any_row_still_writes_every_file(tmp_path):
 
 def test_the_datasets_folder_is_laid_out_without_progress_bars(tmp_path, capfd):
     import pyarrow as pa
-    from datasets.utils import are_progress_bars_disabled
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     schema = pa.schema([("id", pa.string())])
-    assembly._datasets_layout(tmp_path / "datasets", ["full", "random"], schema)
-    _, err = capfd.readouterr()
-    assert "Saving the dataset" not in err
-    assert not are_progress_bars_disabled(), "the caller's setting is restored"
+    were_off = are_progress_bars_disabled()  # an earlier test may have turned them off
+    enable_progress_bars()
+    try:
+        assembly._datasets_layout(tmp_path / "datasets", ["full", "random"], schema)
+        _, err = capfd.readouterr()
+        assert "Saving the dataset" not in err
+        assert not are_progress_bars_disabled(), "the caller's setting is restored"
+    finally:
+        if were_off:
+            disable_progress_bars()
     assert json.loads((tmp_path / "datasets/dataset_dict.json").read_text())["splits"] == [
         "full",
         "random",
