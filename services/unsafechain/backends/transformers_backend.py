@@ -98,6 +98,9 @@ class TransformersBackend(ModelBackend):
         # a few hundred, and decoding each one every time cost 5% of a judge batch.
         # At most one entry per vocabulary token.
         self._pieces: dict[int, str] = {}
+        # Whether this model's key/value cache can be repeated across a batch (see
+        # _with_shared_prefix); None until a shared prefix was first tried.
+        self._prefix_cache_repeatable: bool | None = None
         logger.info(
             "loaded %s%s on %s", model, f" with adapter {adapter}" if adapter else "", self._device
         )
@@ -153,10 +156,10 @@ class TransformersBackend(ModelBackend):
     def _left_padded(self, rows: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` of ``rows``, padded on the left to the
         longest (``generate`` appends new tokens on the right of every row)."""
-        longest = max(len(row) for row in rows)
-        pad = self._tokenizer.pad_token_id
-        ids = [[pad] * (longest - len(row)) + row for row in rows]
-        mask = [[0] * (longest - len(row)) + [1] * len(row) for row in rows]
+        return self._tensors(_laid_out(rows, 0, self._tokenizer.pad_token_id))
+
+    def _tensors(self, layout: tuple[list[list[int]], list[list[int]]]) -> dict[str, torch.Tensor]:
+        ids, mask = layout
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long, device=self._device),
             "attention_mask": torch.tensor(mask, dtype=torch.long, device=self._device),
@@ -175,7 +178,7 @@ class TransformersBackend(ModelBackend):
         what it would alone. Only the float sums' order differs (scores agree to about
         1e-6).
         """
-        if len(rows) < 2:
+        if len(rows) < 2 or self._prefix_cache_repeatable is False:
             return None
         shared = _shared_prefix_length(rows)
         if shared < _SHARED_PREFIX_MIN:
@@ -185,22 +188,18 @@ class TransformersBackend(ModelBackend):
             # Only the cache is wanted: the logits of one position, not of all of them
             # (for a large vocabulary the output layer is a real share of the pass).
             cache = self._model(input_ids=prefix, use_cache=True, **self._one_logit).past_key_values
-        if not hasattr(cache, "batch_repeat_interleave"):
-            return None  # A cache this code does not know how to repeat.
+        # Known only once the model has made a cache; remembered, so a model whose
+        # cache cannot be repeated spends at most this one prefix pass.
+        self._prefix_cache_repeatable = hasattr(cache, "batch_repeat_interleave")
+        if not self._prefix_cache_repeatable:
+            logger.info("%s: its key/value cache cannot be repeated; no shared prefix", self._name)
+            return None
         cache.batch_repeat_interleave(len(rows) * samples)
-        longest = max(len(row) for row in rows) - shared
-        pad = self._tokenizer.pad_token_id
-        ids, mask = [], []
-        for row in rows:
-            rest = row[shared:]
-            padding = longest - len(rest)
-            ids.append(row[:shared] + [pad] * padding + rest)
-            mask.append([1] * shared + [0] * padding + [1] * len(rest))
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long, device=self._device),
-            "attention_mask": torch.tensor(mask, dtype=torch.long, device=self._device),
-            "past_key_values": cache,
-        }
+        inputs: dict[str, Any] = self._tensors(
+            _laid_out(rows, shared, self._tokenizer.pad_token_id)
+        )
+        inputs["past_key_values"] = cache
+        return inputs
 
     def _check_fits(self, tokens: int) -> None:
         context = self.context_length
@@ -400,6 +399,22 @@ def _shared_prefix_length(rows: Sequence[list[int]]) -> int:
         if row[:length] != first[:length]:
             length = next(i for i in range(length) if row[i] != first[i])
     return max(length, 0)
+
+
+def _laid_out(
+    rows: Sequence[list[int]], shared: int, pad: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and attention mask of ``rows`` padded to one length: each row is its
+    first ``shared`` tokens, then padding, then the rest (``shared`` = 0 is left
+    padding); the mask is 1 on tokens, 0 on padding."""
+    longest = max(len(row) for row in rows) - shared
+    ids, mask = [], []
+    for row in rows:
+        rest = len(row) - shared
+        padding = longest - rest
+        ids.append(row[:shared] + [pad] * padding + row[shared:])
+        mask.append([1] * shared + [0] * padding + [1] * rest)
+    return ids, mask
 
 
 def _batch_encoder(tokenizer: Any) -> Tokenizer | None:
