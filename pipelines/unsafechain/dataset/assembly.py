@@ -261,7 +261,8 @@ class _ArrowChunks:
 
     The second pass reads a chunk at a time, cast to the schema every chunk's schema
     unifies into: Arrow casts a struct to one with more fields (the missing filled with
-    nulls) and a null column to any type, so no row is parsed twice.
+    nulls) and a null column to any type, so no row is parsed twice for the splits
+    written whole (a sampled subset parses its picked rows' lines: ``_sampled``).
     """
 
     def __init__(self, folder: Path, name: str):
@@ -292,34 +293,13 @@ class _ArrowChunks:
         for index in range(len(self.sizes)):
             yield self._read(index, schema)
 
-    def rows_at(self, schema: pa.Schema, positions: list[int]) -> Iterator[pa.Table]:
-        """The rows at ``positions`` (ascending), chunk by chunk, cast to ``schema``;
-        only the chunks that hold one are read."""
-        wanted = iter(positions)
-        position = next(wanted, None)
-        start = 0
-        for index, size in enumerate(self.sizes):
-            if position is None:
-                return
-            taken = []
-            while position is not None and position < start + size:
-                taken.append(position - start)
-                position = next(wanted, None)
-            if taken:
-                yield self._read(index, schema, taken)
-            start += size
-
-    def _read(self, index: int, schema: pa.Schema, rows: list[int] | None = None) -> pa.Table:
-        """Chunk ``index`` (only its ``rows`` when given) cast to ``schema``, read into
-        memory (not mapped). The rows are taken before the cast, which copies what it
-        casts (a chunk is megabytes: about 4 kB a row in the benchmark's builds)."""
+    def _read(self, index: int, schema: pa.Schema) -> pa.Table:
+        """Chunk ``index`` cast to ``schema``, read into memory (not mapped)."""
         self.reads += 1
         if self.reads % _RELEASE_EVERY == 0:
             release_freed_memory()
         with pa.OSFile(str(self._path(index)), "rb") as source:
             table = pa.ipc.open_stream(source).read_all()
-        if rows is not None:
-            table = table.take(pa.array(rows, type=pa.int64()))
         return _cast(table, schema)
 
     def _path(self, index: int) -> Path:
@@ -559,17 +539,29 @@ class DatasetFiles:
         self, schema: pa.Schema, picks: list[int]
     ) -> Iterator[tuple[pa.Table, Iterable[bytes]]]:
         """A subset's rows, in pick order, in tables of at most :data:`CHUNK_ROWS` rows,
-        each with the rows' lines in ``dataset.jsonl``."""
+        each with the rows' lines in ``dataset.jsonl``.
+
+        A block's table is made from its lines, parsed again, with ``schema``: only
+        the picked rows are read, into one table, and the block's Python rows (about
+        18 kB a row in the benchmark's builds, where its line is 6 kB) are dropped, and
+        the memory they freed returned, before the table is written. Taking the rows
+        from the Arrow chunks instead read, for every block, each chunk holding one of
+        its rows (nearly every chunk once there are more picks than chunks: work that
+        grew with the dataset times the subset) and held a small table per chunk until
+        the block was whole, whose scattered buffers kept the allocator's pages (about
+        12 MiB a block at 30,000 rows, where the rows were 2 MiB). Arrow's JSON reader
+        makes the same table without Python objects, but its transient peak is three
+        times higher (22 MiB against 7 a block, measured).
+        """
         dataset = self._lines["dataset"].tmp
         for start in range(0, len(picks), CHUNK_ROWS):
             block = picks[start : start + CHUNK_ROWS]
-            ascending = sorted(block)
-            taken = list(self._training.rows_at(schema, ascending))
-            table = pa.concat_tables(taken) if taken else schema.empty_table()
-            # The chunks give the rows in ascending order; put them in pick order.
-            rank = {position: i for i, position in enumerate(ascending)}
-            table = table.take(pa.array([rank[p] for p in block], type=pa.int64()))
-            yield table, _lines_at(dataset, (self._offsets[p] for p in block))
+            lines = list(_lines_at(dataset, (self._offsets[p] for p in block)))
+            rows = [json.loads(line) for line in lines]
+            table = pa.Table.from_pylist(rows, schema=schema)
+            del rows
+            release_freed_memory()
+            yield table, lines
 
     def _write(
         self,
