@@ -107,8 +107,10 @@ def _lines(path):
 
 
 def test_streamed_subsets_are_the_subsets_of_the_whole_list(tmp_path, monkeypatch):
-    # Chunks of 8 rows: the 30 rows cross several chunks, row groups and batches.
+    # Chunks of 8 rows, each its own row group (a footer that costs nothing): the 30
+    # rows cross several chunks, row groups and batches.
     monkeypatch.setattr(assembly, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(assembly, "_FOOTER_BYTES_PER_COLUMN_CHUNK", 0)
     rows = [_row(f"r{i:02}", "ab"[i % 2], ["S1"] if i % 3 else []) for i in range(30)]
     rows += [_row(f"c{i}", "b", ["S2"], corrected=True) for i in range(3)]
     done = _assemble(tmp_path, rows)
@@ -129,6 +131,24 @@ def test_streamed_subsets_are_the_subsets_of_the_whole_list(tmp_path, monkeypatc
     assert pq.read_table(tmp_path / "dataset.parquet").to_pylist() == rows
     # Nothing is left under a temporary name.
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_row_groups_are_whole_chunks_sized_to_hold_least_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(assembly, "CHUNK_ROWS", 8)
+    rows = [_row(f"r{i:03}", "ab"[i % 2], ["S1"]) for i in range(200)]
+    _assemble(tmp_path, rows)
+    parquet = pq.ParquetFile(tmp_path / "subsets/full.parquet")
+    schema = parquet.schema_arrow
+    # One Parquet column per primitive value, nested ones included.
+    assert assembly._leaf_columns(schema.types) == parquet.metadata.num_columns
+    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
+    assert sum(sizes) == 200 and 1 < len(sizes) < 25
+    assert all(size % 8 == 0 for size in sizes[:-1])
+    assert parquet.read().to_pylist() == rows
+    # Four times the data, twice the row group: the footer and the held rows grow alike.
+    assert assembly.row_group_bytes(4 << 30, schema) == 2 * assembly.row_group_bytes(
+        1 << 30, schema
+    )
 
 
 def test_subsets_default_to_the_build_seed(tmp_path):
