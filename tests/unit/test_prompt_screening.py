@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from unsafechain.dataset.config import BuildConfig
-from unsafechain.intake.dedup import BandIndex, Deduplicator, lsh_bands
+from unsafechain.intake.dedup import BandIndex, Deduplicator, ExactIndex, lsh_bands
 from unsafechain.intake.prompts import read_prompts
 from unsafechain.intake.settings import DeduplicationSettings, SourceSettings
 from unsafechain.intake.sources import PromptRecord, prompt_id
@@ -237,3 +237,39 @@ def test_band_index_finds_exactly_the_prompts_sharing_a_bucket():
         index.add(keys.tolist(), slots)
         for key in keys.tolist():
             buckets.setdefault(key, []).append(position)
+
+
+def test_exact_index_gives_each_digest_its_first_id_through_probing_and_growth():
+    """The flat index against a dictionary: digests that share their low bits collide
+    in the table, and it grows several times."""
+    index = ExactIndex()
+    first: dict[bytes, str] = {}
+    rng = np.random.default_rng(5)
+    digests = [rng.bytes(16) for _ in range(3000)]
+    digests += [bytes(8) + rng.bytes(8) for _ in range(200)]  # same low half
+    for number in range(12000):
+        key = digests[int(rng.integers(len(digests)))]
+        record_id = f"prompt-{number}-é"
+        entry = index.first(key, record_id)
+        if key in first:
+            assert entry is not None and index.id(entry) == first[key]
+        else:
+            assert entry is None
+            first[key] = record_id
+    assert len(index) == len(first)
+
+
+def test_a_duplicate_names_the_first_prompt_even_when_that_one_was_removed():
+    """The exact index holds every prompt's text, a near-duplicate's too: a repeat of a
+    removed near-duplicate is an exact duplicate of it, not of the prompt it resembles."""
+    dedup = Deduplicator(DeduplicationSettings())
+    original = _record(LONG, line=1)
+    near = _record(LONG + " today", line=2)
+    again = _record("  " + LONG + " today", line=3)
+    assert dedup.check(original) is None
+    removed = dedup.check(near)
+    assert removed is not None and removed.reason == "duplicate_near"
+    assert removed.duplicate_of == original.id
+    repeat = dedup.check(again)
+    assert repeat is not None and repeat.reason == "duplicate_exact"
+    assert repeat.duplicate_of == near.id

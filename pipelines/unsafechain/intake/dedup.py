@@ -178,21 +178,86 @@ class BandIndex:
                 self._heads[self._find(table[head])] = head
 
 
+class ExactIndex:
+    """The digests of normalised texts, each with the id of the first record that had
+    it, in flat arrays: an open-addressing table (linear probing, at most half full)
+    of entry numbers, and per entry its 16-byte digest and its id's UTF-8 bytes. That
+    is about 60 bytes a text where a dictionary of ``bytes`` keys and ``str`` ids took
+    about 170.
+    """
+
+    _EMPTY = -1
+
+    def __init__(self) -> None:
+        self._capacity = 1 << 12
+        self._slots = array("i", [self._EMPTY]) * self._capacity
+        self._low = array("Q")
+        self._high = array("Q")
+        self._ids = bytearray()
+        self._id_ends = array("q")
+
+    def __len__(self) -> int:
+        return len(self._low)
+
+    def first(self, key: bytes, record_id: str) -> int | None:
+        """The entry of the first text with digest ``key``, or None if there was none:
+        then ``key`` is added, with ``record_id``, as the next entry."""
+        low = int.from_bytes(key[:8], "little")
+        high = int.from_bytes(key[8:16], "little")
+        slot = self._find(low, high)
+        entry = self._slots[slot]
+        if entry != self._EMPTY:
+            return entry
+        self._slots[slot] = len(self._low)
+        self._low.append(low)
+        self._high.append(high)
+        self._ids += record_id.encode()
+        self._id_ends.append(len(self._ids))
+        if 2 * len(self._low) > self._capacity:
+            self._grow()
+        return None
+
+    def id(self, entry: int) -> str:
+        """The record id of ``entry``."""
+        start = self._id_ends[entry - 1] if entry else 0
+        return self._ids[start : self._id_ends[entry]].decode()
+
+    def _find(self, low: int, high: int) -> int:
+        """The slot holding the digest, or the empty slot where it goes."""
+        slots, lows, highs = self._slots, self._low, self._high
+        mask = self._capacity - 1
+        slot = low & mask
+        while (entry := slots[slot]) != self._EMPTY and (
+            lows[entry] != low or highs[entry] != high
+        ):
+            slot = (slot + 1) & mask
+        return slot
+
+    def _grow(self) -> None:
+        self._capacity *= 2
+        self._slots = array("i", [self._EMPTY]) * self._capacity
+        for entry, (low, high) in enumerate(zip(self._low, self._high, strict=True)):
+            self._slots[self._find(low, high)] = entry
+
+
 class Deduplicator:
     """Decides, prompt by prompt in reading order, whether it duplicates one kept."""
 
     def __init__(self, settings: DeduplicationSettings):
         self._settings = settings
-        self._exact: dict[bytes, str] = {}
+        self._exact = ExactIndex()
         self._hasher = NgramHasher(settings.shingle_words)
         rng = np.random.default_rng(_SEED)
         self._a = rng.integers(1, int(_PRIME), settings.permutations, dtype=np.uint64)
         self._b = rng.integers(0, int(_PRIME), settings.permutations, dtype=np.uint64)
         self._index = BandIndex(*lsh_bands(settings.permutations, settings.threshold))
-        self._kept_ids: list[str] = []
+        # The exact index's entry of each kept prompt (which holds its id).
+        self._kept: array[int] = array("i")
         # Every kept prompt's sorted shingle hashes, end to end; prompt i's are
-        # _shingles[_starts[i]:_starts[i + 1]].
-        self._shingles = np.empty(1 << 12, dtype=np.uint64)
+        # _shingles[_starts[i]:_starts[i + 1]]. An ``array``, not a NumPy array grown
+        # by doubling: it grows by a sixteenth, in place (a large block is remapped,
+        # not copied), where doubling held up to three times the hashes while it grew.
+        self._shingles = array("Q")
         self._starts = array("q", [0])
 
     def check(self, record: PromptRecord) -> Removal | None:
@@ -200,10 +265,9 @@ class Deduplicator:
         kept, and later prompts are compared with it."""
         normalized = normalize(record.text)
         key = text_key(normalized)
-        first = self._exact.get(key)
+        first = self._exact.first(key, record.id)
         if first is not None:
-            return Removal(record, DUPLICATE_EXACT, first)
-        self._exact[key] = record.id
+            return Removal(record, DUPLICATE_EXACT, self._exact.id(first))
         if not self._settings.near:
             return None
         # A prompt shorter than one shingle is its single shingle.
@@ -215,8 +279,8 @@ class Deduplicator:
         near = self._nearest(shingles, candidates)
         if near is not None:
             index, similarity = near
-            return Removal(record, DUPLICATE_NEAR, self._kept_ids[index], similarity)
-        self._kept_ids.append(record.id)
+            return Removal(record, DUPLICATE_NEAR, self._exact.id(self._kept[index]), similarity)
+        self._kept.append(len(self._exact) - 1)
         self._keep_shingles(shingles)
         self._index.add(band_keys, slots)
         return None
@@ -226,19 +290,21 @@ class Deduplicator:
         return ((self._a[:, None] * values[None, :] + self._b[:, None]) % _PRIME).min(axis=1)
 
     def _keep_shingles(self, shingles: np.ndarray) -> None:
-        start = self._starts[-1]
-        end = start + len(shingles)
-        if end > len(self._shingles):
-            grown = np.empty(max(2 * len(self._shingles), end), dtype=np.uint64)
-            grown[:start] = self._shingles[:start]
-            self._shingles = grown
-        self._shingles[start:end] = shingles
-        self._starts.append(end)
+        # No view of the array may be alive here: an array that exports its buffer
+        # cannot grow (the views _nearest makes end with it).
+        self._shingles.frombytes(shingles.astype(np.uint64, copy=False).tobytes())
+        self._starts.append(len(self._shingles))
 
     def _nearest(self, shingles: np.ndarray, candidates: set[int]) -> tuple[int, float] | None:
         """The earliest candidate at or above the threshold, with its similarity."""
         for index in sorted(candidates):
-            other = self._shingles[self._starts[index] : self._starts[index + 1]]
+            start = self._starts[index]
+            other = np.frombuffer(
+                self._shingles,
+                dtype=np.uint64,
+                count=self._starts[index + 1] - start,
+                offset=start * self._shingles.itemsize,
+            )
             shared = len(np.intersect1d(shingles, other, assume_unique=True))
             similarity = shared / (len(shingles) + len(other) - shared)
             if similarity >= self._settings.threshold:
