@@ -7,6 +7,11 @@ micro-batching. The same number of concurrent clients send the same requests to
 each through the client library; the script prints judgments per second, latency
 percentiles and the mean batch size the service formed.
 
+The clients run in this process by default, on the services' event loop.
+``--client-process`` runs them in a process of their own, as remote callers are: they
+then share neither the services' interpreter lock nor their event loop (only the
+machine's cores).
+
 Usage::
 
     make bench
@@ -22,12 +27,14 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from machine import cpu_model
@@ -81,6 +88,50 @@ def _pairs(count: int) -> list[tuple[str, str]]:
     return [(pool[i % len(pool)], RESPONSES[i % len(RESPONSES)]) for i in range(count)]
 
 
+_CLIENT_PROCESS_TIMEOUT = 600.0
+"""Seconds to wait for the client process at each step (its start, its warm-up, its run)."""
+
+
+async def _clients(
+    remote: RemoteJudgeEngine, pairs: list[tuple[str, str]], clients: int, requests: int
+) -> tuple[float, list[float]]:
+    """``clients`` concurrent clients judging ``requests`` pairs each, one after another:
+    the seconds they took and each judgment's latency."""
+    latencies: list[float] = []
+
+    async def client(index: int) -> None:
+        for pair in pairs[index * requests : (index + 1) * requests]:
+            started = time.perf_counter()
+            await remote.judge(*pair)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(index) for index in range(clients)))
+    return time.perf_counter() - started, latencies
+
+
+def _client_process(
+    address: str, pairs: list[tuple[str, str]], clients: int, requests: int, connection: Any
+) -> None:
+    """The clients in a process of their own: warm up, say so, wait for the word, run,
+    send back the seconds and the latencies."""
+
+    async def run() -> None:
+        async with RemoteJudgeEngine(ClientSettings(address=address, timeout=600)) as remote:
+            await asyncio.gather(*(remote.judge(*pair) for pair in pairs[:clients]))
+            connection.send("warm")
+            _receive(connection)
+            connection.send(await _clients(remote, pairs, clients, requests))
+
+    asyncio.run(run())
+
+
+def _receive(connection: Any) -> Any:
+    if not connection.poll(_CLIENT_PROCESS_TIMEOUT):
+        raise TimeoutError(f"no word from the other process in {_CLIENT_PROCESS_TIMEOUT:g} s")
+    return connection.recv()
+
+
 async def _measure(
     guard: TransformersBackend,
     mode: str,
@@ -89,6 +140,7 @@ async def _measure(
     batch_max_wait_ms: float,
     clients: int,
     requests: int,
+    client_process: bool = False,
 ) -> Result:
     settings = JudgeServiceSettings(
         host="127.0.0.1",
@@ -107,34 +159,42 @@ async def _measure(
     )
     await server.start(servicer)
     pairs = _pairs(clients * requests)
-    latencies: list[float] = []
+    registry = server.metrics.registry
+
+    def counted() -> tuple[float, float]:
+        return (
+            registry.get_sample_value("unsafechain_judge_batch_size_count") or 0,
+            registry.get_sample_value("unsafechain_judge_batch_size_sum") or 0,
+        )
+
+    address = f"127.0.0.1:{server.port}"
     try:
-        async with RemoteJudgeEngine(
-            ClientSettings(address=f"127.0.0.1:{server.port}", timeout=600)
-        ) as remote:
-            # Warm-up: the first calls pay for lazy initialisation in torch and gRPC.
-            await asyncio.gather(*(remote.judge(*pair) for pair in pairs[:clients]))
-            registry = server.metrics.registry
-            calls_before = registry.get_sample_value("unsafechain_judge_batch_size_count") or 0
-            pairs_before = registry.get_sample_value("unsafechain_judge_batch_size_sum") or 0
-
-            async def client(index: int) -> None:
-                for pair in pairs[index * requests : (index + 1) * requests]:
-                    started = time.perf_counter()
-                    await remote.judge(*pair)
-                    latencies.append(time.perf_counter() - started)
-
-            started = time.perf_counter()
-            await asyncio.gather(*(client(index) for index in range(clients)))
-            seconds = time.perf_counter() - started
-            calls = (registry.get_sample_value("unsafechain_judge_batch_size_count") or 0) - (
-                calls_before
+        if client_process:
+            parent, child = multiprocessing.get_context("spawn").Pipe()
+            process = multiprocessing.get_context("spawn").Process(
+                target=_client_process, args=(address, pairs, clients, requests, child)
             )
-            judged = (registry.get_sample_value("unsafechain_judge_batch_size_sum") or 0) - (
-                pairs_before
-            )
+            process.start()
+            try:
+                await asyncio.to_thread(_receive, parent)  # warmed up
+                before = counted()
+                parent.send("go")
+                seconds, latencies = await asyncio.to_thread(_receive, parent)
+                after = counted()
+            finally:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.kill()
+        else:
+            async with RemoteJudgeEngine(ClientSettings(address=address, timeout=600)) as remote:
+                # Warm-up: the first calls pay for lazy initialisation in torch and gRPC.
+                await asyncio.gather(*(remote.judge(*pair) for pair in pairs[:clients]))
+                before = counted()
+                seconds, latencies = await _clients(remote, pairs, clients, requests)
+                after = counted()
     finally:
         await server.drain(0)
+    calls, judged = after[0] - before[0], after[1] - before[1]
     quantiles = statistics.quantiles(latencies, n=20)
     return Result(
         mode=mode,
@@ -174,6 +234,7 @@ async def _run(args: argparse.Namespace) -> list[Result]:
                 batch_max_wait_ms=0,
                 clients=args.clients,
                 requests=args.requests,
+                client_process=args.client_process,
             ),
             await _measure(
                 guard,
@@ -182,6 +243,7 @@ async def _run(args: argparse.Namespace) -> list[Result]:
                 batch_max_wait_ms=args.batch_max_wait_ms,
                 clients=args.clients,
                 requests=args.requests,
+                client_process=args.client_process,
             ),
         ]
     finally:
@@ -218,6 +280,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="judgments per client")
     parser.add_argument("--batch-max-size", type=int, default=32, help="micro-batch size")
     parser.add_argument("--batch-max-wait-ms", type=float, default=5.0, help="micro-batch wait")
+    parser.add_argument(
+        "--client-process",
+        action="store_true",
+        help="run the clients in a process of their own, not on the services' event loop",
+    )
     args = parse_guard_arguments(parser)
 
     results = asyncio.run(_run(args))
