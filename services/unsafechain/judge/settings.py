@@ -227,7 +227,10 @@ class BatchingSettings(StrictModel):
 
     Attributes:
         max_size: Most (prompt, response) pairs sent to the models together.
-        max_wait_ms: Longest a request waits for others to share its batch.
+        max_wait_ms: Longest a request waits for others to share its batch. Under
+            steady load, about the clients' round trip (the callers a batch answers
+            send again): shorter, and they split into half batches that alternate
+            (the ``unsafechain_judge_batch_size`` histogram shows it).
     """
 
     max_size: Annotated[int, Field(ge=1)] = 32
