@@ -92,6 +92,12 @@ _CLIENT_PROCESS_TIMEOUT = 600.0
 """Seconds to wait for the client process at each step (its start, its warm-up, its run)."""
 
 
+async def _warm_up(remote: RemoteJudgeEngine, pairs: list[tuple[str, str]], clients: int) -> None:
+    """One round of ``clients`` concurrent calls: the first calls pay for lazy
+    initialisation in torch and gRPC."""
+    await asyncio.gather(*(remote.judge(*pair) for pair in pairs[:clients]))
+
+
 async def _clients(
     remote: RemoteJudgeEngine, pairs: list[tuple[str, str]], clients: int, requests: int
 ) -> tuple[float, list[float]]:
@@ -118,7 +124,7 @@ def _client_process(
 
     async def run() -> None:
         async with RemoteJudgeEngine(ClientSettings(address=address, timeout=600)) as remote:
-            await asyncio.gather(*(remote.judge(*pair) for pair in pairs[:clients]))
+            await _warm_up(remote, pairs, clients)
             connection.send("warm")
             _receive(connection)
             connection.send(await _clients(remote, pairs, clients, requests))
@@ -170,8 +176,9 @@ async def _measure(
     address = f"127.0.0.1:{server.port}"
     try:
         if client_process:
-            parent, child = multiprocessing.get_context("spawn").Pipe()
-            process = multiprocessing.get_context("spawn").Process(
+            spawn = multiprocessing.get_context("spawn")
+            parent, child = spawn.Pipe()
+            process = spawn.Process(
                 target=_client_process, args=(address, pairs, clients, requests, child)
             )
             process.start()
@@ -187,8 +194,7 @@ async def _measure(
                     process.kill()
         else:
             async with RemoteJudgeEngine(ClientSettings(address=address, timeout=600)) as remote:
-                # Warm-up: the first calls pay for lazy initialisation in torch and gRPC.
-                await asyncio.gather(*(remote.judge(*pair) for pair in pairs[:clients]))
+                await _warm_up(remote, pairs, clients)
                 before = counted()
                 seconds, latencies = await _clients(remote, pairs, clients, requests)
                 after = counted()

@@ -549,6 +549,7 @@ class DatasetFiles:
         random_rows = random_picks(count, self.settings.random_size, seed)
         selected_rows = self._selected.picks()
         full_bytes = self._training.nbytes
+        row_bytes = full_bytes // max(count, 1)
         sizes = {
             "full": self._write(
                 "full",
@@ -561,13 +562,13 @@ class DatasetFiles:
                 "random",
                 schema,
                 self._sampled(schema, random_rows),
-                full_bytes * len(random_rows) // max(count, 1),
+                row_bytes * len(random_rows),
             ),
             "selected": self._write(
                 "selected",
                 schema,
                 self._sampled(schema, selected_rows),
-                full_bytes * len(selected_rows) // max(count, 1),
+                row_bytes * len(selected_rows),
             ),
         }
         if test_rows:
